@@ -1,0 +1,1 @@
+"""Built-in plugins. Each module exposes PLUGINS, the list the registry loads."""

@@ -1,0 +1,2 @@
+"""Plugin int8 (in progress)."""
+PLUGINS: list = []

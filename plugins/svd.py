@@ -1,0 +1,2 @@
+"""Plugin svd (in progress)."""
+PLUGINS: list = []

@@ -1,0 +1,2 @@
+"""Plugin tucker (in progress)."""
+PLUGINS: list = []

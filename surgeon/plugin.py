@@ -1,0 +1,342 @@
+"""The plugin protocol, what plugins return, and the registry (built-ins + entry points).
+
+Two kinds of plugin share one registry:
+
+* a `GraphPlugin` looks at one node at a time: `select` yields a `Candidate` or a `Skip`
+  (with a reason) for every node of the ops it handles, and `rewrite` returns the chain of
+  nodes that should replace a candidate. The engine inserts the chain, can time it against
+  the original first (the latency guard) and keeps the bookkeeping.
+* a `ModelPlugin` needs the whole model at once (int8 through onnxruntime.quantization):
+  `run` takes and returns a ModelProto plus its per-layer report.
+
+Options are a dataclass per plugin (`Options`); they are parsed from strings and checked
+before any work, and a wrong one lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata as md
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from surgeon.errors import PluginLoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "surgeon.plugins"
+BUILTIN_MODULES = ("plugins.tucker", "plugins.svd", "plugins.int8")
+
+
+# --- what plugins produce ----------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """A node a plugin will rewrite, plus whatever it already looked up (weights, shapes)."""
+
+    node: gs.Node
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> str:
+        return self.node.name
+
+
+@dataclass
+class Skip:
+    """A node a plugin will not touch, and why (shown with -v; always in the JSON report)."""
+
+    layer: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Rewrite:
+    """The replacement for one node: `chain` consumes the node's inputs and its last node's
+    single output takes over the original output tensor (same name, same consumers)."""
+
+    chain: list[gs.Node]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerReport:
+    layer: str
+    op: str
+    status: Literal["rewritten", "skipped", "reverted"]
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "op": self.op, "status": self.status, "reason": self.reason,
+                "details": _jsonable(self.details)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+# --- what plugins are given --------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What the engine knows about the model beyond the graph.
+
+    `shapes` maps tensor names to static shapes (from shape inference with the batch size
+    the user chose); `data` is the calibration/validation data set (may be synthesized).
+    """
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    data: Any = None  # surgeon.calibration.DataSet
+    threads: int = 0
+    seed: int = 0
+    opset: int = 13
+    progress: Any = None  # callable(done: int, total: int, description: str)
+
+    def tick(self, done: int, total: int, description: str = "") -> None:
+        """Report progress on long work (the CLI shows it as a bar)."""
+        if self.progress is not None:
+            self.progress(done, total, description)
+
+
+class Plugin:
+    """Common to both kinds: a CLI name, a one-line summary and an options dataclass."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = None  # a dataclass; fields' metadata["help"] documents them
+
+    def make_options(self, values: dict[str, Any] | None = None) -> Any:
+        return parse_options(self, values or {})
+
+
+class GraphPlugin(Plugin):
+    def select(self, graph: gs.Graph, ctx: Context, opts: Any) -> Iterable[Candidate | Skip]:
+        raise NotImplementedError
+
+    def rewrite(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: Any) -> Rewrite | Skip:
+        raise NotImplementedError
+
+
+class ModelPlugin(Plugin):
+    def run(self, model: onnx.ModelProto, ctx: Context, opts: Any,
+            layers: typing.Callable[[str], bool]) -> tuple[onnx.ModelProto, list[LayerReport], dict[str, Any]]:
+        """Return the new model, a per-layer report and plugin-level extras for the report."""
+        raise NotImplementedError
+
+
+# --- options -----------------------------------------------------------------------------------
+
+def option_fields(plugin: Plugin) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(plugin.Options)) if plugin.Options else []
+
+
+def option_help(plugin: Plugin) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for each option, for `surgeon plugins`."""
+    hints = typing.get_type_hints(plugin.Options) if plugin.Options else {}
+    rows = []
+    for f in option_fields(plugin):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        rows.append((f.name, _type_name(hints[f.name]), repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+def parse_options(plugin: Plugin, values: dict[str, Any]) -> Any:
+    """Check option names against the plugin's Options and convert string values to their types."""
+    if plugin.Options is None:
+        if values:
+            raise UsageError(f"plugin '{plugin.name}' takes no options (got {', '.join(sorted(values))})")
+        return None
+    fields = {f.name: f for f in option_fields(plugin)}
+    hints = typing.get_type_hints(plugin.Options)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"plugin '{plugin.name}' has no option {', '.join(repr(u) for u in unknown)}; "
+                         f"valid options: {', '.join(sorted(fields)) or '(none)'}")
+    kwargs = {}
+    for key, raw in values.items():
+        try:
+            kwargs[key] = _convert(raw, hints[key])
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"plugin '{plugin.name}': bad value {raw!r} for option '{key}' "
+                             f"(expected {_type_name(hints[key])}): {exc}") from None
+    try:
+        opts = plugin.Options(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"plugin '{plugin.name}': {exc}") from None
+    check = getattr(opts, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as exc:
+            raise UsageError(f"plugin '{plugin.name}': {exc}") from None
+    return opts
+
+
+def _convert(raw: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(raw, a)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        for a in args:
+            if raw == a or (isinstance(raw, str) and str(a) == raw):
+                return a
+        raise ValueError(f"choose one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        elem = args[0] if args else str
+        out = [_convert(i.strip() if isinstance(i, str) else i, elem) for i in items if i != ""]
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(out):
+            raise ValueError(f"expected {len(args)} comma-separated values")
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true/false")
+    if tp is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError("expected a whole number")
+        return int(raw)
+    if tp is float:
+        return float(raw)
+    if tp is str:
+        return str(raw)
+    return raw
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " | none" if type(None) in args else "")
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (tuple, list):
+        return "list of " + _type_name(args[0]) if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+class Registry:
+    """Name -> plugin. Built-ins register through the same path third parties use."""
+
+    def __init__(self) -> None:
+        self._plugins: dict[str, Plugin] = {}
+        self._origin: dict[str, str] = {}
+
+    def register(self, plugin: Plugin | type, origin: str = "built-in") -> Plugin:
+        if isinstance(plugin, type):
+            plugin = plugin()
+        name = getattr(plugin, "name", None)
+        if not isinstance(plugin, Plugin) or not name:
+            raise PluginLoadError(f"{origin}: {plugin!r} is not a surgeon plugin (needs a name and "
+                                  "to subclass surgeon.GraphPlugin or surgeon.ModelPlugin)")
+        if name in self._plugins:
+            raise PluginLoadError(f"two plugins are named '{name}': {self._origin[name]} and {origin}")
+        if plugin.Options is not None and not dataclasses.is_dataclass(plugin.Options):
+            raise PluginLoadError(f"{origin}: plugin '{name}' Options must be a dataclass")
+        self._plugins[name] = plugin
+        self._origin[name] = origin
+        return plugin
+
+    def get(self, name: str) -> Plugin:
+        try:
+            return self._plugins[name]
+        except KeyError:
+            raise UsageError(f"unknown plugin '{name}'; available: {', '.join(sorted(self._plugins)) or '(none)'}") from None
+
+    def origin(self, name: str) -> str:
+        return self._origin[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._plugins)
+
+    def __iter__(self):
+        return (self._plugins[n] for n in self.names())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plugins
+
+    def load_builtins(self) -> None:
+        for module_name in BUILTIN_MODULES:
+            module = importlib.import_module(module_name)
+            for plugin in module.PLUGINS:
+                self.register(plugin, origin=f"built-in ({module_name})")
+
+    def load_entry_points(self, entry_points: Iterable[md.EntryPoint] | None = None) -> None:
+        if entry_points is None:
+            entry_points = md.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(entry_points, key=lambda e: e.name):
+            package = _package_of(ep)
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise PluginLoadError(f"plugin '{ep.name}' from package '{package}' failed to load "
+                                      f"({ep.value}): {type(exc).__name__}: {exc}") from None
+            plugins = obj() if callable(obj) and not isinstance(obj, type) and not isinstance(obj, Plugin) else obj
+            if not isinstance(plugins, (list, tuple)):
+                plugins = [plugins]
+            for p in plugins:
+                self.register(p, origin=f"package '{package}' (entry point {ep.name} = {ep.value})")
+
+
+def _package_of(ep: md.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is not None:
+        return dist.metadata["Name"]
+    return ep.value.split(":")[0].split(".")[0]
+
+
+_default: Registry | None = None
+
+
+def registry(entry_points: Iterable[md.EntryPoint] | None = None, *, fresh: bool = False) -> Registry:
+    """The process-wide registry: built-ins plus installed entry points (loaded once)."""
+    global _default
+    if _default is None or fresh or entry_points is not None:
+        reg = Registry()
+        reg.load_builtins()
+        reg.load_entry_points(entry_points)
+        if entry_points is not None or fresh:
+            return reg
+        _default = reg
+    return _default

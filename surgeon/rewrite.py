@@ -1,0 +1,115 @@
+"""Graph plumbing shared by plugins, so a transform can read like its formula.
+
+A plugin builds the replacement for a node with a `Chain` (named after that node, e.g.
+`conv3/tucker/core`), returns it, and the engine splices it in with `replace_with_chain`
+(or drops it with `detach` when the latency guard says no).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant input, or None when it is computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def input_or_none(node: gs.Node, index: int) -> gs.Tensor | None:
+    """ONNX marks an omitted optional input with an empty name (graphsurgeon: an empty Variable)."""
+    if index < len(node.inputs) and node.inputs[index].name != "":
+        return node.inputs[index]
+    return None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def shared_by(tensor: gs.Tensor, node: gs.Node) -> list[gs.Node]:
+    """Other nodes that read the same tensor (a shared weight)."""
+    return [n for n in tensor.outputs if n is not node]
+
+
+class Chain:
+    """Builds a chain of nodes that will replace `node`; names are `<node>/<tag>/<suffix>`."""
+
+    def __init__(self, graph: gs.Graph, node: gs.Node, tag: str) -> None:
+        self.graph = graph
+        self.node = node
+        self.prefix = f"{node.name}/{tag}"
+        self.nodes: list[gs.Node] = []
+        self._names = _name_set(graph)
+
+    def _unique(self, name: str) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            return name
+        k = 1
+        while f"{name}_{k}" in self._names:
+            k += 1
+        self._names.add(f"{name}_{k}")
+        return f"{name}_{k}"
+
+    def const(self, suffix: str, array: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
+        values = np.ascontiguousarray(array, dtype=dtype or np.asarray(array).dtype)
+        return gs.Constant(self._unique(f"{self.prefix}/{suffix}"), values)
+
+    def op(self, op: str, suffix: str, inputs: Sequence[gs.Tensor], attrs: dict[str, Any] | None = None,
+           dtype: Any = None) -> gs.Variable:
+        """Append `op(inputs)`; returns its (single) output tensor."""
+        name = self._unique(f"{self.prefix}/{suffix}")
+        out = gs.Variable(self._unique(f"{name}:0"), dtype=dtype)
+        node = gs.Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=[out])
+        self.nodes.append(node)
+        return out
+
+
+def _name_set(graph: gs.Graph) -> set[str]:
+    """Every node and tensor name in the graph, cached on it and kept current by Chain."""
+    names = graph.__dict__.get("_surgeon_names")
+    if names is None:
+        names = {n.name for n in graph.nodes}
+        names.update(graph.tensors().keys())
+        graph._surgeon_names = names
+    return names
+
+
+def replace_with_chain(graph: gs.Graph, node: gs.Node, chain: Sequence[gs.Node]) -> None:
+    """Splice `chain` in place of `node`: the chain's last node takes over the node's output
+    tensor, so names, shapes and downstream consumers stay as they were."""
+    if len(node.outputs) != 1 or len(chain[-1].outputs) != 1:
+        raise ValueError(f"{node.name}: only single-output nodes can be replaced by a chain")
+    out = node.outputs[0]
+    placeholder = chain[-1].outputs[0]
+    chain[-1].outputs.clear()
+    node.outputs.clear()
+    node.inputs.clear()
+    chain[-1].outputs.append(out)
+    out.dtype = out.dtype or placeholder.dtype
+    index = graph.nodes.index(node)
+    graph.nodes[index:index + 1] = list(chain)
+
+
+def detach(chain: Sequence[gs.Node]) -> None:
+    """Forget a chain that was built but will not be used (its nodes are registered as
+    consumers of graph tensors as soon as they are created)."""
+    for n in chain:
+        n.inputs.clear()
+        n.outputs.clear()
+
+
+def spatial_attrs(node: gs.Node) -> dict[str, Any]:
+    """The attributes that place a conv's window: kept on the core conv of a factorization."""
+    keep = ("auto_pad", "pads", "strides", "dilations", "kernel_shape")
+    return {k: v for k, v in node.attrs.items() if k in keep}
+
+
+def pointwise_weight(matrix: np.ndarray, spatial_rank: int) -> np.ndarray:
+    """A (out, in) matrix as the weight of a 1x1 (or 1, 1x1x1) conv with `spatial_rank` dims."""
+    return matrix.reshape(matrix.shape + (1,) * spatial_rank)
