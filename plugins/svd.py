@@ -1,2 +1,234 @@
-"""Plugin svd (in progress)."""
-PLUGINS: list = []
+"""Plugin svd: a fully connected layer becomes a low-rank pair of matmuls.
+
+A fully connected layer computes y = x W (+ bias) with a constant W of shape (in, out). Its
+truncated SVD W ~ U_r S_r V_r^T is the best rank-r approximation (Eckart-Young), and
+splitting it as
+
+    W ~ A B,   A (in x r),  B (r x out)
+
+turns one (rows x in x out) product into two with rows x r x (in + out) multiply-accumulates
+and r (in + out) weights instead of in x out; the pair saves something only while
+r < in out / (in + out).
+
+The singular vectors come from `surgeon.lowrank.left_singular` (the Gram route, float64) on
+the smaller side of W, so the factors are a projection onto the leading singular subspace:
+
+    in <= out:  U_r = leading left singular vectors of W     A = U_r,      B = U_r^T W
+    in >  out:  V_r = leading right singular vectors of W    A = W V_r,    B = V_r^T
+
+Both are exactly U_r S_r V_r^T; at full rank U_r U_r^T = I and the pair reproduces W.
+
+What is rewritten (ONNX Gemm: Y = alpha A' B' + beta C, A' = A^T if transA, B' = B^T if transB):
+
+    Gemm(x, B, C)   ->  MatMul(x, A) -> Gemm(h, B, C')   alpha folded into B, beta into C'
+    MatMul(x, W)    ->  MatMul(x, A) -> MatMul(h, B)     x may be N-D ([batch, seq, hidden])
+
+A bias added after a MatMul (the MatMul + Add that PyTorch exports) stays where it is, after
+the second MatMul. For 2-D Gemm inputs, MatMul -> Gemm and MatMul -> MatMul -> Add measured
+the same in onnxruntime (which fuses a 2-D MatMul + Add into Gemm anyway); MatMul -> MatMul
+is the only form that broadcasts over leading dims, hence the MatMul case.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from surgeon.lowrank import RankOptions, left_singular, rank_from_energy, rank_from_ratio, round_to_multiple
+from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
+from surgeon.rewrite import Chain, constant_value, input_or_none, shared_by
+
+log = logging.getLogger(__name__)
+
+# Used when no ratio, rank or energy is given: a square layer keeps half its weights.
+DEFAULT_RATIO = 0.25
+
+
+@dataclass
+class SvdOptions(RankOptions):
+    """Rank options shared with tucker, plus an explicit rank."""
+
+    rank: int | None = field(default=None, metadata={
+        "help": "the same rank for every layer (capped at min(in, out)); default: ratio 0.25"})
+    allow_growth: bool = field(default=False, metadata={
+        "help": "rewrite even when the pair has at least as many weights as the layer "
+                "(full rank, to check that the factorization is exact)"})
+
+    def check(self) -> None:
+        self.check_common(explicit=self.rank is not None)
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class Factors:
+    """W ~ A @ B, with the singular values of W (descending)."""
+
+    a: np.ndarray  # (in, r)
+    b: np.ndarray  # (r, out)
+    s: np.ndarray
+
+
+def singular_basis(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Leading singular vectors of W on its smaller side: (basis, s, basis_is_left)."""
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape[0] <= w.shape[1]:
+        u, s = left_singular(w)
+        return u, s, True
+    v, s = left_singular(w.T)
+    return v, s, False
+
+
+def factorize(w: np.ndarray, rank: int, basis: tuple[np.ndarray, np.ndarray, bool] | None = None) -> Factors:
+    """Rank-`rank` truncated SVD of W (in x out) as A (in x r) @ B (r x out), in float64."""
+    w = np.asarray(w, dtype=np.float64)
+    vecs, s, left = basis if basis is not None else singular_basis(w)
+    q = vecs[:, :rank]
+    if left:  # W ~ U_r (U_r^T W)
+        return Factors(q, q.T @ w, s)
+    return Factors(w @ q, q.T, s)  # W ~ (W V_r) V_r^T
+
+
+def choose_rank(opts: SvdOptions, s: np.ndarray, n: int) -> int:
+    """The rank the options ask for, between 1 and n = min(in, out)."""
+    if opts.rank is not None:
+        r = min(opts.rank, n)
+    elif opts.energy is not None:
+        r = rank_from_energy(s, opts.energy)
+    else:
+        r = rank_from_ratio(n, opts.ratio if opts.ratio is not None else DEFAULT_RATIO)
+    return round_to_multiple(r, opts.multiple, n)
+
+
+class GemmToSvd(GraphPlugin):
+    """Gemm / MatMul with a constant 2-D weight -> MatMul(x, A) then Gemm or MatMul with B."""
+
+    name = "svd"
+    summary = "fully connected layers (Gemm, MatMul x @ W) -> low-rank pair of matmuls (truncated SVD)"
+    Options = SvdOptions
+
+    # --- which nodes -------------------------------------------------------------------------
+
+    def select(self, graph: gs.Graph, ctx: Context, opts: SvdOptions) -> Iterable[Candidate | Skip]:
+        for node in graph.nodes:
+            if node.op == "Gemm":
+                yield self._select_gemm(node)
+            elif node.op == "MatMul":
+                yield self._select_matmul(node)
+
+    def _select_gemm(self, node: gs.Node) -> Candidate | Skip:
+        # ONNX Gemm: Y = alpha * A' * B' + beta * C, A' = transpose(A) if transA, B' likewise
+        if node.attrs.get("transA", 0):
+            return Skip(node.name, node.op, "transA=1 (the input is transposed; not a fully connected layer)")
+        weight = node.inputs[1]
+        value = constant_value(weight)
+        if value is None:
+            return Skip(node.name, node.op, f"weight '{weight.name}' is not constant (computed at run time)")
+        refusal = _refuse_weight(node, weight, value)
+        if refusal:
+            return refusal
+        w = value.T if node.attrs.get("transB", 0) else value  # (in, out)
+        return Candidate(node, {"w": w, "weight": weight.name, "alpha": float(node.attrs.get("alpha", 1.0)),
+                                "beta": float(node.attrs.get("beta", 1.0))})
+
+    def _select_matmul(self, node: gs.Node) -> Candidate | Skip:
+        left, right = node.inputs[0], node.inputs[1]
+        lv, rv = constant_value(left), constant_value(right)
+        if lv is not None and rv is not None:
+            return Skip(node.name, node.op, "both inputs are constant (nothing to factorize at run time)")
+        if rv is None:
+            if lv is not None:
+                return Skip(node.name, node.op, f"the constant '{left.name}' is on the left (W @ x); "
+                                                "only x @ W is factorized")
+            return Skip(node.name, node.op, "no constant weight (both inputs computed at run time)")
+        refusal = _refuse_weight(node, right, rv)
+        if refusal:
+            return refusal
+        return Candidate(node, {"w": rv, "weight": right.name, "alpha": 1.0, "beta": 1.0})
+
+    # --- the rewrite -------------------------------------------------------------------------
+
+    def rewrite(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: SvdOptions) -> Rewrite | Skip:
+        node = cand.node
+        w = cand.data["w"]
+        n_in, n_out = w.shape
+        n = min(n_in, n_out)
+        basis = singular_basis(w)
+        r = choose_rank(opts, basis[1], n)
+        before, after = n_in * n_out, r * (n_in + n_out)
+        if after >= before and not opts.allow_growth:
+            return Skip(node.name, node.op, f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} "
+                                            f">= {n_in} x {n_out} = {before} (needs rank < "
+                                            f"{before / (n_in + n_out):.1f})")
+
+        f = factorize(w, r, basis)
+        alpha, beta = cand.data["alpha"], cand.data["beta"]
+        a = f.a.astype(w.dtype)
+        b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
+
+        chain = Chain(graph, node, "svd")
+        x = node.inputs[0]
+        h = chain.op("MatMul", "down", [x, chain.const("A", a)], dtype=w.dtype)
+        if node.op == "Gemm":
+            inputs, attrs = [h, chain.const("B", b)], {}
+            bias = input_or_none(node, 2)
+            if bias is not None:
+                c = constant_value(bias)
+                if beta == 1.0:
+                    inputs.append(bias)
+                elif c is not None:  # fold beta: the pair's Gemm has beta = 1
+                    inputs.append(chain.const("C", (beta * c.astype(np.float64)).astype(c.dtype)))
+                else:
+                    inputs.append(bias)
+                    attrs["beta"] = beta
+            chain.op("Gemm", "up", inputs, attrs, dtype=w.dtype)
+        else:
+            chain.op("MatMul", "up", [h, chain.const("B", b)], dtype=w.dtype)
+
+        details = self._details(ctx, x, w, a, b, alpha, f.s, r, before, after)
+        log.debug("%s: rank %d of %d, rel. error %.3g", node.name, r, n, details["rel_error"])
+        return Rewrite(chain.nodes, details)
+
+    @staticmethod
+    def _details(ctx: Context, x: gs.Tensor, w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float,
+                 s: np.ndarray, r: int, before: int, after: int) -> dict[str, Any]:
+        n_in, n_out = w.shape
+        target = alpha * w.astype(np.float64)
+        norm = np.linalg.norm(target)
+        err = np.linalg.norm(target - a.astype(np.float64) @ b.astype(np.float64))
+        sq = s.astype(np.float64) ** 2
+        shape = ctx.shapes.get(x.name)
+        rows = math.prod(shape[:-1]) if shape else None
+        return {
+            "rank": r, "in": n_in, "out": n_out,
+            "rel_error": float(err / norm) if norm > 0 else float(err),
+            "energy_kept": float(sq[:r].sum() / sq.sum()) if sq.sum() > 0 else 1.0,
+            "params_before": before, "params_after": after,
+            "macs_before": rows * before if rows is not None else None,
+            "macs_after": rows * after if rows is not None else None,
+        }
+
+
+def _refuse_weight(node: gs.Node, weight: gs.Tensor, value: np.ndarray) -> Skip | None:
+    """Reasons a constant weight cannot be factorized; None when it can."""
+    if value.ndim != 2:
+        return Skip(node.name, node.op, f"weight '{weight.name}' is {value.ndim}-D {list(value.shape)}; "
+                                        "only a 2-D weight is factorized")
+    if not np.issubdtype(value.dtype, np.floating):
+        return Skip(node.name, node.op, f"weight '{weight.name}' is {value.dtype}, not floating point")
+    if min(value.shape) < 2:
+        return Skip(node.name, node.op, f"weight '{weight.name}' {list(value.shape)} has rank at most 1")
+    others = shared_by(weight, node)
+    if others:
+        names = ", ".join(sorted(o.name for o in others))
+        return Skip(node.name, node.op, f"weight '{weight.name}' is shared with {len(others)} other node(s) "
+                                        f"({names}); factorizing one user would add parameters")
+    return None
+
+
+PLUGINS = [GemmToSvd]

@@ -1,2 +1,265 @@
-"""Plugin tucker (in progress)."""
-PLUGINS: list = []
+"""Plugin `tucker`: a Conv becomes a Tucker-2 triple on its channel modes.
+
+A kernel W[f, c, *k] (f output channels, c input channels, any number of spatial dims) is
+approximated on modes 0 and 1 only:
+
+    W ~ core x_0 O x_1 I,    O (f x R2), I (c x R1) orthonormal,  core = W x_0 O^T x_1 I^T
+
+with O and I the leading left singular vectors of the mode-0 and mode-1 unfoldings
+(truncated HOSVD, through the Gram matrix: surgeon.lowrank), or refined by HOOI
+(tensorly's partial_tucker, started from the HOSVD). Because convolution is linear in the
+kernel, conv(x, W) = conv1x1(conv_k(conv1x1(x, I^T), core), O): three convs,
+
+    in   1x1, c -> R1,  weight I^T, stride 1, no padding, no bias
+    core k,   R1 -> R2, weight core, with the original strides / pads / auto_pad / dilations
+    out  1x1, R2 -> f,  weight O, with the original bias
+
+A 1x1 conv has no spatial mode to keep apart, so Tucker-2 collapses to a matrix SVD: it
+becomes a two-conv pair (W ~ L R, rank R), the first conv keeping the original strides and
+pads, the second adding the bias (`pointwise=svd`, the default), or is left alone
+(`pointwise=skip`).
+
+Parameters: c*R1 + K*R1*R2 + R2*f instead of K*c*f (K = prod(k)); the complexity ratio
+K*c*f / (c*R1 + K*R1*R2 + R2*f) is reported per layer, next to the MACs at the real shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from surgeon import lowrank
+from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
+from surgeon.rewrite import Chain, constant_value, input_or_none, pointwise_weight, shared_by, spatial_attrs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIO = 0.5
+
+
+@dataclass
+class TuckerOptions(lowrank.RankOptions):
+    """Ranks: one of --ratio, --energy, --ranks R1,R2 or rank_method=vbmf; none given means
+    ratio 0.5."""
+
+    ranks: tuple[int, int] | None = field(default=None, metadata={
+        "help": "explicit ranks R1,R2 (input, output channels) for every selected layer"})
+    rank_method: Literal["given", "vbmf"] = field(default="given", metadata={
+        "help": "given: ranks from ratio / energy / ranks; vbmf: estimated per layer by EVBMF on the unfoldings"})
+    method: Literal["hosvd", "hooi"] = field(default="hosvd", metadata={
+        "help": "hosvd: truncated SVD of the two unfoldings; hooi: tensorly partial_tucker from the HOSVD"})
+    iterations: int = field(default=20, metadata={"help": "HOOI iterations at most (method=hooi)"})
+    pointwise: Literal["svd", "skip"] = field(default="svd", metadata={
+        "help": "1x1 convs: svd = two-conv SVD pair, skip = leave them"})
+    allow_growth: bool = field(default=False, metadata={
+        "help": "rewrite even when neither parameters nor MACs shrink (e.g. ratio 1.0 checks)"})
+
+    def check(self) -> None:
+        self.check_common(self.ranks is not None, self.rank_method)
+        if self.ranks is not None and min(self.ranks) < 1:
+            raise ValueError(f"ranks must be >= 1, got {','.join(map(str, self.ranks))}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+
+    def describe(self) -> str:
+        if self.rank_method == "vbmf":
+            return "vbmf"
+        if self.ranks is not None:
+            return f"ranks {self.ranks[0]},{self.ranks[1]}"
+        if self.energy is not None:
+            return f"energy {self.energy:g}"
+        return f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+
+
+def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out_values: np.ndarray,
+                 in_shape: tuple[int, int], out_shape: tuple[int, int]) -> tuple[int, int]:
+    """(R1, R2) for a kernel with c inputs, f outputs and the given unfolding spectra/shapes."""
+    if opts.rank_method == "vbmf":
+        r1, r2 = lowrank.vbmf_rank(in_values, in_shape), lowrank.vbmf_rank(out_values, out_shape)
+    elif opts.ranks is not None:
+        r1, r2 = opts.ranks
+    elif opts.energy is not None:
+        r1, r2 = lowrank.rank_from_energy(in_values, opts.energy), lowrank.rank_from_energy(out_values, opts.energy)
+    else:
+        ratio = opts.ratio if opts.ratio is not None else DEFAULT_RATIO
+        r1, r2 = lowrank.rank_from_ratio(c, ratio), lowrank.rank_from_ratio(f, ratio)
+    r1 = lowrank.round_to_multiple(max(1, min(r1, c)), opts.multiple, c)
+    r2 = lowrank.round_to_multiple(max(1, min(r2, f)), opts.multiple, f)
+    return r1, r2
+
+
+def choose_rank(opts: TuckerOptions, a_shape: tuple[int, int], values: np.ndarray) -> int:
+    """The single rank of a 1x1 conv's SVD pair (explicit ranks R1,R2 give min(R1, R2))."""
+    n = min(a_shape)
+    if opts.rank_method == "vbmf":
+        r = lowrank.vbmf_rank(values, a_shape)
+    elif opts.ranks is not None:
+        r = min(opts.ranks)
+    elif opts.energy is not None:
+        r = lowrank.rank_from_energy(values[:n], opts.energy)
+    else:
+        r = lowrank.rank_from_ratio(n, opts.ratio if opts.ratio is not None else DEFAULT_RATIO)
+    return lowrank.round_to_multiple(max(1, min(r, n)), opts.multiple, n)
+
+
+class ConvToTucker(GraphPlugin):
+    """Conv -> 1x1 (c->R1), core k (R1->R2), 1x1 (R2->f); a 1x1 conv -> an SVD pair."""
+
+    name = "tucker"
+    summary = "Conv -> Tucker-2 triple (1x1, kxk core, 1x1) on the channel modes; 1x1 convs -> SVD pair"
+    Options = TuckerOptions
+
+    def select(self, graph: gs.Graph, ctx: Context, opts: TuckerOptions) -> Iterable[Candidate | Skip]:
+        for node in graph.nodes:
+            if node.op == "ConvTranspose":
+                yield Skip(node.name, node.op, "ConvTranspose is not factorized (only Conv)")
+            elif node.op == "Conv":
+                yield self._check(node, opts)
+
+    def _check(self, node: gs.Node, opts: TuckerOptions) -> Candidate | Skip:
+        def skip(reason: str) -> Skip:
+            return Skip(node.name, node.op, reason)
+
+        group = int(node.attrs.get("group", 1))
+        if group != 1:
+            return skip(f"grouped conv (group={group})")
+        weight = input_or_none(node, 1)
+        w = constant_value(weight) if weight is not None else None
+        if w is None:
+            return skip("weight is not constant")
+        if shared_by(weight, node):
+            return skip(f"weight '{weight.name}' is shared with {', '.join(n.name for n in shared_by(weight, node))}")
+        if w.ndim < 3:
+            return skip(f"weight has rank {w.ndim}, expected (f, c, *kernel)")
+        if not np.issubdtype(w.dtype, np.floating):
+            return skip(f"weight is {w.dtype}, not floating point")
+        if len(node.outputs) != 1:
+            return skip("conv with more than one output")
+        pointwise = all(k == 1 for k in w.shape[2:])
+        if pointwise and opts.pointwise == "skip":
+            return skip("1x1 conv (pointwise=skip; Tucker-2 of a 1x1 kernel is a plain SVD)")
+        bias = input_or_none(node, 2)
+        return Candidate(node, {"weight": w, "bias": bias, "pointwise": pointwise})
+
+    def rewrite(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: TuckerOptions) -> Rewrite | Skip:
+        if cand.data["pointwise"]:
+            return self._svd_pair(graph, cand, ctx, opts)
+        return self._tucker(graph, cand, ctx, opts)
+
+    # --- k x k: the Tucker-2 triple ------------------------------------------------------------
+
+    def _tucker(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: TuckerOptions) -> Rewrite | Skip:
+        node, w = cand.node, cand.data["weight"]
+        f, c, kernel = w.shape[0], w.shape[1], w.shape[2:]
+        K = math.prod(kernel)
+        factors = lowrank.channel_factors(w)
+        r1, r2 = choose_ranks(opts, c, f, factors.in_values, factors.out_values, (c, f * K), (f, c * K))
+        cost = _Cost(ctx, node, w)
+        params_after = c * r1 + K * r1 * r2 + r2 * f + cost.bias
+        macs_after = cost.macs_in(c * r1) + cost.macs_out(K * r1 * r2 + r2 * f)
+        saving = self._saves_nothing(cost, params_after, macs_after, f"ranks {r1},{r2}", opts)
+        if saving is not None:
+            return Skip(node.name, node.op, saving)
+
+        if opts.method == "hooi":
+            core, o, i = lowrank.hooi_channels(w, r1, r2, factors, iterations=opts.iterations)
+        else:
+            core, o, i = lowrank.hosvd_channels(w, r1, r2, factors)
+        error = lowrank.relative_error(w, lowrank.tucker2_full(core, o, i))
+
+        nd = len(kernel)
+        ones = [1] * nd
+        chain = Chain(graph, node, "tucker")
+        x = node.inputs[0]
+        h = chain.op("Conv", "in", [x, chain.const("in/weight", pointwise_weight(i.T, nd), w.dtype)],
+                     {"kernel_shape": ones})
+        h = chain.op("Conv", "core", [h, chain.const("core/weight", core, w.dtype)],
+                     {**spatial_attrs(node), "kernel_shape": list(kernel)})
+        out_inputs = [h, chain.const("out/weight", pointwise_weight(o, nd), w.dtype)]
+        if cand.data["bias"] is not None:
+            out_inputs.append(cand.data["bias"])
+        chain.op("Conv", "out", out_inputs, {"kernel_shape": ones}, dtype=node.outputs[0].dtype)
+        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": opts.method, "rank_choice": opts.describe(),
+                   "rel_error": error, "params_before": cost.params, "params_after": params_after,
+                   "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
+                   "complexity_ratio": (K * c * f) / (c * r1 + K * r1 * r2 + r2 * f)}
+        log.debug("%s: Tucker-2 ranks %d,%d error %.3g", node.name, r1, r2, error)
+        return Rewrite(chain.nodes, details)
+
+    # --- 1x1: the SVD pair ---------------------------------------------------------------------
+
+    def _svd_pair(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: TuckerOptions) -> Rewrite | Skip:
+        node, w = cand.node, cand.data["weight"]
+        f, c, nd = w.shape[0], w.shape[1], w.ndim - 2
+        a = w.reshape(f, c).astype(np.float64)
+        _, _, values = lowrank.matrix_factors(a, 1)
+        r = choose_rank(opts, (f, c), values)
+        cost = _Cost(ctx, node, w)
+        params_after = r * (c + f) + cost.bias
+        # the first conv keeps the original strides, so both run at the output resolution
+        macs_after = cost.macs_out(r * c + f * r)
+        saving = self._saves_nothing(cost, params_after, macs_after, f"rank {r}", opts)
+        if saving is not None:
+            return Skip(node.name, node.op, saving)
+        left, right, _ = lowrank.matrix_factors(a, r)
+        error = lowrank.relative_error(a, left @ right)
+
+        chain = Chain(graph, node, "tucker")
+        # Zero padding commutes with a bias-free 1x1 conv, so strides / pads / auto_pad move
+        # to the first conv unchanged; the bias lands on the second.
+        h = chain.op("Conv", "in", [node.inputs[0], chain.const("in/weight", pointwise_weight(right, nd), w.dtype)],
+                     {**spatial_attrs(node), "kernel_shape": [1] * nd})
+        out_inputs = [h, chain.const("out/weight", pointwise_weight(left, nd), w.dtype)]
+        if cand.data["bias"] is not None:
+            out_inputs.append(cand.data["bias"])
+        chain.op("Conv", "out", out_inputs, {"kernel_shape": [1] * nd}, dtype=node.outputs[0].dtype)
+        details = {"form": "svd-pair", "R1": r, "R2": r, "method": "svd", "rank_choice": opts.describe(),
+                   "rel_error": error, "params_before": cost.params, "params_after": params_after,
+                   "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
+                   "complexity_ratio": (c * f) / (r * (c + f))}
+        return Rewrite(chain.nodes, details)
+
+    @staticmethod
+    def _saves_nothing(cost: "_Cost", params_after: int, macs_after: int, what: str,
+                       opts: TuckerOptions) -> str | None:
+        if opts.allow_growth:
+            return None
+        fewer_params = params_after < cost.params
+        fewer_macs = cost.known and macs_after < cost.macs
+        if fewer_params or fewer_macs:
+            return None
+        macs = f", MACs {cost.macs} -> {macs_after}" if cost.known else ""
+        return f"{what} save neither parameters nor MACs (params {cost.params} -> {params_after}{macs})"
+
+
+class _Cost:
+    """Parameters and MACs of the original conv, and MACs of 1x1 stages at its input and
+    output resolution, from the shapes shape inference gave (batch included, as in
+    surgeon.profile). `known` is False when the shapes are not static."""
+
+    def __init__(self, ctx: Context, node: gs.Node, w: np.ndarray) -> None:
+        bias = input_or_none(node, 2)
+        self.bias = int(np.prod(bias.shape)) if bias is not None and bias.shape is not None else 0
+        self.params = int(w.size) + self.bias
+        self.in_shape = ctx.shapes.get(node.inputs[0].name)
+        self.out_shape = ctx.shapes.get(node.outputs[0].name)
+        self.known = bool(self.in_shape) and bool(self.out_shape)
+        self.macs = self.macs_out(int(np.prod(w.shape[1:])) * w.shape[0]) if self.known else 0
+
+    def _positions(self, shape: tuple[int, ...] | None) -> int:
+        # every (batch, spatial) position of an NC... tensor
+        return int(shape[0] * math.prod(shape[2:])) if shape else 0
+
+    def macs_in(self, per_position: int) -> int:
+        return self._positions(self.in_shape) * per_position
+
+    def macs_out(self, per_position: int) -> int:
+        return self._positions(self.out_shape) * per_position
+
+
+PLUGINS = [ConvToTucker]

@@ -152,12 +152,27 @@ def name_nodes(graph: gs.Graph) -> None:
         seen.add(name)
 
 
+def _name_node_protos(model: onnx.ModelProto) -> None:
+    """Unnamed nodes get stable names (`Conv_0`, `Conv_1`, ...) so reports and --layers can refer to them."""
+    seen = {n.name for n in model.graph.node if n.name}
+    counts: Counter[str] = Counter()
+    for node in model.graph.node:
+        if node.name:
+            continue
+        while f"{node.op_type}_{counts[node.op_type]}" in seen:
+            counts[node.op_type] += 1
+        node.name = f"{node.op_type}_{counts[node.op_type]}"
+        seen.add(node.name)
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Turn Constant nodes and constant subgraphs (e.g. ConstantOfShape weights) into initializers.
 
     Also drops initializers listed as graph inputs (ir_version < 4 style), which would
     otherwise make every weight look like a runtime input.
     """
+    model = _copy(model)
+    _name_node_protos(model)
     graph = gs.import_onnx(model)
     inits = {t.name for t in model.graph.initializer}
     graph.inputs = [t for t in graph.inputs if t.name not in inits]

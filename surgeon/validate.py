@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from surgeon.calibration import DataSet
-from surgeon.errors import ModelError
+from surgeon.errors import ModelError, SurgeonError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list
     """All outputs over the whole data set, concatenated along the batch axis."""
     outs: list[list[np.ndarray]] = []
     for feed in data.batches(batch_size):
-        res = sess.run(None, feed)
+        try:
+            res = sess.run(None, feed)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise SurgeonError(f"onnxruntime failed to run the model: {text}") from None
         if not outs:
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
@@ -111,6 +115,15 @@ def _summary(times: list[float]) -> Latency:
     return Latency(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms))
 
 
+def _same_inputs(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    from surgeon.model import input_signature
+    sa = [(n, len(d)) for n, d, _ in input_signature(a)]
+    sb = [(n, len(d)) for n, d, _ in input_signature(b)]
+    if sa != sb:
+        show = lambda s: ", ".join(f"{n} (rank {r})" for n, r in s)
+        raise ModelError(f"the models take different inputs: {show(sa)} vs {show(sb)}")
+
+
 @dataclass
 class Validation:
     data_source: str
@@ -139,6 +152,7 @@ def validate(original: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSe
              latency: bool = True, latency_batch: int = 1, repeats: int | None = None,
              budget_s: float = 4.0) -> Validation:
     """Drift of every output over `data`, accuracy when it has labels, and A/B latency."""
+    _same_inputs(original, candidate)
     sa, sb = session(original, threads), session(candidate, threads)
     names_a = [o.name for o in sa.get_outputs()]
     names_b = [o.name for o in sb.get_outputs()]

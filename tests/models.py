@@ -44,7 +44,7 @@ def conv_model(c=16, f=32, k=3, hw=12, group=1, bias=True, seed=0, strides=(1, 1
                auto_pad=None, relu=True, batch=1) -> onnx.ModelProto:
     """x -> Conv -> (Relu) -> y with seeded weights."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((f, c // group, k, k)).astype(np.float32) * np.sqrt(2 / (c * k * k))
+    w = (rng.standard_normal((f, c // group, k, k)) * np.sqrt(2 / (c * k * k))).astype(np.float32)
     inits = [init("w", w)]
     ins = ["x", "w"]
     if bias:

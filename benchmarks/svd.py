@@ -1,0 +1,192 @@
+"""Benchmark the svd plugin: what a low-rank pair costs in accuracy and buys in latency.
+
+    python benchmarks/svd.py                  # both parts (about 3-4 minutes on 2 cores)
+    python benchmarks/svd.py --part samples   # the sample MLP / CNN sweep (and docs/svd_ratio.png)
+    python benchmarks/svd.py --part block     # the transformer MLP block
+
+1. samples: the trained digits MLP and the FC layers of the digits CNN (sample_models/),
+   factorized at ratios 1 .. 1/16: accuracy on the test split (450 images), output drift,
+   params before/after, and onnxruntime latency before/after (interleaved A/B, batch 1 and
+   batch 64) of the whole model. Factorized with guard=none so every layer is rewritten; the
+   "guard keeps" column says how many layers the default latency guard keeps at batch 1.
+   Ratio 1 is full rank (with allow_growth): it must reproduce the model.
+2. block: a transformer-style MLP block, x [1, 128, 768] -> MatMul 768x3072 + Add -> GELU
+   (the Erf form PyTorch exports at opset 17) -> MatMul 3072x768 + Add, at ratios 0.5 /
+   0.25 / 0.125: latency before/after (interleaved), params before/after, measured speedup
+   next to the ideal one (the MACs ratio of the weighted layers). Seeded weights with a
+   decaying singular spectrum (s_k proportional to 1/sqrt(k)), so the drift column means
+   something; latency does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+from rich.table import Table
+
+import surgeon
+from surgeon.validate import drift_metrics, latency_ab, session
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+DOCS = ROOT / "docs"
+RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+BLOCK_RATIOS = (0.5, 0.25, 0.125)
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+# --- 1. sample models ----------------------------------------------------------------------
+
+def sample_sweep(name: str, budget_s: float) -> list[dict]:
+    model = surgeon.load(SAMPLES / f"digits_{name}.onnx")
+    data = surgeon.load_data(SAMPLES / f"digits_{name}_test.npz", model)
+    rows = []
+    for ratio in RATIOS:
+        opts = {"ratio": ratio, "guard": "none", "allow_growth": ratio == 1.0}
+        result = surgeon.apply(model, "svd", opts)
+        v1 = surgeon.validate(model, result.model, data, latency_batch=1, budget_s=budget_s)
+        v64 = surgeon.validate(model, result.model, data.take(64), latency_batch=64, budget_s=budget_s)
+        guarded = surgeon.apply(model, "svd", {"ratio": ratio, "allow_growth": ratio == 1.0})
+        rows.append({
+            "model": name, "ratio": ratio,
+            "ranks": ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten),
+            "acc_before": v1.accuracy["original"], "acc_after": v1.accuracy["candidate"],
+            "rel_l2": v1.worst_rel_l2,
+            "params_before": result.before.total_params, "params_after": result.after.total_params,
+            "ms1_before": v1.latency["original"]["median_ms"], "ms1_after": v1.latency["candidate"]["median_ms"],
+            "ms64_before": v64.latency["original"]["median_ms"], "ms64_after": v64.latency["candidate"]["median_ms"],
+            "guard_kept": f"{len(guarded.rewritten)}/{len(guarded.layers)}",
+        })
+    return rows
+
+
+def sample_table(rows: list[dict]) -> Table:
+    t = Table(title="svd on the sample models (guard=none; test split, 450 images; latency = median, interleaved A/B)")
+    for col in ("model", "ratio", "ranks", "accuracy before -> after", "rel. L2 drift", "params before -> after",
+                "ms b=1 before -> after", "ms b=64 before -> after", "guard keeps (b=1)"):
+        t.add_column(col, justify="left" if col in ("model", "ranks") else "right")
+    for r in rows:
+        t.add_row(r["model"], f"{r['ratio']:g}", r["ranks"], f"{r['acc_before']:.2%} -> {r['acc_after']:.2%}",
+                  f"{r['rel_l2']:.3g}", f"{r['params_before']:,} -> {r['params_after']:,}",
+                  f"{r['ms1_before']:.3f} -> {r['ms1_after']:.3f}", f"{r['ms64_before']:.3f} -> {r['ms64_after']:.3f}",
+                  r["guard_kept"])
+    return t
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, label in (("mlp", "digits MLP (fc1, fc2, fc3)"), ("cnn", "digits CNN (fc1, fc2 only)")):
+        pts = [(r["ratio"], r["acc_after"]) for r in rows if r["model"] == name]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.axhline(next(r["acc_before"] for r in rows if r["model"] == name), ls=":", lw=0.8,
+                       color=ax.lines[-1].get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])
+    ax.invert_xaxis()
+    ax.set_xlabel("ratio (rank = ratio x min(in, out))")
+    ax.set_ylabel("test accuracy (450 images)")
+    ax.set_title("svd: accuracy vs ratio (dotted: original)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- 2. transformer MLP block --------------------------------------------------------------
+
+def spectral_weight(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
+    """W = P diag(s) Q^T with random orthonormal P, Q and s_k = c / sqrt(k)."""
+    k = min(n_in, n_out)
+    p, _ = np.linalg.qr(rng.standard_normal((n_in, k)))
+    q, _ = np.linalg.qr(rng.standard_normal((n_out, k)))
+    s = 1.0 / np.sqrt(np.arange(1, k + 1))
+    s *= math.sqrt(2 * n_out) / np.linalg.norm(s)  # ||W||_F^2 = 2 n_out, as for He-initialized N(0, 2 / n_in) entries
+    return ((p * s) @ q.T).astype(np.float32)
+
+
+def block_model(hidden: int = 768, ffn: int = 3072, seq: int = 128, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(spectral_weight(rng, hidden, ffn), "fc1.weight"),
+             numpy_helper.from_array((0.02 * rng.standard_normal(ffn)).astype(np.float32), "fc1.bias"),
+             numpy_helper.from_array(spectral_weight(rng, ffn, hidden), "fc2.weight"),
+             numpy_helper.from_array((0.02 * rng.standard_normal(hidden)).astype(np.float32), "fc2.bias"),
+             numpy_helper.from_array(np.array(math.sqrt(2), np.float32), "sqrt2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "fc1.weight"], ["m1"], name="fc1"), n("Add", ["m1", "fc1.bias"], ["a1"], name="fc1_bias"),
+             # GELU as torch.onnx exports it at opset 17: x * 0.5 * (1 + erf(x / sqrt(2)))
+             n("Div", ["a1", "sqrt2"], ["g1"], name="gelu_div"), n("Erf", ["g1"], ["g2"], name="gelu_erf"),
+             n("Add", ["g2", "one"], ["g3"], name="gelu_add"), n("Mul", ["a1", "g3"], ["g4"], name="gelu_mul"),
+             n("Mul", ["g4", "half"], ["g5"], name="gelu_half"),
+             n("MatMul", ["g5", "fc2.weight"], ["m2"], name="fc2"), n("Add", ["m2", "fc2.bias"], ["y"], name="fc2_bias")]
+    graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def block_bench(budget_s: float) -> Table:
+    model = block_model()
+    x = np.random.default_rng(1).standard_normal((1, 128, 768)).astype(np.float32)
+    feed = {"x": x}
+    base = session(model)
+    (ref,) = base.run(None, feed)
+    t = Table(title="svd on a transformer MLP block: x [1, 128, 768] -> 768x3072 -> GELU -> 3072x768 "
+                    "(median ms, interleaved A/B, onnxruntime CPU, default threads)")
+    for col in ("ratio", "ranks", "params before -> after", "ms before -> after", "speedup", "ideal (MACs)",
+                "rel. L2 drift", "guard keeps"):
+        t.add_column(col, justify="right")
+    for ratio in BLOCK_RATIOS:
+        result = surgeon.apply(model, "svd", {"ratio": ratio, "guard": "none"})
+        cand = session(result.model)
+        (out,) = cand.run(None, feed)
+        la, lb = latency_ab(base, cand, feed, budget_s=budget_s)
+        ideal = result.before.total_macs / result.after.total_macs
+        guarded = surgeon.apply(model, "svd", {"ratio": ratio})
+        t.add_row(f"{ratio:g}", ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten),
+                  f"{result.before.total_params:,} -> {result.after.total_params:,}",
+                  f"{la.median_ms:.2f} -> {lb.median_ms:.2f}", f"{la.median_ms / lb.median_ms:.2f}x", f"{ideal:.2f}x",
+                  f"{drift_metrics(ref, out)['rel_l2']:.3f}", f"{len(guarded.rewritten)}/{len(guarded.layers)}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("all", "samples", "block"), default="all")
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of A/B timing per comparison")
+    args = ap.parse_args(argv)
+    if args.part in ("all", "samples"):
+        rows = []
+        for name in ("mlp", "cnn"):
+            if not (SAMPLES / f"digits_{name}.onnx").exists():
+                console.print(f"[yellow]sample_models/digits_{name}.onnx missing; skipped[/]")
+                continue
+            rows += sample_sweep(name, args.budget)
+        console.print(sample_table(rows))
+        DOCS.mkdir(exist_ok=True)
+        plot(rows, DOCS / "svd_ratio.png")
+        console.print(f"plot written to {DOCS / 'svd_ratio.png'}")
+    if args.part in ("all", "block"):
+        console.print(block_bench(args.budget))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

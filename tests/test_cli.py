@@ -1,0 +1,140 @@
+"""The `surgeon` command: exit codes, output files, tables/JSON, third-party plugins."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+import surgeon.plugin
+from surgeon.cli import app
+from tests.models import CNN, CNN_TEST, MLP
+
+runner = CliRunner()
+FIXTURE = CNN.parent.parent / "tests" / "fixtures" / "relu_clip_plugin.py"
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """Install a plugin package the way pip would leave it: a module plus a dist-info with
+    an entry point in the `surgeon.plugins` group, found through sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(FIXTURE, site / "relu_clip_plugin.py")
+    info = site / "surgeon_relu_clip-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: surgeon-relu-clip\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[surgeon.plugins]\nrelu-clip = relu_clip_plugin:PLUGINS\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(surgeon.plugin, "_default", None)
+    yield site
+    surgeon.plugin._default = None
+
+
+@pytest.fixture
+def cnn_copy(tmp_path):
+    p = tmp_path / "cnn.onnx"
+    p.write_bytes(CNN.read_bytes())
+    return p
+
+
+def test_plugins_lists_builtins_and_third_party(third_party):
+    r = runner.invoke(app, ["plugins", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    plugins = {p["name"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert "relu-clip" in plugins and "surgeon-relu-clip" in plugins["relu-clip"]["from"]
+    assert plugins["relu-clip"]["options"][0]["name"] == "floor"
+
+
+def test_apply_third_party_plugin_from_the_cli(third_party, cnn_copy, tmp_path):
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "relu-clip", "--data", str(CNN_TEST),
+                            "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "cnn.relu-clip.onnx"
+    assert out.exists() and cnn_copy.read_bytes() == CNN.read_bytes()
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["rewritten"] == 6 and rep["output"] == str(out)
+    v = rep["validation"]
+    assert v["worst_rel_l2"] == 0.0 and v["accuracy"]["original"] == v["accuracy"]["candidate"]
+    assert v["latency"]["original"]["runs"] >= 10
+    assert "relu1" in r.stdout and "accuracy" in r.stdout
+
+
+def test_broken_third_party_plugin_is_named(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "badplug.py").write_text("import not_installed_dependency\n")
+    info = site / "surgeon_bad-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: surgeon-bad\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[surgeon.plugins]\nbad = badplug:PLUGINS\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(surgeon.plugin, "_default", None)
+    r = runner.invoke(app, ["plugins"])
+    assert r.exit_code == 2
+    assert "package 'surgeon-bad'" in r.stderr and "not_installed_dependency" in r.stderr
+    assert "Traceback" not in r.output
+    surgeon.plugin._default = None
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--plugin", "nope"], 2, "unknown plugin 'nope'; available:"),
+    (["--plugin", "relu-clip", "--option", "flor=1"], 2, "no option 'flor'; valid options: floor"),
+    (["--plugin", "relu-clip", "--option", "floor=abc"], 2, "bad value 'abc' for option 'floor'"),
+    (["--plugin", "relu-clip", "--option", "floor"], 2, "expected key=value"),
+    (["--plugin", "relu-clip", "--layers", "("], 2, "bad --layers regex"),
+    (["--plugin", "relu-clip", "--shape", "input=1x2"], 2, "does not fit"),
+])
+def test_apply_bad_usage(third_party, cnn_copy, args, code, message):
+    r = runner.invoke(app, ["apply", str(cnn_copy), *args, "--no-validate"])
+    assert r.exit_code == code, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output
+    assert sorted(p.name for p in cnn_copy.parent.iterdir()) == ["cnn.onnx", "site"]
+
+
+def test_apply_refuses_to_write_over_the_input(third_party, cnn_copy):
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "relu-clip", "-o", str(cnn_copy)])
+    assert r.exit_code == 2 and "overwrite the input" in r.stderr
+    assert cnn_copy.read_bytes() == CNN.read_bytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage", None])
+def test_unreadable_models_exit_2_with_one_line(tmp_path, content):
+    p = tmp_path / "m.onnx"
+    if content is None:
+        p.write_bytes(CNN.read_bytes()[:30_000])
+    else:
+        p.write_bytes(content)
+    for cmd in (["inspect", str(p)], ["apply", str(p), "--plugin", "tucker"], ["validate", str(p), str(CNN)]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in r.output
+
+
+def test_inspect_table_and_json():
+    r = runner.invoke(app, ["inspect", str(CNN)])
+    assert r.exit_code == 0 and "conv5" in r.stdout and "total" in r.stdout
+    r = runner.invoke(app, ["inspect", str(MLP), "--json", "-"])
+    doc = json.loads(r.stdout)
+    assert [l["name"] for l in doc["layers"]] == ["fc1", "fc2", "fc3"]
+    assert doc["layers"][0]["macs"] == 64 * 256
+
+
+def test_validate_budgets_set_the_exit_code(tmp_path):
+    ok = runner.invoke(app, ["validate", str(CNN), str(CNN), "--data", str(CNN_TEST), "--max-drift", "0",
+                             "--min-agreement", "1", "--json", str(tmp_path / "v.json")])
+    assert ok.exit_code == 0, ok.output
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["accuracy"]["original"] > 0.97 and v["budget_failures"] == []
+    slow = runner.invoke(app, ["validate", str(CNN), str(CNN), "--min-speedup", "100", "--no-latency"])
+    assert slow.exit_code == 0  # no latency measured, nothing to judge
+    fail = runner.invoke(app, ["validate", str(CNN), str(CNN), "--min-speedup", "100"])
+    assert fail.exit_code == 1 and "speedup" in fail.stderr
+
+
+def test_validate_rejects_models_with_different_outputs():
+    r = runner.invoke(app, ["validate", str(CNN), str(MLP)])
+    assert r.exit_code == 2, r.output
