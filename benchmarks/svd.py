@@ -5,11 +5,12 @@
     python benchmarks/svd.py --part block     # the transformer MLP block
 
 1. samples: the trained digits MLP and the FC layers of the digits CNN (sample_models/),
-   factorized at ratios 1 .. 1/16: accuracy on the test split (450 images), output drift,
-   params before/after, and onnxruntime latency before/after (interleaved A/B, batch 1 and
-   batch 64) of the whole model. Factorized with guard=none so every layer is rewritten; the
-   "guard keeps" column says how many layers the default latency guard keeps at batch 1.
-   Ratio 1 is full rank (with allow_growth): it must reproduce the model.
+   factorized at ratios 1 .. 1/16 (all FC layers, and the hidden ones only, keeping the
+   10-way classifier) and at energies 0.9 / 0.95: accuracy on the test split (450 images),
+   output drift, params before/after, and onnxruntime latency before/after (interleaved A/B,
+   batch 1 and batch 64) of the whole model. Factorized with guard=none so every layer is
+   rewritten; "guard keeps" says how many of those layers the default latency guard keeps at
+   batch 1. Ratio 1 is full rank (with allow_growth): it must reproduce the model.
 2. block: a transformer-style MLP block, x [1, 128, 768] -> MatMul 768x3072 + Add -> GELU
    (the Erf form PyTorch exports at opset 17) -> MatMul 3072x768 + Add, at ratios 0.5 /
    0.25 / 0.125: latency before/after (interleaved), params before/after, measured speedup
@@ -45,36 +46,46 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 # --- 1. sample models ----------------------------------------------------------------------
 
+# (scope, --layers regex): every FC layer, or the hidden ones only (the 10-way classifier kept)
+SCOPES = {"mlp": (("all FC", None), ("hidden FC", r"^fc[12]$")),
+          "cnn": (("all FC", None), ("hidden FC", r"^fc1$"))}
+ENERGIES = (0.9, 0.95)
+
+
 def sample_sweep(name: str, budget_s: float) -> list[dict]:
     model = surgeon.load(SAMPLES / f"digits_{name}.onnx")
     data = surgeon.load_data(SAMPLES / f"digits_{name}_test.npz", model)
+    settings = [(scope, rx, {"ratio": ratio, "allow_growth": ratio == 1.0}) for scope, rx in SCOPES[name]
+                for ratio in RATIOS if not (rx and ratio == 1.0)]
+    settings += [("all FC", None, {"energy": e}) for e in ENERGIES]
     rows = []
-    for ratio in RATIOS:
-        opts = {"ratio": ratio, "guard": "none", "allow_growth": ratio == 1.0}
-        result = surgeon.apply(model, "svd", opts)
+    for scope, rx, opts in settings:
+        result = surgeon.apply(model, "svd", {**opts, "guard": "none"}, layers=rx)
         v1 = surgeon.validate(model, result.model, data, latency_batch=1, budget_s=budget_s)
         v64 = surgeon.validate(model, result.model, data.take(64), latency_batch=64, budget_s=budget_s)
-        guarded = surgeon.apply(model, "svd", {"ratio": ratio, "allow_growth": ratio == 1.0})
+        guarded = surgeon.apply(model, "svd", opts, layers=rx)
         rows.append({
-            "model": name, "ratio": ratio,
-            "ranks": ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten),
+            "model": name, "scope": scope, "ratio": opts.get("ratio"), "energy": opts.get("energy"),
+            "ranks": ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten) or "-",
             "acc_before": v1.accuracy["original"], "acc_after": v1.accuracy["candidate"],
             "rel_l2": v1.worst_rel_l2,
             "params_before": result.before.total_params, "params_after": result.after.total_params,
             "ms1_before": v1.latency["original"]["median_ms"], "ms1_after": v1.latency["candidate"]["median_ms"],
             "ms64_before": v64.latency["original"]["median_ms"], "ms64_after": v64.latency["candidate"]["median_ms"],
-            "guard_kept": f"{len(guarded.rewritten)}/{len(guarded.layers)}",
+            "guard_kept": f"{len(guarded.rewritten)}/{len(result.rewritten)}",
         })
     return rows
 
 
 def sample_table(rows: list[dict]) -> Table:
-    t = Table(title="svd on the sample models (guard=none; test split, 450 images; latency = median, interleaved A/B)")
-    for col in ("model", "ratio", "ranks", "accuracy before -> after", "rel. L2 drift", "params before -> after",
-                "ms b=1 before -> after", "ms b=64 before -> after", "guard keeps (b=1)"):
-        t.add_column(col, justify="left" if col in ("model", "ranks") else "right")
+    t = Table(title="svd on the sample models (factorized with guard=none; accuracy on the test split, 450 images; "
+                    "latency = median ms, interleaved A/B)")
+    for col in ("model", "layers", "rank option", "ranks", "accuracy before -> after", "rel. L2 drift",
+                "params before -> after", "ms b=1 before -> after", "ms b=64 before -> after", "guard keeps (b=1)"):
+        t.add_column(col, justify="left" if col in ("model", "layers", "ranks") else "right")
     for r in rows:
-        t.add_row(r["model"], f"{r['ratio']:g}", r["ranks"], f"{r['acc_before']:.2%} -> {r['acc_after']:.2%}",
+        option = f"ratio {r['ratio']:g}" if r["ratio"] is not None else f"energy {r['energy']:g}"
+        t.add_row(r["model"], r["scope"], option, r["ranks"], f"{r['acc_before']:.2%} -> {r['acc_after']:.2%}",
                   f"{r['rel_l2']:.3g}", f"{r['params_before']:,} -> {r['params_after']:,}",
                   f"{r['ms1_before']:.3f} -> {r['ms1_after']:.3f}", f"{r['ms64_before']:.3f} -> {r['ms64_after']:.3f}",
                   r["guard_kept"])
@@ -86,21 +97,24 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for name, label in (("mlp", "digits MLP (fc1, fc2, fc3)"), ("cnn", "digits CNN (fc1, fc2 only)")):
-        pts = [(r["ratio"], r["acc_after"]) for r in rows if r["model"] == name]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-            ax.axhline(next(r["acc_before"] for r in rows if r["model"] == name), ls=":", lw=0.8,
-                       color=ax.lines[-1].get_color())
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, title in (("mlp", "digits MLP"), ("cnn", "digits CNN")):
+        mine = [r for r in rows if r["model"] == name and r["ratio"] is not None]
+        if not mine:
+            continue
+        full = [r for r in mine if r["ratio"] == 1.0]
+        for scope, style in (("all FC", "-o"), ("hidden FC", "--s")):
+            pts = [(r["ratio"], r["acc_after"]) for r in full + [r for r in mine if r["scope"] == scope and r["ratio"] < 1]]
+            ax.plot(*zip(*sorted(pts)), style, label=f"{title}, {scope.replace('FC', 'FC layers')}",
+                    color="C0" if name == "mlp" else "C1")
     ax.set_xscale("log", base=2)
     ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])
     ax.invert_xaxis()
     ax.set_xlabel("ratio (rank = ratio x min(in, out))")
     ax.set_ylabel("test accuracy (450 images)")
-    ax.set_title("svd: accuracy vs ratio (dotted: original)")
+    ax.set_title("svd: accuracy vs ratio (ratio 1 = full rank = original)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -170,7 +184,7 @@ def block_bench(budget_s: float) -> Table:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("all", "samples", "block"), default="all")
-    ap.add_argument("--budget", type=float, default=3.0, help="seconds of A/B timing per comparison")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of A/B timing per comparison")
     args = ap.parse_args(argv)
     if args.part in ("all", "samples"):
         rows = []

@@ -197,8 +197,8 @@ class ConvToTucker(GraphPlugin):
         node, w = cand.node, cand.data["weight"]
         f, c, nd = w.shape[0], w.shape[1], w.ndim - 2
         a = w.reshape(f, c).astype(np.float64)
-        _, _, values = lowrank.matrix_factors(a, 1)
-        r = choose_rank(opts, (f, c), values)
+        factors = lowrank.matrix_factors(a)
+        r = choose_rank(opts, (f, c), factors.values)
         cost = _Cost(ctx, node, w)
         params_after = r * (c + f) + cost.bias
         # the first conv keeps the original strides, so both run at the output resolution
@@ -206,7 +206,7 @@ class ConvToTucker(GraphPlugin):
         saving = self._saves_nothing(cost, params_after, macs_after, f"rank {r}", opts)
         if saving is not None:
             return Skip(node.name, node.op, saving)
-        left, right, _ = lowrank.matrix_factors(a, r)
+        left, right = factors.pair(r)
         error = lowrank.relative_error(a, left @ right)
 
         chain = Chain(graph, node, "tucker")

@@ -102,7 +102,8 @@ def plugins_cmd(json_out: JsonOpt = None) -> None:
                 for p in reg]})
             if json_out == "-":
                 return
-        out.print(report.plugins_table(reg))
+        for t in report.plugins_tables(reg):
+            out.print(t)
 
 
 @app.command("inspect")
@@ -174,10 +175,11 @@ def apply_cmd(
         result.before.file_bytes = model.stat().st_size
         doc = {"input": str(model), "output": str(target), **result.to_json()}
         if json_out != "-":
-            out.print(report.layers_table(result.layers, verbose=verbose, title=f"{plugin} on {model.name}"))
-            hidden = len(result.skipped) if not verbose else 0
-            if hidden:
-                out.print(f"{len(result.rewritten)} rewritten, {hidden} skipped (-v shows which and why)")
+            out.print(report.layers_table(result.layers, title=f"{plugin} on {model.name}"))
+            if verbose and result.skipped:
+                out.print(report.skipped_table(result.layers))
+            out.print(f"{len(result.rewritten)} rewritten, {len(result.skipped)} skipped"
+                      + ("" if verbose or not result.skipped else " (-v shows which and why)"))
             out.print(report.totals_table(result.before, result.after))
             for w in result.extras.get("warnings", []):
                 err.print(f"[yellow]warning:[/] {w}")
@@ -188,7 +190,8 @@ def apply_cmd(
             v = run_validation(m, result.model, eval_data, threads=threads)
             doc["validation"] = v.to_json()
             if json_out != "-":
-                out.print(report.validation_table(doc["validation"]))
+                for t in report.validation_tables(doc["validation"]):
+                    out.print(t)
         _emit_json(json_out, doc)
 
 
@@ -224,7 +227,8 @@ def validate_cmd(
             failures.append(f"speedup {v['latency']['speedup']:.3f} < budget {min_speedup}")
         v["budget_failures"] = failures
         if json_out != "-":
-            out.print(report.validation_table(v))
+            for t in report.validation_tables(v):
+                out.print(t)
         _emit_json(json_out, {"original": str(original), "candidate": str(candidate), **v})
         if failures:
             raise BudgetExceeded("; ".join(failures))

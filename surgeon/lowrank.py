@@ -13,6 +13,7 @@ factorizing plugin offers the same options with the same meaning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,7 +29,8 @@ def left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     a = np.asarray(a, dtype=np.float64)
     gram = a @ a.T
-    evals, evecs = np.linalg.eigh(gram)
+    with _single_blas_thread():
+        evals, evecs = np.linalg.eigh(gram)
     order = np.argsort(evals)[::-1]
     evals, evecs = evals[order], evecs[:, order]
     s = np.sqrt(np.clip(evals, 0.0, None))
@@ -36,6 +38,18 @@ def left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     signs = np.sign(evecs[idx, np.arange(evecs.shape[1])])
     signs[signs == 0] = 1.0
     return evecs * signs, s
+
+
+def _single_blas_thread():
+    """LAPACK's symmetric eigensolver (tridiagonal reduction) gains nothing from a second
+    OpenBLAS thread at these sizes and loses a lot when the cores are busy: measured on the
+    2-core machine, eigh of a 1024 x 1024 Gram took 0.26-0.52 s on one thread vs 0.97-2.3 s
+    on two. threadpoolctl (optional) pins it to one; without it nothing changes."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - depends on the environment
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def unfold(w: np.ndarray, mode: int) -> np.ndarray:
@@ -224,15 +238,27 @@ def _column_signs(m: np.ndarray) -> np.ndarray:
     return signs
 
 
-def matrix_factors(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """a (m x n) ~ left @ right with left (m x R), right (R x n), by the Gram route on the
-    smaller side. Returns (left, right, singular values of a)."""
+@dataclass
+class MatrixFactors:
+    """Singular vectors of a matrix a (m x n), computed on its smaller side through the Gram
+    matrix; `pair(R)` slices the rank-R factorization a ~ left @ right out of them."""
+
+    a: np.ndarray
+    vectors: np.ndarray  # left singular vectors of a (m <= n) or of a^T (m > n)
+    values: np.ndarray
+    transposed: bool
+
+    def pair(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        v = self.vectors[:, :rank]
+        if self.transposed:
+            return self.a @ v, v.T
+        return v, v.T @ self.a
+
+
+def matrix_factors(a: np.ndarray) -> MatrixFactors:
     a = np.asarray(a, dtype=np.float64)
-    m, n = a.shape
-    if m <= n:
+    if a.shape[0] <= a.shape[1]:
         u, s = left_singular(a)
-        u = u[:, :rank]
-        return u, u.T @ a, s
+        return MatrixFactors(a, u, s, False)
     v, s = left_singular(a.T)
-    v = v[:, :rank]
-    return a @ v, v.T, s
+    return MatrixFactors(a, v, s, True)

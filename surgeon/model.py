@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from surgeon.errors import ModelError, UsageError
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 # graphsurgeon logs its own warnings (missing `colored`, large folded tensors) to stdout;
 # the CLI owns the console, so keep it quiet unless something is really wrong.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+# graphsurgeon's constant folding opens onnxruntime sessions of its own, whose optimizer
+# warnings ("UnsqueezeElimination cannot remove node") are noise to a user.
+ort.set_default_logger_severity(3)
 
 TWO_GB = 2**31
 # ir_version 3 (the model zoo's "light" models) lists initializers among graph inputs and

@@ -35,17 +35,20 @@ def ratio(before: float, after: float) -> str:
 
 # --- tables ------------------------------------------------------------------------------------
 
-def plugins_table(reg: Registry) -> Table:
-    t = Table(title="plugins", show_lines=True)
-    t.add_column("name", style="bold")
-    t.add_column("summary")
-    t.add_column("options")
-    t.add_column("from")
+def plugins_tables(reg: Registry) -> list[Table]:
+    """One table per plugin: its options with types, defaults and help."""
+    tables = []
     for p in reg:
-        opts = "\n".join(f"{n} ({tp}, default {d}): {h}" if h else f"{n} ({tp}, default {d})"
-                         for n, tp, d, h in option_help(p))
-        t.add_row(p.name, p.summary, opts or "-", reg.origin(p.name))
-    return t
+        t = Table(title=f"[bold]{p.name}[/]: {p.summary}", caption=reg.origin(p.name), title_justify="left",
+                  caption_justify="left")
+        t.add_column("option", style="bold")
+        t.add_column("type")
+        t.add_column("default")
+        t.add_column("meaning")
+        for name, tp, default, help_ in option_help(p):
+            t.add_row(name, tp, default, help_)
+        tables.append(t)
+    return tables
 
 
 def profile_table(prof: Profile, title: str = "layers") -> Table:
@@ -61,55 +64,54 @@ def profile_table(prof: Profile, title: str = "layers") -> Table:
     return t
 
 
-# detail keys shown as columns when a plugin reports them, in this order
-DETAIL_COLUMNS = (
-    ("ranks", "ranks"), ("rel_error", "rel. error"), ("params_before", "params"), ("params_after", "→ params"),
-    ("macs_before", "MACs"), ("macs_after", "→ MACs"), ("complexity_ratio", "compl. ratio"),
-)
-
-
 def _ranks(d: dict[str, Any]) -> str:
     if "r1" in d and "r2" in d:
         return f"{d['r1']},{d['r2']}"
-    if "rank" in d:
-        return str(d["rank"])
-    if "ranks" in d:
-        v = d["ranks"]
-        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    for key in ("rank", "ranks"):
+        if key in d:
+            v = d[key]
+            return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     return ""
 
 
-def _cell(key: str, d: dict[str, Any]) -> str:
-    if key == "ranks":
-        return _ranks(d)
-    v = d.get(key)
-    if v is None:
-        return ""
-    if key in ("params_before", "params_after", "macs_before", "macs_after"):
-        return human(v)
-    if key == "rel_error":
-        return f"{v:.4f}"
-    if key == "complexity_ratio":
-        return f"{v:.2f}x"
-    return str(v)
+def _arrow(d: dict[str, Any], what: str) -> str:
+    a, b = d.get(f"{what}_before"), d.get(f"{what}_after")
+    return f"{human(a)} → {human(b)}" if a is not None and b is not None else ""
 
 
-def layers_table(layers: Sequence[LayerReport], verbose: bool = False, title: str = "layers") -> Table:
-    shown = [l for l in layers if verbose or l.status == "rewritten"]
-    keys = [(k, h) for k, h in DETAIL_COLUMNS if any(_cell(k, l.details) for l in shown)]
+# (header, cell) for the per-layer details plugins commonly report; empty columns are dropped
+DETAIL_COLUMNS = (
+    ("ranks", _ranks),
+    ("error", lambda d: f"{d['rel_error']:.4f}" if d.get("rel_error") is not None else ""),
+    ("params", lambda d: _arrow(d, "params")),
+    ("MACs", lambda d: _arrow(d, "macs")),
+    ("compl.", lambda d: f"{d['complexity_ratio']:.2f}x" if d.get("complexity_ratio") else ""),
+    ("guard", lambda d: f"{d['guard']['speedup']:.2f}x" if d.get("guard") else ""),
+)
+
+
+def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> Table:
+    """The rewritten layers with what the plugin reported about each."""
+    shown = [l for l in layers if l.status == "rewritten"]
+    cols = [(h, f) for h, f in DETAIL_COLUMNS if any(f(l.details) for l in shown)]
     t = Table(title=title)
-    t.add_column("layer")
+    t.add_column("layer", no_wrap=True)
     t.add_column("op")
-    t.add_column("status")
-    for _, h in keys:
-        t.add_column(h, justify="right")
-    t.add_column("guard", justify="right")
-    t.add_column("reason")
+    for h, _ in cols:
+        t.add_column(h, justify="right", no_wrap=h in ("params", "MACs"))
     for l in shown:
-        g = l.details.get("guard")
-        style = {"rewritten": "green", "skipped": "yellow", "reverted": "yellow"}[l.status]
-        t.add_row(l.layer, l.op, f"[{style}]{l.status}[/]", *[_cell(k, l.details) for k, _ in keys],
-                  f"{g['speedup']:.2f}x" if g else "", l.reason)
+        t.add_row(l.layer, l.op, *[f(l.details) for _, f in cols])
+    return t
+
+
+def skipped_table(layers: Sequence[LayerReport]) -> Table:
+    t = Table(title="skipped")
+    t.add_column("layer", no_wrap=True)
+    t.add_column("op")
+    t.add_column("why")
+    for l in layers:
+        if l.status != "rewritten":
+            t.add_row(l.layer, l.op, l.reason)
     return t
 
 
@@ -127,9 +129,10 @@ def totals_table(before: Profile, after: Profile) -> Table:
     return t
 
 
-def validation_table(v: dict[str, Any]) -> Table:
-    """From Validation.to_json()."""
-    t = Table(title=f"validation on {v['samples']} samples ({'synthetic' if v['synthetic_data'] else v['data']})")
+def validation_tables(v: dict[str, Any]) -> list[Table]:
+    """Drift per output (and accuracy), then latency; from Validation.to_json()."""
+    src = "synthesized inputs" if v["synthetic_data"] else v["data"]
+    t = Table(title=f"drift on {v['samples']} samples ({src})")
     t.add_column("output")
     for col in ("max abs", "mean abs", "rel. L2", "cosine", "top-1 agree"):
         t.add_column(col, justify="right")
@@ -137,18 +140,22 @@ def validation_table(v: dict[str, Any]) -> Table:
         agree = m.get("top1_agreement")
         t.add_row(name, f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}", f"{m['rel_l2']:.4f}", f"{m['cosine']:.5f}",
                   f"{agree:.1%}" if agree is not None else "-")
+    tables = [t]
     if v.get("accuracy"):
         a = v["accuracy"]
-        t.add_section()
-        t.add_row("accuracy", "", "", "", "", f"{a['original']:.2%} → {a['candidate']:.2%}")
+        t.caption = f"accuracy on the labels: {a['original']:.2%} before, {a['candidate']:.2%} after"
     if v.get("latency"):
         lat = v["latency"]
-        t.add_section()
-        o, c = lat["original"], lat["candidate"]
-        t.add_row(f"latency (batch {lat['batch']}, median/p90 ms)", f"{o['median_ms']:.3f}/{o['p90_ms']:.3f}",
-                  f"→ {c['median_ms']:.3f}/{c['p90_ms']:.3f}", "", "",
-                  f"{lat['speedup']:.2f}x" if lat.get("speedup") else "-")
-    return t
+        lt = Table(title=f"latency, onnxruntime CPU, batch {lat['batch']}, threads {lat['threads']} (interleaved A/B)")
+        for col in ("model", "median ms", "p90 ms", "runs"):
+            lt.add_column(col, justify="left" if col == "model" else "right")
+        for name in ("original", "candidate"):
+            x = lat[name]
+            lt.add_row(name, f"{x['median_ms']:.3f}", f"{x['p90_ms']:.3f}", str(x["runs"]))
+        if lat.get("speedup"):
+            lt.caption = f"speedup {lat['speedup']:.2f}x (median)"
+        tables.append(lt)
+    return tables
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
