@@ -52,7 +52,7 @@ def plugins_tables(reg: Registry) -> list[Table]:
 
 
 def profile_table(prof: Profile, title: str = "layers") -> Table:
-    t = Table(title=title)
+    t = Table(title=title, caption="the total counts every initializer (BatchNorm statistics too)")
     for col, just in (("layer", "left"), ("op", "left"), ("weight shape", "left"), ("params", "right"),
                       ("MACs", "right"), ("bytes", "right")):
         t.add_column(col, justify=just)

@@ -1,7 +1,6 @@
 """The `surgeon` command: exit codes, output files, tables/JSON, third-party plugins."""
 
 import json
-import shutil
 import textwrap
 
 import pytest
@@ -15,20 +14,24 @@ runner = CliRunner()
 FIXTURE = CNN.parent.parent / "tests" / "fixtures" / "relu_clip_plugin.py"
 
 
-@pytest.fixture
-def third_party(tmp_path, monkeypatch):
+def install_package(site, monkeypatch, dist: str, module: str, source: str, entry_point: str):
     """Install a plugin package the way pip would leave it: a module plus a dist-info with
     an entry point in the `surgeon.plugins` group, found through sys.path."""
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(FIXTURE, site / "relu_clip_plugin.py")
-    info = site / "surgeon_relu_clip-0.1.dist-info"
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: surgeon-relu-clip\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[surgeon.plugins]\nrelu-clip = relu_clip_plugin:PLUGINS\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[surgeon.plugins]\n{entry_point}\n")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(surgeon.plugin, "_default", None)
-    yield site
+    monkeypatch.setattr(surgeon.plugin, "_default", None)  # rediscover entry points
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    install_package(tmp_path / "site", monkeypatch, "surgeon-relu-clip", "relu_clip_plugin", FIXTURE.read_text(),
+                    "relu-clip = relu_clip_plugin:PLUGINS")
+    yield
     surgeon.plugin._default = None
 
 
@@ -62,15 +65,8 @@ def test_apply_third_party_plugin_from_the_cli(third_party, cnn_copy, tmp_path):
 
 
 def test_broken_third_party_plugin_is_named(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "badplug.py").write_text("import not_installed_dependency\n")
-    info = site / "surgeon_bad-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: surgeon-bad\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[surgeon.plugins]\nbad = badplug:PLUGINS\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(surgeon.plugin, "_default", None)
+    install_package(tmp_path / "site", monkeypatch, "surgeon-bad", "badplug", "import not_installed_dependency\n",
+                    "bad = badplug:PLUGINS")
     r = runner.invoke(app, ["plugins"])
     assert r.exit_code == 2
     assert "package 'surgeon-bad'" in r.stderr and "not_installed_dependency" in r.stderr
