@@ -1,6 +1,6 @@
 """Benchmark the svd plugin: what a low-rank pair costs in accuracy and buys in latency.
 
-    python benchmarks/svd.py                  # both parts (about 3-4 minutes on 2 cores)
+    python benchmarks/svd.py                  # both parts
     python benchmarks/svd.py --part samples   # the sample MLP / CNN sweep (and docs/svd_ratio.png)
     python benchmarks/svd.py --part block     # the transformer MLP block
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ SCOPES = {"mlp": (("all FC", None), ("hidden FC", r"^fc[12]$")),
 ENERGIES = (0.9, 0.95)
 
 
-def sample_sweep(name: str, budget_s: float) -> list[dict]:
+def sample_sweep(name: str, budget_s: float, threads: int) -> list[dict]:
     model = surgeon.load(SAMPLES / f"digits_{name}.onnx")
     data = surgeon.load_data(SAMPLES / f"digits_{name}_test.npz", model)
     settings = [(scope, rx, {"ratio": ratio, "allow_growth": ratio == 1.0}) for scope, rx in SCOPES[name]
@@ -61,9 +62,10 @@ def sample_sweep(name: str, budget_s: float) -> list[dict]:
     rows = []
     for scope, rx, opts in settings:
         result = surgeon.apply(model, "svd", {**opts, "guard": "none"}, layers=rx)
-        v1 = surgeon.validate(model, result.model, data, latency_batch=1, budget_s=budget_s)
-        v64 = surgeon.validate(model, result.model, data.take(64), latency_batch=64, budget_s=budget_s)
-        guarded = surgeon.apply(model, "svd", opts, layers=rx)
+        v1 = surgeon.validate(model, result.model, data, latency_batch=1, budget_s=budget_s, threads=threads)
+        v64 = surgeon.validate(model, result.model, data.take(64), latency_batch=64, budget_s=budget_s,
+                               threads=threads)
+        guarded = surgeon.apply(model, "svd", opts, layers=rx, threads=threads)
         rows.append({
             "model": name, "scope": scope, "ratio": opts.get("ratio"), "energy": opts.get("energy"),
             "ranks": ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten) or "-",
@@ -77,9 +79,9 @@ def sample_sweep(name: str, budget_s: float) -> list[dict]:
     return rows
 
 
-def sample_table(rows: list[dict]) -> Table:
+def sample_table(rows: list[dict], conditions: str) -> Table:
     t = Table(title="svd on the sample models (factorized with guard=none; accuracy on the test split, 450 images; "
-                    "latency = median ms, interleaved A/B)")
+                    "latency = median ms, interleaved A/B; " + conditions + ")")
     for col in ("model", "layers", "rank option", "ranks", "accuracy before -> after", "rel. L2 drift",
                 "params before -> after", "ms b=1 before -> after", "ms b=64 before -> after", "guard keeps (b=1)"):
         t.add_column(col, justify="left" if col in ("model", "layers", "ranks") else "right")
@@ -103,9 +105,10 @@ def plot(rows: list[dict], path: Path) -> None:
         if not mine:
             continue
         full = [r for r in mine if r["ratio"] == 1.0]
-        for scope, style in (("all FC", "-o"), ("hidden FC", "--s")):
-            pts = [(r["ratio"], r["acc_after"]) for r in full + [r for r in mine if r["scope"] == scope and r["ratio"] < 1]]
-            ax.plot(*zip(*sorted(pts)), style, label=f"{title}, {scope.replace('FC', 'FC layers')}",
+        for scope, style, what in (("all FC", "-o", "all FC layers"), ("hidden FC", "--s", "hidden FC layers only")):
+            lower = [r for r in mine if r["scope"] == scope and r["ratio"] < 1]
+            pts = [(r["ratio"], r["acc_after"]) for r in full + lower]
+            ax.plot(*zip(*sorted(pts)), style, label=f"{title}, {what}",
                     color="C0" if name == "mlp" else "C1")
     ax.set_xscale("log", base=2)
     ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])
@@ -142,13 +145,16 @@ def block_model(hidden: int = 768, ffn: int = 3072, seq: int = 128, seed: int = 
              numpy_helper.from_array(np.array(1.0, np.float32), "one"),
              numpy_helper.from_array(np.array(0.5, np.float32), "half")]
     n = helper.make_node
-    nodes = [n("MatMul", ["x", "fc1.weight"], ["m1"], name="fc1"), n("Add", ["m1", "fc1.bias"], ["a1"], name="fc1_bias"),
+    nodes = [n("MatMul", ["x", "fc1.weight"], ["m1"], name="fc1"),
+             n("Add", ["m1", "fc1.bias"], ["a1"], name="fc1_bias"),
              # GELU as torch.onnx exports it at opset 17: x * 0.5 * (1 + erf(x / sqrt(2)))
              n("Div", ["a1", "sqrt2"], ["g1"], name="gelu_div"), n("Erf", ["g1"], ["g2"], name="gelu_erf"),
              n("Add", ["g2", "one"], ["g3"], name="gelu_add"), n("Mul", ["a1", "g3"], ["g4"], name="gelu_mul"),
              n("Mul", ["g4", "half"], ["g5"], name="gelu_half"),
-             n("MatMul", ["g5", "fc2.weight"], ["m2"], name="fc2"), n("Add", ["m2", "fc2.bias"], ["y"], name="fc2_bias")]
-    graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+             n("MatMul", ["g5", "fc2.weight"], ["m2"], name="fc2"),
+             n("Add", ["m2", "fc2.bias"], ["y"], name="fc2_bias")]
+    graph = helper.make_graph(nodes, "mlp_block",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -156,24 +162,24 @@ def block_model(hidden: int = 768, ffn: int = 3072, seq: int = 128, seed: int = 
     return model
 
 
-def block_bench(budget_s: float) -> Table:
+def block_bench(budget_s: float, threads: int) -> Table:
     model = block_model()
     x = np.random.default_rng(1).standard_normal((1, 128, 768)).astype(np.float32)
     feed = {"x": x}
-    base = session(model)
+    base = session(model, threads)
     (ref,) = base.run(None, feed)
     t = Table(title="svd on a transformer MLP block: x [1, 128, 768] -> 768x3072 -> GELU -> 3072x768 "
-                    "(median ms, interleaved A/B, onnxruntime CPU, default threads)")
+                    "(median ms, interleaved A/B, onnxruntime CPU; " + conditions(threads) + ")")
     for col in ("ratio", "ranks", "params before -> after", "ms before -> after", "speedup", "ideal (MACs)",
                 "rel. L2 drift", "guard keeps"):
         t.add_column(col, justify="right")
     for ratio in BLOCK_RATIOS:
         result = surgeon.apply(model, "svd", {"ratio": ratio, "guard": "none"})
-        cand = session(result.model)
+        cand = session(result.model, threads)
         (out,) = cand.run(None, feed)
         la, lb = latency_ab(base, cand, feed, budget_s=budget_s)
         ideal = result.before.total_macs / result.after.total_macs
-        guarded = surgeon.apply(model, "svd", {"ratio": ratio})
+        guarded = surgeon.apply(model, "svd", {"ratio": ratio}, threads=threads)
         t.add_row(f"{ratio:g}", ", ".join(f"{l.layer}:{l.details['rank']}" for l in result.rewritten),
                   f"{result.before.total_params:,} -> {result.after.total_params:,}",
                   f"{la.median_ms:.2f} -> {lb.median_ms:.2f}", f"{la.median_ms / lb.median_ms:.2f}x", f"{ideal:.2f}x",
@@ -181,24 +187,48 @@ def block_bench(budget_s: float) -> Table:
     return t
 
 
+def markdown(table: Table) -> str:
+    """The same table as markdown (for docs/svd.md), caption first."""
+    cols = table.columns
+    lines = [f"{table.title}\n", "| " + " | ".join(str(c.header) for c in cols) + " |",
+             "| " + " | ".join("---" for _ in cols) + " |"]
+    for row in zip(*(list(c.cells) for c in cols)):
+        lines.append("| " + " | ".join(str(v).replace("->", "→") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def conditions(threads: int) -> str:
+    """What the timings were taken under: threads and the machine's load while it ran."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{threads or 'all'} thread(s), {os.cpu_count()} cores, 1-min load average {load:.1f} at the end"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("all", "samples", "block"), default="all")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of A/B timing per comparison")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime intra-op threads (1: steadier on a shared machine; 0: all cores)")
+    ap.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
     args = ap.parse_args(argv)
+    tables = []
     if args.part in ("all", "samples"):
         rows = []
         for name in ("mlp", "cnn"):
             if not (SAMPLES / f"digits_{name}.onnx").exists():
                 console.print(f"[yellow]sample_models/digits_{name}.onnx missing; skipped[/]")
                 continue
-            rows += sample_sweep(name, args.budget)
-        console.print(sample_table(rows))
+            rows += sample_sweep(name, args.budget, args.threads)
+        tables.append(sample_table(rows, conditions(args.threads)))
+        console.print(tables[-1])
         DOCS.mkdir(exist_ok=True)
         plot(rows, DOCS / "svd_ratio.png")
         console.print(f"plot written to {DOCS / 'svd_ratio.png'}")
     if args.part in ("all", "block"):
-        console.print(block_bench(args.budget))
+        tables.append(block_bench(2 * args.budget, args.threads))
+        console.print(tables[-1])
+    if args.markdown:
+        args.markdown.write_text("\n".join(markdown(t) for t in tables))
     return 0
 
 

@@ -20,13 +20,14 @@ Both are exactly U_r S_r V_r^T; at full rank U_r U_r^T = I and the pair reproduc
 
 What is rewritten (ONNX Gemm: Y = alpha A' B' + beta C, A' = A^T if transA, B' = B^T if transB):
 
-    Gemm(x, B, C)   ->  MatMul(x, A) -> Gemm(h, B, C')   alpha folded into B, beta into C'
+    Gemm(x, W, C)   ->  MatMul(x, A) -> Gemm(h, B, C')   alpha folded into B, beta into C'
     MatMul(x, W)    ->  MatMul(x, A) -> MatMul(h, B)     x may be N-D ([batch, seq, hidden])
 
 A bias added after a MatMul (the MatMul + Add that PyTorch exports) stays where it is, after
-the second MatMul. For 2-D Gemm inputs, MatMul -> Gemm and MatMul -> MatMul -> Add measured
-the same in onnxruntime (which fuses a 2-D MatMul + Add into Gemm anyway); MatMul -> MatMul
-is the only form that broadcasts over leading dims, hence the MatMul case.
+the second MatMul. For 2-D Gemm inputs, MatMul -> Gemm and MatMul -> MatMul -> Add timed the
+same in onnxruntime (within noise); MatMul -> MatMul is the only form that broadcasts over
+leading dims, hence the MatMul case. Shared weights are skipped: factorizing some of their
+users would add weights, not remove them.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ DEFAULT_RATIO = 0.25
 
 @dataclass
 class SvdOptions(RankOptions):
-    """Rank options shared with tucker, plus an explicit rank."""
+    """Rank options shared with tucker, plus an explicit rank and an escape from the savings check."""
 
+    ratio: float | None = field(default=None, metadata={
+        "help": "rank = ratio x min(in, out) (0 < ratio <= 1); 0.25 when no rank option is given"})
     rank: int | None = field(default=None, metadata={
         "help": "the same rank for every layer (capped at min(in, out)); default: ratio 0.25"})
     allow_growth: bool = field(default=False, metadata={
@@ -155,6 +158,7 @@ class GemmToSvd(GraphPlugin):
 
     def rewrite(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: SvdOptions) -> Rewrite | Skip:
         node = cand.node
+        bias = input_or_none(node, 2) if node.op == "Gemm" else None
         w = cand.data["w"]
         n_in, n_out = w.shape
         n = min(n_in, n_out)
@@ -176,7 +180,6 @@ class GemmToSvd(GraphPlugin):
         h = chain.op("MatMul", "down", [x, chain.const("A", a)], dtype=w.dtype)
         if node.op == "Gemm":
             inputs, attrs = [h, chain.const("B", b)], {}
-            bias = input_or_none(node, 2)
             if bias is not None:
                 c = constant_value(bias)
                 if beta == 1.0:

@@ -167,4 +167,8 @@ def _guarded(node: gs.Node, result: Rewrite, ctx: Context, opts: Any) -> _guard.
     if not shape:
         log.info("%s: input shape unknown, latency guard not applied", node.name)
         return None
-    return _guard.time_rewrite(node, result.chain, shape, ctx.opset, ctx.threads, seed=ctx.seed)
+    try:
+        return _guard.time_rewrite(node, result.chain, shape, ctx.opset, ctx.threads, seed=ctx.seed, shapes=ctx.shapes)
+    except _guard.GuardUnavailable as exc:
+        log.info("%s: latency guard not applied (%s)", node.name, exc)
+        return None

@@ -30,38 +30,50 @@ class GuardResult:
                 "speedup": round(self.speedup, 3)}
 
 
-def _mini_model(nodes: list[gs.Node], x: gs.Tensor, y: gs.Tensor, x_shape, opset: int) -> onnx.ModelProto:
-    xin = gs.Variable(x.name, dtype=np.float32, shape=list(x_shape))
-    yout = gs.Variable(y.name, dtype=np.float32)
+class GuardUnavailable(Exception):
+    """The rewrite cannot be timed alone (an input's shape is unknown)."""
+
+
+def _mini_model(nodes: list[gs.Node], x: gs.Tensor, y: gs.Tensor, x_shape, opset: int,
+                shapes: dict[str, tuple[int, ...]]) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]]]:
+    """A model holding just `nodes`, fed at `x`; other run-time inputs (a bias computed by
+    the graph, say) become graph inputs too. Returns it with the shapes of its inputs."""
+    produced = {t.name for n in nodes for t in n.outputs}
+    feeds = {x.name: tuple(x_shape)}
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Variable) and t.name and t.name not in produced and t.name not in feeds:
+                if t.name not in shapes:
+                    raise GuardUnavailable(f"shape of input '{t.name}' unknown")
+                feeds[t.name] = tuple(shapes[t.name])
     # Export through a throwaway graph that points at the real tensors by name only, so the
     # model being edited is left untouched.
-    clones = []
-    for n in nodes:
-        ins = [xin if t is x else (t if isinstance(t, gs.Constant) else gs.Variable(t.name, dtype=np.float32))
-               for t in n.inputs]
-        outs = [yout if t is y else gs.Variable(t.name, dtype=np.float32) for t in n.outputs]
-        clones.append((n, ins, outs))
-    # graphsurgeon links tensors by identity; map names to single objects
-    by_name: dict[str, gs.Tensor] = {xin.name: xin, yout.name: yout}
-    new_nodes = []
-    for n, ins, outs in clones:
-        ins = [by_name.setdefault(t.name, t) for t in ins]
-        outs = [by_name.setdefault(t.name, t) for t in outs]
-        new_nodes.append(gs.Node(n.op, n.name, dict(n.attrs), inputs=ins, outputs=outs))
-    g = gs.Graph(nodes=new_nodes, inputs=[xin], outputs=[yout], opset=opset)
+    by_name: dict[str, gs.Tensor] = {name: gs.Variable(name, dtype=np.float32, shape=list(shape))
+                                     for name, shape in feeds.items()}
+    by_name[y.name] = gs.Variable(y.name, dtype=np.float32)
+
+    def local(t: gs.Tensor) -> gs.Tensor:
+        if isinstance(t, gs.Constant) or t.name == "":
+            return t
+        return by_name.setdefault(t.name, gs.Variable(t.name, dtype=np.float32))
+
+    new_nodes = [gs.Node(n.op, n.name, dict(n.attrs), inputs=[local(t) for t in n.inputs],
+                         outputs=[local(t) for t in n.outputs]) for n in nodes]
+    g = gs.Graph(nodes=new_nodes, inputs=[by_name[k] for k in feeds], outputs=[by_name[y.name]], opset=opset)
     m = gs.export_onnx(g, do_type_check=False)
     m.ir_version = 8
-    return m
+    return m, feeds
 
 
 def time_rewrite(node: gs.Node, chain: list[gs.Node], x_shape: tuple[int, ...], opset: int,
-                 threads: int = 0, budget_s: float = 0.6, seed: int = 0) -> GuardResult:
-    """Median latency of `node` alone vs `chain` alone on a random input of `x_shape`."""
+                 threads: int = 0, budget_s: float = 0.6, seed: int = 0,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> GuardResult:
+    """Median latency of `node` alone vs `chain` alone on random inputs (`x` of `x_shape`)."""
     x, y = node.inputs[0], node.outputs[0]
-    original = _mini_model([node], x, y, x_shape, opset)
-    rewritten = _mini_model(chain, x, chain[-1].outputs[0], x_shape, opset)
-    # the chain's output tensor has its own name; rename the graph output so both models match
-    feed = {x.name: np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)}
+    original, feeds = _mini_model([node], x, y, x_shape, opset, shapes or {})
+    rewritten, _ = _mini_model(chain, x, chain[-1].outputs[0], x_shape, opset, {**(shapes or {}), **feeds})
+    rng = np.random.default_rng(seed)
+    feed = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in feeds.items()}
     sa, sb = session(original, threads), session(rewritten, threads)
     la, lb = latency_ab(sa, sb, feed, warmup=2, budget_s=budget_s)
     return GuardResult(la.median_ms, lb.median_ms)

@@ -58,7 +58,7 @@ def conv_model(c=16, f=32, k=3, hw=12, group=1, bias=True, seed=0, strides=(1, 1
     nodes = [helper.make_node("Conv", ins, ["h" if relu else "y"], name="conv", **attrs)]
     if relu:
         nodes.append(helper.make_node("Relu", ["h"], ["y"], name="relu"))
-    return make_model(nodes, [tensor("x", [batch, c, hw, hw])], [tensor("y", None)], inits)
+    return make_model(nodes, [tensor("x", [batch, c, hw, hw])], [tensor("y", [batch, f, None, None])], inits)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -80,7 +80,7 @@ def test_guard_reverts_a_slower_rewrite(cnn, monkeypatch):
     class GuardedClip(ReluToClip):
         Options = Guarded
 
-    def fake_timing(node, chain, shape, opset, threads=0, budget_s=0.6, seed=0):
+    def fake_timing(node, chain, shape, opset, threads=0, budget_s=0.6, seed=0, shapes=None):
         return guard.GuardResult(1.0, 1.6 if node.name == "relu2" else 0.5)
 
     monkeypatch.setattr(guard, "time_rewrite", fake_timing)

@@ -38,7 +38,8 @@ def gemm_model(n_in=12, n_out=20, rows=3, trans_b=0, alpha=1.0, beta=1.0, bias="
         attrs["alpha"] = alpha
     if beta != 1.0:
         attrs["beta"] = beta
-    nodes = [helper.make_node("Gemm", ins, ["h"], name="fc", **attrs), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    nodes = [helper.make_node("Gemm", ins, ["h"], name="fc", **attrs),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
     return make_model(nodes, inputs, [tensor("y", [rows, n_out])], inits)
 
 
@@ -128,10 +129,17 @@ def test_gemm_bias_computed_at_run_time_keeps_beta():
     assert_close_outputs(model, out, feeds, rtol=1e-5)
 
 
+def test_gemm_bias_computed_at_run_time_is_timed_by_the_guard():
+    """The guard feeds the run-time bias too (the mini models get it as a second input)."""
+    rep = only(surgeon.apply(gemm_model(bias="input"), "svd", {"rank": 2}), "fc")
+    assert rep.details["guard"]["original_ms"] > 0 and rep.details["guard"]["rewrite_ms"] > 0
+
+
 def test_gemm_trans_a_is_skipped():
     rng = np.random.default_rng(0)
     model = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1)],
-                       [tensor("x", [12, 3])], [tensor("y", [3, 20])], [init("w", rng.standard_normal((12, 20)).astype(np.float32))])
+                       [tensor("x", [12, 3])], [tensor("y", [3, 20])],
+                       [init("w", rng.standard_normal((12, 20)).astype(np.float32))])
     result = surgeon.apply(model, "svd", NONE)
     rep = only(result, "fc")
     assert rep.status == "skipped" and rep.reason.startswith("transA=1")
@@ -301,11 +309,6 @@ def test_output_is_deterministic():
 
 # --- the sample models ---------------------------------------------------------------------
 
-def _accuracy(model, result, test):
-    v = surgeon.validate(model, result.model, surgeon.load_data(test, model), latency=False)
-    return v
-
-
 def test_sample_mlp_full_rank_keeps_accuracy_and_structure():
     model = surgeon.load(MLP)
     result = surgeon.apply(model, "svd", FULL)
@@ -318,7 +321,7 @@ def test_sample_mlp_full_rank_keeps_accuracy_and_structure():
     inits = {t.name for t in out.graph.initializer}
     assert {"fc1/svd/A", "fc1/svd/B", "fc1.bias"} <= inits and "fc1.weight" not in inits
     assert out.graph.output[0].name == "logits"
-    v = _accuracy(model, result, MLP_TEST)
+    v = surgeon.validate(model, result.model, surgeon.load_data(MLP_TEST, model), latency=False)
     assert v.worst_rel_l2 < 1e-5
     assert v.accuracy["candidate"] == v.accuracy["original"]
 
