@@ -1,2 +1,555 @@
-"""Plugin int8 (in progress)."""
-PLUGINS: list = []
+"""Plugin `int8`: calibrated int8 quantization through onnxruntime.quantization, with better
+ranges and an accuracy-aware fallback.
+
+Static mode: x_q = clamp(round(x / s) + z) per activation tensor (U8, scale from calibration) and
+per output channel for weights (S8, symmetric), written as QuantizeLinear/DequantizeLinear (QDQ)
+pairs that onnxruntime fuses into integer kernels. Before quantizing, BatchNormalization is
+folded into its conv, consecutive convs can be equalized (plugins/int8_graph.py) and conv/Gemm
+biases corrected for the mean shift quantization adds (E[y_float - y_int8] per channel, measured
+on the calibration data). With a budget, the fewest nodes are kept in float until it holds
+(plugins/int8_fallback.py). Dynamic mode quantizes weights ahead and activations at run time;
+`bits < 8` quantizes MatMul/Gemm weights block-wise only (MatMulNBits).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from plugins import int8_fallback as fb
+from plugins import int8_graph as ig
+from plugins import int8_ort as io
+from surgeon.calibration import DataSet, synthesize
+from surgeon.errors import UsageError
+from surgeon.plugin import Context, LayerReport, ModelPlugin
+
+log = logging.getLogger(__name__)
+
+# Nodes that carry the arithmetic: reported per layer and eligible for the float fallback.
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+               "GlobalAveragePool")
+HOLDOUT_MIN = 64  # with at least this many samples, a quarter is held out to measure drift
+
+
+@dataclass
+class Int8Options:
+    mode: Literal["static", "dynamic"] = field(default="static", metadata={
+        "help": "static: QDQ with calibrated activation ranges; dynamic: activation ranges at run time"})
+    calibration: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
+        "help": "how activation ranges are computed from the calibration data"})
+    percentile: float = field(default=99.999, metadata={"help": "percentile for --calibration percentile"})
+    per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
+    reduce_range: bool = field(default=False, metadata={"help": "7-bit weights (for CPUs without VNNI)"})
+    activation_type: Literal["U8", "S8"] = field(default="U8", metadata={
+        "help": "U8 runs fastest on x86 (S8 activations measured 1.7x slower, see docs/int8.md)"})
+    weight_type: Literal["S8", "U8"] = field(default="S8", metadata={"help": "weight integer type"})
+    exclude: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated node names or op types to keep in float"})
+    samples: int = field(default=128, metadata={"help": "calibration samples to use at most"})
+    bits: int = field(default=8, metadata={
+        "help": "8, or 4/2 for weight-only block-wise MatMul/Gemm quantization (MatMulNBits)"})
+    block_size: int = field(default=32, metadata={"help": "block size for bits < 8"})
+    max_drift: float | None = field(default=None, metadata={
+        "help": "budget: relative L2 drift of the outputs; nodes are kept in float until it holds"})
+    min_agreement: float | None = field(default=None, metadata={
+        "help": "budget: top-1 agreement with the float model (0..1)"})
+    fold_bn: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding conv"})
+    equalize: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "cross-layer equalization of Conv->Relu/ReLU6->Conv; auto keeps it only if drift drops"})
+    bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "correct the per-channel mean shift of conv/Gemm outputs; auto keeps it only if drift drops"})
+    probe_limit: int = field(default=24, metadata={
+        "help": "rank fallback candidates by measuring each in float when there are at most this many"})
+
+    def check(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ValueError("bits must be 8, 4 or 2 (what onnxruntime's MatMulNBits supports)")
+        if self.bits < 8 and self.mode == "dynamic":
+            raise ValueError("bits < 8 is weight-only quantization; leave mode at its default")
+        if self.samples < 1:
+            raise ValueError("samples must be at least 1")
+        if self.max_drift is not None and self.max_drift <= 0:
+            raise ValueError("max_drift must be > 0")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise ValueError("min_agreement must be in (0, 1]")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two >= 16")
+
+    @property
+    def budget(self) -> fb.Budget | None:
+        if self.max_drift is None and self.min_agreement is None:
+            return None
+        return fb.Budget(self.max_drift, self.min_agreement)
+
+
+class QuantizeInt8(ModelPlugin):
+    """Replaces float Conv/Gemm/MatMul/... with int8 QDQ (or dynamic/n-bit) equivalents."""
+
+    name = "int8"
+    summary = "calibrated int8 quantization (onnxruntime) with BN folding, equalization, bias correction and fallback"
+    Options = Int8Options
+
+    def run(self, model: onnx.ModelProto, ctx: Context, opts: Int8Options,
+            layers: Callable[[str], bool]) -> tuple[onnx.ModelProto, list[LayerReport], dict[str, Any]]:
+        extras: dict[str, Any] = {"mode": opts.mode if opts.bits == 8 else f"weight-only {opts.bits}-bit",
+                                  "warnings": []}
+        excluded = user_exclusions(model, opts, layers)
+        data = calibration_data(model, ctx, opts, extras)
+        with io.Workspace() as ws:
+            if opts.bits < 8:
+                out = run_nbits(model, data, ctx, opts, excluded, extras)
+            elif opts.mode == "dynamic":
+                out = run_dynamic(model, data, ctx, opts, excluded, extras, ws)
+            else:
+                out = run_static(model, data, ctx, opts, excluded, extras, ws)
+        reports = layer_reports(model, out, opts, excluded, extras)
+        if not extras["warnings"]:
+            del extras["warnings"]
+        return out, reports, extras
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+def user_exclusions(model: onnx.ModelProto, opts: Int8Options, layers: Callable[[str], bool]) -> dict[str, str]:
+    """Node name -> why it stays float (--option exclude by name or op type, or --layers)."""
+    names = {n.name for n in model.graph.node}
+    ops = {n.op_type for n in model.graph.node}
+    for item in opts.exclude:
+        if item not in names and item not in ops:
+            raise UsageError(f"int8: exclude entry '{item}' is neither a node name nor an op type in the model "
+                             f"(op types: {', '.join(sorted(ops))})")
+    out = {}
+    for n in model.graph.node:
+        if n.name in opts.exclude:
+            out[n.name] = "excluded by --option exclude (name)"
+        elif n.op_type in opts.exclude:
+            out[n.name] = f"excluded by --option exclude (op type {n.op_type})"
+        elif not layers(n.name):
+            out[n.name] = "not matched by --layers"
+    return out
+
+
+def calibration_data(model: onnx.ModelProto, ctx: Context, opts: Int8Options, extras: dict) -> dict[str, DataSet]:
+    """Split the data into calibration rows and rows to measure drift on."""
+    data = ctx.data
+    if data is None:
+        data = synthesize(model, samples=max(8, min(opts.samples, 32)), seed=ctx.seed)
+    if data.synthetic:
+        msg = ("int8 is calibrated on SYNTHESIZED random inputs: ranges and accuracy will be poor; "
+               "pass real calibration data with --data for real accuracy")
+        log.warning(msg)
+        extras["warnings"].append(msg)
+    n = len(data)
+    if n >= HOLDOUT_MIN:
+        cut = n - n // 4
+        calib, measure = data.rows(0, cut), data.rows(cut, n)
+        extras["measured_on"] = f"{len(measure)} held-out samples (last quarter of {data.source or 'the data'})"
+    else:
+        calib, measure = data, data
+        extras["measured_on"] = (f"the {n} calibration samples themselves (fewer than {HOLDOUT_MIN}, "
+                                 "none held out)")
+    if len(calib) > opts.samples:
+        calib = calib.take(opts.samples)
+    extras["calibration_samples"] = len(calib)
+    return {"calib": calib, "measure": measure}
+
+
+# --- static -----------------------------------------------------------------------------------
+
+def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
+    cfg = io.StaticConfig(opts.per_channel, opts.reduce_range, opts.activation_type, opts.weight_type,
+                          opts.calibration, opts.percentile)
+    extras["types"] = {"activations": opts.activation_type, "weights": opts.weight_type,
+                       "why": "U8 activations with S8 weights: the fast x86 path (S8 activations measured "
+                              "about 1.7x slower on this project's benchmark machine)"}
+    extras["calibration"] = opts.calibration + (f" ({opts.percentile})" if opts.calibration == "percentile" else "")
+    float_model = _copy(model)
+    float_model, note = ig.upgrade_opset(float_model)
+    if note:
+        extras["opset"] = note
+    if opts.fold_bn:
+        extras["folded_batchnorm"] = ig.fold_batchnorm(float_model)
+    if opts.bias_correction != "off":
+        ig.ensure_bias(float_model)
+    evaluate = io.Evaluator(float_model, data["measure"], ctx.threads)
+    if opts.min_agreement is not None and not evaluate.has_scores:
+        raise UsageError("int8: --option min_agreement needs a model output of class scores (N, C); "
+                         "use max_drift instead")
+    steps: list[tuple[str, float]] = []
+    ctx.tick(0, 4, "calibrating")
+
+    def prepared(m: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+        return io.pre_process(m, ws), str(ws.path("ranges")).replace(".onnx", ".json")
+
+    pre, cache = prepared(float_model)
+    base_excl = frozenset(excluded)
+    q = io.quantize_static(pre, data["calib"], cfg, base_excl, ws, cache)
+    m = evaluate(q)
+    steps.append(("quantize_static", m["rel_l2"]))
+    extras["drift_plain"] = m
+
+    # Cross-layer equalization: a new float model, so new ranges.
+    if opts.equalize != "off":
+        ctx.tick(1, 4, "cross-layer equalization")
+        eq_model = _copy(float_model)
+        conv_outs = {c1.name for c1, _, _ in ig.equalize_pairs(eq_model)}
+        stats = io.paired_stats(eq_model, None, conv_outs, data["calib"], ctx.threads) if conv_outs else {}
+        tensor_of = io.node_outputs(eq_model, conv_outs)
+        res = ig.cross_layer_equalize(eq_model, {tensor_of[n]: s["max"] for n, s in stats.items()})
+        info: dict[str, Any] = {"pairs": len(res.pairs), "skipped": res.skipped,
+                                "channels_rescaled": sum(p.scaled for p in res.pairs)}
+        if res.pairs:
+            pre_eq, cache_eq = prepared(eq_model)
+            q_eq = io.quantize_static(pre_eq, data["calib"], cfg, base_excl, ws, cache_eq)
+            m_eq = evaluate(q_eq)
+            keep = opts.equalize == "on" or m_eq["rel_l2"] < m["rel_l2"]
+            info.update(drift_before=m["rel_l2"], drift_after=m_eq["rel_l2"], kept=keep)
+            if keep:
+                float_model, pre, cache, q, m = eq_model, pre_eq, cache_eq, q_eq, m_eq
+                steps.append(("cross-layer equalization", m["rel_l2"]))
+        else:
+            info["kept"] = False
+        extras["equalization"] = info
+
+    # Bias correction on top of whichever float model won.
+    pre_uncorrected = pre
+    if opts.bias_correction != "off":
+        ctx.tick(2, 4, "bias correction")
+        pre_bc, n_fixed = bias_correct(pre, q, data["calib"], ctx.threads)
+        info = {"nodes": n_fixed}
+        if n_fixed:
+            q_bc = io.quantize_static(pre_bc, data["calib"], cfg, base_excl, ws, cache)
+            m_bc = evaluate(q_bc)
+            keep = opts.bias_correction == "on" or m_bc["rel_l2"] < m["rel_l2"]
+            info.update(drift_before=m["rel_l2"], drift_after=m_bc["rel_l2"], kept=keep)
+            if keep:
+                pre, q, m = pre_bc, q_bc, m_bc
+                steps.append(("bias correction", m["rel_l2"]))
+        else:
+            info["kept"] = False
+        extras["bias_correction"] = info
+    corrected = m
+
+    # Accuracy-aware fallback.
+    budget = opts.budget
+    if budget is not None:
+        ctx.tick(3, 4, "fallback")
+        original_bias = {n.name: ig.Graph(pre_uncorrected).const(n.input[2]) for n in pre_uncorrected.graph.node
+                         if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]}
+
+        def quantize_keeping(kept: frozenset[str]) -> onnx.ModelProto:
+            # a node kept in float gets its uncorrected bias back: the correction was for its int8 weight
+            model_k = _copy(pre)
+            gk = ig.Graph(model_k)
+            for n in model_k.graph.node:
+                if n.name in kept and original_bias.get(n.name) is not None and len(n.input) > 2:
+                    gk.set_init(n, 2, "bias", original_bias[n.name])
+            return io.quantize_static(model_k, data["calib"], cfg, base_excl | kept, ws, cache)
+
+        trials = fb.Trials(quantize_keeping, evaluate, lambda d: ctx.tick(3, 4, d))
+        trials.memo[frozenset()] = (q, m)
+        result = fallback(pre, q, m, trials, budget, excluded, data["calib"], opts, ctx)
+        if not result.met:  # return the best model tried, not the one with everything in float
+            best = min(trials.memo, key=lambda k: (trials.memo[k][1]["rel_l2"], len(k), sorted(k)))
+            result.kept_float = [n for n in result.kept_float if n in best] if best else []
+        q, m = trials(frozenset(result.kept_float))
+        extras["fallback"] = {
+            "budget": budget.describe(), "met": result.met, "kept_float": result.kept_float,
+            "drift_before": result.before, "drift_after": m, "ranking_method": result.ranking_method,
+            "ranking": result.ranking[:10], "trials": len(trials.memo)}
+        if not result.met:
+            msg = (f"int8: the budget ({budget.describe()}) is not met even with every candidate node in float; "
+                   f"returning the best model found ({_show(m)})")
+            log.warning(msg)
+            extras["warnings"].append(msg)
+        steps.append(("fallback", m["rel_l2"]))
+        for name in result.kept_float:
+            excluded[name] = f"kept in float: fallback, drift {_show(corrected)} -> {_show(m)}"
+    extras["drift"] = m
+    extras["steps"] = [{"step": s, "rel_l2": d} for s, d in steps]
+    ctx.tick(4, 4, "done")
+    return _finish(q, model)
+
+
+def fallback(pre, q, m, trials: fb.Trials, budget: fb.Budget, excluded, calib, opts: Int8Options, ctx) -> fb.FallbackResult:
+    res = fb.FallbackResult(before=m)
+    if budget.holds(m):
+        res.after = m
+        return res
+    candidates = [n.name for n in pre.graph.node if n.op_type in COMPUTE_OPS and n.name not in excluded
+                  and is_quantized(q, n.name, n.op_type)]
+    if len(candidates) <= opts.probe_limit:
+        res.ranking_method = "drift measured with each node alone in float"
+        res.ranking = fb.rank_by_probe(candidates, trials, m)
+    else:
+        res.ranking_method = "relative error each node adds to its output (float vs quantized run)"
+        stats = io.paired_stats(pre, q, candidates, calib, ctx.threads)
+        res.ranking = fb.rank_by_added_error(candidates, {k: v["rel_err"] for k, v in stats.items()},
+                                             nearest_candidates(pre, set(candidates)))
+    order = [n for n, _ in res.ranking]
+    res.kept_float, res.met = fb.search(order, trials, budget)
+    res.after = trials(frozenset(res.kept_float))[1]
+    return res
+
+
+def bias_correct(pre: onnx.ModelProto, q: onnx.ModelProto, calib: DataSet, threads: int) -> tuple[onnx.ModelProto, int]:
+    """Cancel the mean output shift that weight quantization adds, node by node:
+    E[y_int8 - y_float] = (W_int8 - W) . E[x] per output channel (E[x] per input channel, measured
+    on the float model), so b -= that. Each node's own shift only, so corrections do not compound."""
+    out = _copy(pre)
+    g = ig.Graph(out)
+    dq = dequantized_weights(q)
+    targets = []
+    for n in out.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2] or n.name not in dq:
+            continue
+        w, b = g.const(n.input[1]), g.const(n.input[2])
+        if w is None or b is None or b.ndim != 1 or dq[n.name].shape != w.shape:
+            continue
+        if n.op_type == "Gemm" and (ig.attr(n, "transA", 0) or ig.attr(n, "alpha", 1.0) != 1.0):
+            continue
+        targets.append((n, w, b))
+    if not targets:
+        return out, 0
+    means = io.input_means(out, [n.input[0] for n, _, _ in targets], calib, threads)
+    for n, w, b in targets:
+        dw = dq[n.name].astype(np.float64) - w
+        ex = means[n.input[0]]
+        if n.op_type == "Conv":
+            groups = ig.attr(n, "group", 1)
+            d = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # (F, C/g)
+            ex_g = ex.reshape(groups, -1)  # (g, C/g)
+            shift = np.einsum("fc,fc->f", d, np.repeat(ex_g, dw.shape[0] // groups, axis=0))
+        else:
+            d = dw if ig.attr(n, "transB", 0) else dw.T  # (N, K)
+            shift = d @ ex
+        g.set_init(n, 2, "bias", b - shift)
+    return out, len(targets)
+
+
+def dequantized_weights(q: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Node name -> its weight as the QDQ model computes it, (w_q - zero_point) * scale."""
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    out = {}
+    for n in q.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2:
+            continue
+        d = producer.get(n.input[1])
+        if d is None or d.op_type != "DequantizeLinear" or any(i not in inits for i in d.input[:3]):
+            continue
+        wq, scale, zp = (inits[i].astype(np.float64) for i in d.input[:3])
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * wq.ndim
+            shape[ig.attr(d, "axis", 1)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        out[n.name] = (wq - zp) * scale
+    return out
+
+
+def nearest_candidates(model: onnx.ModelProto, candidates: set[str]) -> dict[str, list[str]]:
+    """For each candidate, the nearest candidate nodes upstream (through Relu, pooling, ...)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.name not in candidates:
+            continue
+        found, stack, seen = [], list(n.input), set()
+        while stack:
+            t = stack.pop()
+            p = producer.get(t)
+            if p is None or p.name in seen:
+                continue
+            seen.add(p.name)
+            if p.name in candidates:
+                found.append(p.name)
+            else:
+                stack.extend(p.input)
+        out[n.name] = sorted(found)
+    return out
+
+
+# --- dynamic and n-bit --------------------------------------------------------------------------
+
+def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
+    float_model, note = ig.upgrade_opset(_copy(model), 11)
+    if note:
+        extras["opset"] = note
+    converted = gemm_to_matmul(float_model, excluded)
+    if converted:
+        extras["gemm_as_matmul"] = converted
+    extras["types"] = {"activations": "U8 (dynamic)", "weights": opts.weight_type}
+    evaluate = io.Evaluator(model, data["measure"], ctx.threads)
+    q = io.quantize_dynamic(float_model, opts.per_channel, opts.reduce_range, opts.weight_type, excluded, ws)
+    m = evaluate(q)
+    budget = opts.budget
+    if budget is not None and not budget.holds(m):
+        trials = fb.Trials(lambda kept: io.quantize_dynamic(float_model, opts.per_channel, opts.reduce_range,
+                                                            opts.weight_type, set(excluded) | kept, ws), evaluate)
+        trials.memo[frozenset()] = (q, m)
+        cands = [n.name for n in float_model.graph.node if n.name not in excluded and is_dynamic_quantized(q, n)]
+        ranking = fb.rank_by_probe(cands, trials, m)
+        kept, met = fb.search([n for n, _ in ranking], trials, budget)
+        q, m2 = trials(frozenset(kept))
+        extras["fallback"] = {"budget": budget.describe(), "met": met, "kept_float": kept,
+                              "drift_before": m, "drift_after": m2, "ranking": ranking[:10]}
+        for name in kept:
+            excluded[name] = f"kept in float: fallback, drift {_show(m)} -> {_show(m2)}"
+        m = m2
+    extras["drift"] = m
+    return _finish(q, model)
+
+
+def run_nbits(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict):
+    float_model = _copy(model)
+    converted = gemm_to_matmul(float_model, excluded)
+    if converted:
+        extras["gemm_as_matmul"] = converted
+    q = io.quantize_nbits(float_model, opts.bits, opts.block_size, excluded)
+    extras["size_bytes"] = {"before": model.ByteSize(), "after": q.ByteSize()}
+    extras["block_size"] = opts.block_size
+    extras["drift"] = io.Evaluator(model, data["measure"], ctx.threads)(q)
+    return _finish(q, model)
+
+
+def gemm_to_matmul(model: onnx.ModelProto, excluded: dict[str, str]) -> list[str]:
+    """Gemm(x, B, C) with constant B, alpha = beta = 1, transA = 0 -> MatMul(x, B') + C, named
+    after the Gemm (the MatMul keeps its name, so reports and exclusions still find it)."""
+    g = ig.Graph(model)
+    done = []
+    for i, n in enumerate(list(model.graph.node)):
+        if n.op_type != "Gemm" or n.name in excluded:
+            continue
+        if ig.attr(n, "alpha", 1.0) != 1.0 or ig.attr(n, "beta", 1.0) != 1.0 or ig.attr(n, "transA", 0):
+            continue
+        b = g.const(n.input[1])
+        if b is None or g.shared(n.input[1]):
+            continue
+        w = b.T if ig.attr(n, "transB", 0) else b
+        has_c = len(n.input) > 2 and n.input[2]
+        out = n.output[0]
+        mm_out = f"{n.name}/int8/matmul" if has_c else out
+        mm = helper.make_node("MatMul", [n.input[0], f"{n.name}/int8/weight"], [mm_out], name=n.name)
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), f"{n.name}/int8/weight"))
+        new = [mm]
+        if has_c:
+            new.append(helper.make_node("Add", [mm_out, n.input[2]], [out], name=f"{n.name}/int8/bias_add"))
+        idx = list(model.graph.node).index(n)
+        model.graph.node.remove(n)
+        for k, node in enumerate(new):
+            model.graph.node.insert(idx + k, node)
+        done.append(n.name)
+    if done:
+        used = {i for n in model.graph.node for i in n.input}
+        for t in list(model.graph.initializer):
+            if t.name not in used:
+                model.graph.initializer.remove(t)
+    return done
+
+
+# --- report -----------------------------------------------------------------------------------
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def is_quantized(q: onnx.ModelProto, name: str, op: str) -> bool:
+    """In QDQ form: a weighted node is quantized when its weight comes out of a DequantizeLinear;
+    any other node when all its inputs do and its output feeds a QuantizeLinear."""
+    producer = {o: n for n in q.graph.node for o in n.output}
+    node = next((n for n in q.graph.node if n.name == name and n.op_type == op), None)
+    if node is None:
+        return False
+
+    def from_dq(t: str) -> bool:
+        return t in producer and producer[t].op_type == "DequantizeLinear"
+
+    if op in WEIGHTED_OPS:
+        return len(node.input) > 1 and from_dq(node.input[1])
+    feeds_q = any(n.op_type == "QuantizeLinear" and node.output[0] in n.input for n in q.graph.node)
+    return feeds_q and all(from_dq(i) for i in node.input if i)
+
+
+def is_dynamic_quantized(q: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    if node.op_type not in ("MatMul", "Conv", "Gather", "Attention", "LSTM"):
+        return False
+    return not any(n.name == node.name and n.op_type == node.op_type for n in q.graph.node)
+
+
+def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Options, excluded: dict[str, str],
+                  extras: dict) -> list[LayerReport]:
+    reports = []
+    folded_into = {}
+    for bn in extras.get("folded_batchnorm", []):
+        src = next((n for n in model.graph.node if n.name == bn), None)
+        prod = next((p for p in model.graph.node if src is not None and src.input[0] in p.output), None)
+        folded_into[bn] = prod.name if prod is not None else "its conv"
+    matmuls = set(extras.get("gemm_as_matmul", []))
+    nbits_done = {n.name for n in out.graph.node if n.op_type in ("MatMulNBits",)} | {
+        n.name[: -len("_Q4")] for n in out.graph.node if n.name.endswith(("_Q4", "_Q2", "_Q8"))}
+    for n in model.graph.node:
+        if n.name in folded_into:
+            reports.append(LayerReport(n.name, n.op_type, "rewritten", f"folded into {folded_into[n.name]}"))
+            continue
+        if n.op_type not in COMPUTE_OPS:
+            continue
+        if n.name in excluded:
+            reports.append(LayerReport(n.name, n.op_type, "skipped", excluded[n.name]))
+            continue
+        if opts.bits < 8:
+            if n.op_type in ("MatMul", "Gemm") and (n.name in nbits_done or _renamed(out, n)):
+                reports.append(LayerReport(n.name, n.op_type, "rewritten", "",
+                                           {"bits": opts.bits, "block_size": opts.block_size}))
+            else:
+                reports.append(LayerReport(n.name, n.op_type, "skipped",
+                                           "weight-only n-bit covers MatMul/Gemm with a constant weight only"))
+            continue
+        if opts.mode == "dynamic":
+            op = "MatMul" if n.name in matmuls else n.op_type
+            probe = helper.make_node(op, [], [], name=n.name)
+            if is_dynamic_quantized(out, probe):
+                reports.append(LayerReport(n.name, n.op_type, "rewritten", "", {"mode": "dynamic"}))
+            else:
+                reports.append(LayerReport(n.name, n.op_type, "skipped",
+                                           "dynamic quantization covers MatMul/Gemm (as MatMul)/Conv only"))
+            continue
+        if is_quantized(out, n.name, n.op_type):
+            reports.append(LayerReport(n.name, n.op_type, "rewritten", "",
+                                       {"activations": opts.activation_type, "weights": opts.weight_type}))
+        else:
+            reports.append(LayerReport(n.name, n.op_type, "skipped",
+                                       "onnxruntime left it in float (no quantized input around it)"))
+    return reports
+
+
+def _renamed(out: onnx.ModelProto, n: onnx.NodeProto) -> bool:
+    return not any(o.name == n.name and o.op_type in ("MatMul", "Gemm") for o in out.graph.node)
+
+
+def _finish(q: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Deterministic metadata: keep the source's producer, drop onnxruntime's timestamps."""
+    q.producer_name = like.producer_name or "surgeon"
+    q.producer_version = like.producer_version
+    del q.metadata_props[:]
+    q.metadata_props.extend(like.metadata_props)
+    return q
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _show(m: dict[str, float]) -> str:
+    s = f"{m['rel_l2']:.3g}"
+    if "top1_agreement" in m:
+        s += f" (agreement {m['top1_agreement']:.1%})"
+    return s
+
+
+PLUGINS = [QuantizeInt8]

@@ -101,19 +101,21 @@ def make_reader(data: DataSet, batch: int = CALIBRATION_BATCH):
 
 
 def pre_process(model: onnx.ModelProto, ws: Workspace) -> onnx.ModelProto:
-    """onnxruntime's quantization pre-processing: symbolic + ONNX shape inference and the
-    basic graph optimizations. Raises UsageError when it cannot handle the model."""
+    """onnxruntime's quantization pre-processing: symbolic + ONNX shape inference. Its graph
+    optimizations are skipped: they rename fused nodes (`my/MatMulAddFusion`), which would break
+    exclusion and reporting by node name; BN folding is done by int8_graph and onnxruntime
+    fuses the rest when it loads the quantized model. Raises UsageError when it cannot cope."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
     src = ws.save(model, "float")
     out = ws.path("preprocessed")
     try:
         with quiet():
-            quant_pre_process(src, out, skip_symbolic_shape=False)
+            quant_pre_process(src, out, skip_optimization=True, skip_symbolic_shape=False)
     except Exception as exc:
         log.info("pre-processing with symbolic shape inference failed (%s); retrying without", _first_line(exc))
         try:
             with quiet():
-                quant_pre_process(src, out, skip_symbolic_shape=True)
+                quant_pre_process(src, out, skip_optimization=True, skip_symbolic_shape=True)
         except Exception as exc2:
             raise UsageError(f"onnxruntime's quantization pre-processing cannot handle this model: "
                              f"{_first_line(exc2)}") from None
@@ -178,7 +180,11 @@ def quantize_dynamic(model: onnx.ModelProto, per_channel: bool, reduce_range: bo
 
 def quantize_nbits(model: onnx.ModelProto, bits: int, block_size: int, exclude: Iterable[str]) -> onnx.ModelProto:
     """Weight-only block-wise quantization of MatMul weights (MatMulNBits)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise UsageError(f"bits < 8 needs onnxruntime's weight-only quantizer, which cannot be imported "
+                         f"({_first_line(exc)}; it needs the onnx-ir package: pip install onnx-ir)") from None
     try:
         with quiet():
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
@@ -294,3 +300,21 @@ def _indices(sess, names: list[str]) -> list[int]:
 def _channels_first(a: np.ndarray) -> np.ndarray:
     ax = 1 if a.ndim > 2 else a.ndim - 1
     return np.moveaxis(a, ax, 0).reshape(a.shape[ax], -1).astype(np.float64)
+
+
+def input_means(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, threads: int = 0,
+                batch: int = 8) -> dict[str, np.ndarray]:
+    """Per-channel mean of tensors (graph inputs or node outputs) of the float model."""
+    tensors = sorted(set(tensors))
+    sess = session(with_outputs(model, tensors), threads)
+    out_names = [o.name for o in sess.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in data.batches(batch):
+        res = dict(zip(out_names, sess.run(None, feed)))
+        res.update(feed)
+        for t in tensors:
+            c = _channels_first(res[t])
+            sums[t] = sums.get(t, 0) + c.sum(axis=1)
+            counts[t] = counts.get(t, 0) + c.shape[1]
+    return {t: sums[t] / counts[t] for t in tensors}

@@ -180,6 +180,9 @@ def apply_cmd(
                 out.print(report.skipped_table(result.layers))
             out.print(f"{len(result.rewritten)} rewritten, {len(result.skipped)} skipped"
                       + ("" if verbose or not result.skipped else " (-v shows which and why)"))
+            steps = report.steps_table(result.extras)
+            if steps is not None:
+                out.print(steps)
             out.print(report.totals_table(result.before, result.after))
             for w in result.extras.get("warnings", []):
                 err.print(f"[yellow]warning:[/] {w}")
@@ -193,6 +196,10 @@ def apply_cmd(
                 for t in report.validation_tables(doc["validation"]):
                     out.print(t)
         _emit_json(json_out, doc)
+        budget = result.extras.get("fallback") or {}
+        if budget.get("met") is False:
+            raise BudgetExceeded(f"{plugin}: the budget {budget.get('budget')} was not met; {target} holds the "
+                                 "closest model found")
 
 
 @app.command("validate")

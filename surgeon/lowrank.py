@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -98,13 +99,17 @@ def vbmf_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
     tauubar = 2.5129 * math.sqrt(alpha)
     xubar = (1 + tauubar) * (1 + alpha / tauubar)
     residual = 0.0  # all L singular values are given, so nothing is left out
+    # Singular values below 1e-6 of the largest are float32 round-off (and the Gram route
+    # resolves them only to ~1e-8): they are zero, not noise to fit, so the estimate never
+    # exceeds this numerical rank (and an exactly low-rank matrix gets its rank).
+    numerical = int(max(1, np.sum(s > s[0] * 1e-6))) if H and s[0] > 0 else 1
     eH_ub = int(min(math.ceil(L / (1 + alpha)) - 1, H)) - 1
     upper = (np.sum(s**2) + residual) / (L * M)
     if eH_ub + 1 >= H:
-        return H
+        return min(H, numerical)
     lower = max(s[eH_ub + 1] ** 2 / (M * xubar), np.mean(s[eH_ub + 1:] ** 2) / M)
     if not (upper > lower > 0):
-        return max(1, H)
+        return numerical
 
     def tau(x: np.ndarray) -> np.ndarray:
         return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
@@ -118,7 +123,7 @@ def vbmf_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
 
     sigma2 = minimize_scalar(free_energy, bounds=(lower, upper), method="bounded").x
     threshold = math.sqrt(M * sigma2 * (1 + tauubar) * (1 + alpha / tauubar))
-    return int(max(1, np.sum(s > threshold)))
+    return int(min(numerical, max(1, np.sum(s > threshold))))
 
 
 # --- options shared by the factorizing plugins -------------------------------------------------
@@ -217,7 +222,9 @@ def hooi_channels(w: np.ndarray, r1: int, r2: int, factors: ChannelFactors | Non
 
     w = np.asarray(w, dtype=np.float64)
     core, o, i = hosvd_channels(w, r1, r2, factors)
-    with tl.backend_context("numpy"):
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # tensorly warns when a rank exceeds the other side of a thin unfolding; it clips it
+        warnings.simplefilter("ignore", UserWarning)
         (core2, (o2, i2)), _ = partial_tucker(w, rank=[r2, r1], modes=[0, 1], init=(core, [o.copy(), i.copy()]),
                                               n_iter_max=iterations, tol=tol)
     o2, i2 = np.asarray(o2, dtype=np.float64), np.asarray(i2, dtype=np.float64)

@@ -115,6 +115,23 @@ def skipped_table(layers: Sequence[LayerReport]) -> Table:
     return t
 
 
+def steps_table(extras: dict[str, Any]) -> Table | None:
+    """A plugin's own stages and the drift after each (int8: quantize, equalize, bias correction, fallback)."""
+    steps = extras.get("steps")
+    if not steps:
+        return None
+    where = extras.get("measured_on")
+    t = Table(title="steps" + (f" (drift measured on {where})" if where else ""))
+    t.add_column("step")
+    t.add_column("rel. L2 drift", justify="right")
+    for st in steps:
+        t.add_row(str(st.get("step")), f"{st['rel_l2']:.4f}" if st.get("rel_l2") is not None else "-")
+    fb = extras.get("fallback")
+    if fb and fb.get("kept_float"):
+        t.caption = f"kept in float: {', '.join(fb['kept_float'])}"
+    return t
+
+
 def totals_table(before: Profile, after: Profile) -> Table:
     t = Table(title="totals")
     for col in ("", "before", "after", "ratio"):

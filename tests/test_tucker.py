@@ -1,0 +1,415 @@
+"""plugins/tucker.py: Conv -> Tucker-2 triple (and 1x1 conv -> SVD pair).
+
+Every transform test runs both models in onnxruntime and the result through
+onnx.checker (full); skipped nodes must carry a reason and leave the graph as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import surgeon
+from plugins.tucker import ConvToTucker, TuckerOptions
+from surgeon import guard as guard_module
+from surgeon import lowrank
+from surgeon.errors import UsageError
+from tests.models import CNN, CNN_TEST, assert_close_outputs, checked, init, make_model, op_counts, random_feeds
+from tests.models import conv_model as _conv_model
+from tests.models import rel_l2, run, tensor
+
+FULL = {"ratio": 1.0, "allow_growth": True, "guard": "none"}
+
+
+def shaped(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Golden graphs declare outputs without a shape, which onnx 1.23's checker refuses;
+    shape inference fills them in, so models before and after both pass the checker."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def conv_model(**kw) -> onnx.ModelProto:
+    return shaped(_conv_model(**kw))
+
+
+def apply(model, **options):
+    options.setdefault("guard", "none")
+    return surgeon.apply(model, "tucker", options)
+
+
+def layer(result, name="conv"):
+    return next(l for l in result.layers if l.layer == name)
+
+
+def weight_of(model, name="w"):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def conv_nd(nd: int, c=6, f=10, k=3, size=9, seed=0, **attrs) -> onnx.ModelProto:
+    """A Conv over `nd` spatial dims (Conv1d / Conv3d) with bias."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((f, c) + (k,) * nd).astype(np.float32)
+    b = rng.standard_normal(f).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[k] * nd,
+                            pads=[k // 2] * (2 * nd), **attrs)
+    return shaped(make_model([node], [tensor("x", [2, c] + [size] * nd)], [tensor("y", None)],
+                             [init("w", w), init("b", b)]))
+
+
+def with_weight(model: onnx.ModelProto, w: np.ndarray) -> onnx.ModelProto:
+    """The same model with the conv weight `w` replaced (to compare against a known kernel)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name == "w":
+            t.CopyFrom(numpy_helper.from_array(w.astype(np.float32), "w"))
+    return m
+
+
+def expected_kernel(w: np.ndarray, r1: int, r2: int) -> np.ndarray:
+    """Truncated HOSVD by numpy's own SVD (independent of lowrank's Gram route)."""
+    f, c = w.shape[:2]
+    u0 = np.linalg.svd(w.reshape(f, -1).astype(np.float64), full_matrices=False)[0][:, :r2]
+    u1 = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(c, -1).astype(np.float64), full_matrices=False)[0][:, :r1]
+    core = np.einsum("fckl,fr,cs->rskl", w, u0, u1, optimize=True)
+    return np.einsum("rskl,fr,cs->fckl", core, u0, u1, optimize=True)
+
+
+# --- structure and numerics ----------------------------------------------------------------------
+
+def test_full_rank_triple_structure_and_numerics():
+    model = conv_model(c=16, f=24, k=3, hw=10)
+    result = apply(model, **FULL)
+    out = checked(result.model)
+    assert op_counts(out) == {"Conv": 3, "Relu": 1}
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert [n.name for n in convs] == ["conv/tucker/in", "conv/tucker/core", "conv/tucker/out"]
+    # the activation still follows the last conv, which keeps the original output tensor name and the bias
+    assert out.graph.node[-1].op_type == "Relu" and convs[-1].output[0] == out.graph.node[-1].input[0] == "h"
+    assert convs[-1].input[2] == "b" and len(convs[0].input) == 2 and len(convs[1].input) == 2
+    shapes = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    assert shapes["conv/tucker/in/weight"] == (16, 16, 1, 1)
+    assert shapes["conv/tucker/core/weight"] == (24, 16, 3, 3)
+    assert shapes["conv/tucker/out/weight"] == (24, 24, 1, 1)
+    assert_close_outputs(model, out, random_feeds(model), rtol=1e-5)
+    rep = layer(result)
+    assert rep.status == "rewritten" and rep.details["rel_error"] < 1e-6
+
+
+@pytest.mark.parametrize("case", [
+    dict(strides=(2, 2)),
+    dict(dilations=(2, 2), pads=(2, 2, 2, 2)),
+    dict(auto_pad="SAME_UPPER", strides=(2, 2)),
+    dict(auto_pad="VALID"),
+    dict(pads=(0, 1, 2, 0), bias=False),
+    dict(k=5, hw=13),
+], ids=["stride2", "dilation2", "same_upper_stride2", "valid", "asym_pads_nobias", "k5"])
+def test_triple_equals_conv_with_truncated_kernel(case):
+    """At ratio 0.5 the triple computes exactly the conv with the HOSVD kernel What."""
+    params = dict(c=16, f=24, k=3, hw=11, relu=False)
+    params.update(case)
+    model = conv_model(**params)
+    result = apply(model, ratio=0.5)
+    rep = layer(result)
+    assert rep.status == "rewritten", rep.reason
+    r1, r2 = rep.details["R1"], rep.details["R2"]
+    assert (r1, r2) == (8, 12)
+    out = checked(result.model)
+    w = weight_of(model)
+    w_hat = expected_kernel(w, r1, r2)
+    assert rep.details["rel_error"] == pytest.approx(np.linalg.norm(w - w_hat) / np.linalg.norm(w), rel=1e-6)
+    feeds = random_feeds(model)
+    assert_close_outputs(with_weight(model, w_hat), out, feeds, rtol=1e-5)
+    assert rel_l2(run(model, feeds)[0], run(out, feeds)[0]) > 1e-3  # really truncated
+
+
+@pytest.mark.parametrize("nd", [1, 3])
+def test_conv1d_conv3d(nd):
+    model = conv_nd(nd, size=7 if nd == 3 else 15)
+    full = apply(model, **FULL)
+    assert op_counts(checked(full.model)) == {"Conv": 3}
+    assert_close_outputs(model, full.model, random_feeds(model), rtol=1e-5)
+    half = apply(model, ratio=0.5)
+    rep = layer(half)
+    assert rep.status == "rewritten" and (rep.details["R1"], rep.details["R2"]) == (3, 5)
+    core = next(t for t in half.model.graph.initializer if t.name == "conv/tucker/core/weight")
+    assert tuple(core.dims) == (5, 3) + (3,) * nd
+    ones = [n for n in half.model.graph.node if n.name in ("conv/tucker/in", "conv/tucker/out")]
+    assert all(list(helper.get_attribute_value(a)) == [1] * nd for n in ones for a in n.attribute
+               if a.name == "kernel_shape")
+    w = weight_of(model)
+    f, c = w.shape[:2]
+    u0 = np.linalg.svd(w.reshape(f, -1).astype(np.float64))[0][:, :5]
+    u1 = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(c, -1).astype(np.float64))[0][:, :3]
+    w_hat = np.tensordot(u0 @ u0.T, np.moveaxis(np.tensordot(u1 @ u1.T, w, axes=(1, 1)), 0, 1), axes=(1, 0))
+    assert_close_outputs(with_weight(model, w_hat), checked(half.model), random_feeds(model), rtol=1e-5)
+
+
+def test_pointwise_becomes_svd_pair():
+    model = conv_model(c=32, f=48, k=1, hw=9, strides=(2, 2), pads=(1, 1, 1, 1))
+    full = apply(model, **FULL)
+    out = checked(full.model)
+    assert op_counts(out) == {"Conv": 2, "Relu": 1}
+    assert [n.name for n in out.graph.node if n.op_type == "Conv"] == ["conv/tucker/in", "conv/tucker/out"]
+    # strides and pads move to the first conv, the bias to the second: padded positions still give the bias
+    assert_close_outputs(model, out, random_feeds(model), rtol=1e-5)
+    half = apply(model, ratio=0.5)
+    rep = layer(half)
+    assert rep.details["form"] == "svd-pair" and rep.details["R1"] == 16
+    a = weight_of(model).reshape(48, 32).astype(np.float64)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    assert rep.details["rel_error"] == pytest.approx(np.sqrt(np.sum(s[16:] ** 2) / np.sum(s ** 2)), rel=1e-6)
+    a_hat = (u[:, :16] * s[:16]) @ vt[:16]
+    assert_close_outputs(with_weight(model, a_hat.reshape(48, 32, 1, 1)), checked(half.model),
+                         random_feeds(model), rtol=1e-5)
+
+
+# --- what is skipped, and why ----------------------------------------------------------------------
+
+def _shared_weight_model():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1] * 4),
+             helper.make_node("Conv", ["h", "w"], ["y"], name="conv_b", pads=[1] * 4)]
+    return shaped(make_model(nodes, [tensor("x", [1, 8, 6, 6])], [tensor("y", None)], [init("w", w)]))
+
+
+def _weight_input_model():
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)
+    return shaped(make_model([node], [tensor("x", [1, 8, 6, 6]), tensor("w", [8, 8, 3, 3])], [tensor("y", None)]))
+
+
+def _conv_transpose_model():
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="conv", strides=[2, 2])
+    return shaped(make_model([node], [tensor("x", [1, 8, 5, 5])], [tensor("y", None)], [init("w", w)]))
+
+
+@pytest.mark.parametrize("build,options,reason", [
+    (lambda: conv_model(c=16, f=16, group=4), {}, "grouped conv (group=4)"),
+    (lambda: conv_model(c=16, f=16, group=16), {}, "grouped conv (group=16)"),
+    (_weight_input_model, {}, "weight is not constant"),
+    (_shared_weight_model, {}, "weight 'w' is shared with conv_b"),
+    (_conv_transpose_model, {}, "ConvTranspose is not factorized"),
+    (lambda: conv_model(c=16, f=16, k=1), {"pointwise": "skip"}, "1x1 conv (pointwise=skip"),
+    (lambda: conv_model(c=16, f=16), {"ratio": 1.0}, "ranks 16,16 save neither parameters nor MACs"),
+    (lambda: conv_model(c=16, f=16, k=1), {"ratio": 0.5}, "rank 8 save neither parameters nor MACs"),
+], ids=["grouped", "depthwise", "weight_input", "shared", "conv_transpose", "pointwise_skip", "no_saving",
+        "pointwise_no_saving"])
+def test_skips_with_reason_and_leaves_graph(build, options, reason):
+    model = build()
+    result = apply(model, **options)
+    reports = {l.layer: l for l in result.layers}
+    assert reports["conv"].status == "skipped"
+    assert reports["conv"].reason.startswith(reason), reports["conv"].reason
+    assert all(l.reason for l in result.skipped)
+    out = checked(result.model)
+    assert op_counts(out) == op_counts(model)
+    if model.graph.input[-1].name != "w":
+        assert_close_outputs(model, out, random_feeds(model), rtol=0)
+
+
+# --- ranks -------------------------------------------------------------------------------------------
+
+def test_error_falls_as_rank_grows_on_one_layer():
+    model = conv_model(c=24, f=32, k=3, hw=8, relu=False)
+    feeds = random_feeds(model)
+    ref = run(model, feeds)[0]
+    errors, drifts = [], []
+    for r in range(1, 25):
+        result = apply(model, ranks=f"{r},{min(32, round(r * 32 / 24))}", allow_growth=True)
+        errors.append(layer(result).details["rel_error"])
+        drifts.append(rel_l2(ref, run(result.model, feeds)[0]))
+    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])), errors
+    assert all(b <= a + 1e-5 for a, b in zip(drifts, drifts[1:])), drifts
+    assert errors[0] > 0.5 and errors[-1] < 1e-6
+
+
+def test_explicit_ranks_and_per_layer_ranks():
+    model = conv_model(c=16, f=24, k=3, hw=8)
+    result = apply(model, ranks="5,7")
+    rep = layer(result)
+    assert (rep.details["R1"], rep.details["R2"]) == (5, 7)
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert shapes["conv/tucker/in/weight"] == (5, 16, 1, 1)
+    assert shapes["conv/tucker/core/weight"] == (7, 5, 3, 3)
+    assert shapes["conv/tucker/out/weight"] == (24, 7, 1, 1)
+    assert rep.details["params_after"] == 16 * 5 + 9 * 5 * 7 + 7 * 24 + 24
+    assert rep.details["params_before"] == 24 * 16 * 9 + 24
+    assert rep.details["macs_before"] == 8 * 8 * 24 * 16 * 9
+    assert rep.details["macs_after"] == 8 * 8 * (16 * 5 + 9 * 5 * 7 + 7 * 24)
+    assert rep.details["complexity_ratio"] == pytest.approx(9 * 16 * 24 / (16 * 5 + 9 * 5 * 7 + 7 * 24))
+    # per-layer ranks (as a sweep's plan sets them); other layers keep the default ratio 0.5
+    two = _two_conv_model()
+    per = surgeon.apply(two, "tucker", {"guard": "none"}, per_layer={"conv_b": {"ranks": "3,4"}})
+    assert [(l.layer, l.details["R1"], l.details["R2"]) for l in per.rewritten] == [("conv", 8, 12), ("conv_b", 3, 4)]
+    assert op_counts(checked(per.model)) == {"Conv": 6, "Relu": 1}
+    assert_close_outputs(two, per.model, random_feeds(two), rtol=1.0)  # runs; the drift is real
+
+
+def _two_conv_model():
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((20, 24, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv_b", pads=[1] * 4)]
+    return shaped(make_model(nodes, [tensor("x", [1, 16, 8, 8])], [tensor("y", None)],
+                             [init("w1", w1), init("w2", w2)]))
+
+
+def test_stride2_macs_count_the_first_conv_at_input_resolution():
+    model = conv_model(c=16, f=24, k=3, hw=8, strides=(2, 2))
+    rep = layer(apply(model, ranks="4,6"))
+    assert rep.details["macs_before"] == 4 * 4 * 24 * 16 * 9
+    assert rep.details["macs_after"] == 8 * 8 * 16 * 4 + 4 * 4 * (9 * 4 * 6 + 6 * 24)
+
+
+def test_energy_picks_smallest_ranks_keeping_the_energy():
+    model = conv_model(c=16, f=24, k=3, hw=8)
+    w = weight_of(model).astype(np.float64)
+    rep = layer(apply(model, energy=0.8))
+
+    def smallest(a):
+        sq = np.linalg.svd(a, compute_uv=False) ** 2
+        return int(np.argmax(np.cumsum(sq) / sq.sum() >= 0.8) + 1)
+
+    assert rep.details["R1"] == smallest(np.moveaxis(w, 1, 0).reshape(16, -1))
+    assert rep.details["R2"] == smallest(w.reshape(24, -1))
+    assert rep.details["R1"] < 16 and rep.details["R2"] < 24
+
+
+def test_vbmf_finds_the_ranks_of_a_noisy_low_rank_kernel():
+    rng = np.random.default_rng(0)
+    f, c, r1, r2 = 48, 32, 4, 6
+    o = np.linalg.qr(rng.standard_normal((f, r2)))[0]
+    i = np.linalg.qr(rng.standard_normal((c, r1)))[0]
+    w = lowrank.tucker2_full(rng.standard_normal((r2, r1, 3, 3)), o, i)
+    w += 0.05 * rng.standard_normal(w.shape) * np.linalg.norm(w) / np.sqrt(w.size)
+    model = with_weight(conv_model(c=c, f=f, k=3, hw=8), w)
+    rep = layer(apply(model, rank_method="vbmf"))
+    assert (rep.details["R1"], rep.details["R2"]) == (r1, r2)
+    assert rep.details["rel_error"] < 0.1
+
+
+def test_multiple_rounds_ranks_up():
+    model = conv_model(c=40, f=56, k=3, hw=6)
+    rep = layer(apply(model, ratio=0.3, multiple=8))
+    assert (rep.details["R1"], rep.details["R2"]) == (16, 24)  # round(12) -> 16, round(16.8)=17 -> 24
+
+
+def test_default_is_ratio_half():
+    model = conv_model(c=16, f=24, k=3, hw=8)
+    rep = layer(apply(model))
+    assert (rep.details["R1"], rep.details["R2"]) == (8, 12) and rep.details["rank_choice"] == "ratio 0.5"
+
+
+def test_hooi_is_no_worse_than_hosvd():
+    model = surgeon.load(CNN)
+    hosvd = apply(model, ratio=0.25)
+    hooi = apply(model, ratio=0.25, method="hooi")
+    pairs = [(a.details["rel_error"], b.details["rel_error"]) for a, b in zip(hosvd.layers, hooi.layers)
+             if a.status == "rewritten"]
+    assert len(pairs) == 4
+    assert all(b <= a + 1e-12 for a, b in pairs), pairs
+    assert any(b < a - 1e-4 for a, b in pairs), pairs
+    assert all(l.details["method"] == "hooi" for l in hooi.rewritten)
+    checked(hooi.model)
+    assert_close_outputs(model, hooi.model, random_feeds(model), rtol=0.5)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"ratio": 0.5, "energy": 0.9}, "choose one way to set ranks"),
+    ({"ratio": 0.5, "rank_method": "vbmf"}, "choose one way to set ranks"),
+    ({"ranks": "4"}, "expected 2 comma-separated values"),
+    ({"ranks": "0,4"}, "ranks must be >= 1"),
+    ({"ratio": 1.5}, "ratio must be in (0, 1]"),
+    ({"method": "cp"}, "choose one of hosvd, hooi"),
+    ({"rank": 3}, "valid options"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        ConvToTucker().make_options(options)
+
+
+def test_options_parse_from_strings():
+    opts = ConvToTucker().make_options({"ranks": "8,4", "method": "hooi", "multiple": "4", "guard": "none",
+                                        "allow_growth": "true", "pointwise": "skip"})
+    assert opts == TuckerOptions(ranks=(8, 4), method="hooi", multiple=4, guard="none", allow_growth=True,
+                                 pointwise="skip")
+
+
+# --- the latency guard ---------------------------------------------------------------------------
+
+def test_guard_reverts_a_slower_layer(monkeypatch):
+    timed = []
+
+    def slower(node, chain, shape, opset, threads=0, **kw):
+        timed.append((node.name, tuple(shape), [n.name for n in chain]))
+        return guard_module.GuardResult(original_ms=1.0, chain_ms=1.6)
+
+    monkeypatch.setattr(guard_module, "time_rewrite", slower)
+    model = conv_model(c=16, f=24, k=3, hw=8)
+    result = surgeon.apply(model, "tucker", {"ratio": 0.5})  # guard=latency is the default
+    assert timed == [("conv", (1, 16, 8, 8), ["conv/tucker/in", "conv/tucker/core", "conv/tucker/out"])]
+    rep = layer(result)
+    assert rep.status == "skipped" and rep.reason.startswith("slower (1.60x")
+    assert rep.details["guard"]["speedup"] == pytest.approx(1 / 1.6, rel=1e-3)
+    assert not any(t.name.startswith("conv/tucker") for t in result.model.graph.initializer)
+    assert op_counts(checked(result.model)) == op_counts(model)
+    assert_close_outputs(model, result.model, random_feeds(model), rtol=0)
+
+
+def test_guard_keeps_a_faster_layer(monkeypatch):
+    monkeypatch.setattr(guard_module, "time_rewrite",
+                        lambda *a, **k: guard_module.GuardResult(original_ms=2.0, chain_ms=1.0))
+    model = conv_model(c=16, f=24, k=3, hw=8)
+    result = surgeon.apply(model, "tucker", {"ratio": 0.5})
+    rep = layer(result)
+    assert rep.status == "rewritten" and rep.details["guard"]["speedup"] == 2.0
+    assert op_counts(checked(result.model)) == {"Conv": 3, "Relu": 1}
+
+
+# --- real models ---------------------------------------------------------------------------------
+
+def test_sample_cnn_full_rank_reproduces_outputs_and_accuracy():
+    model = surgeon.load(CNN)
+    result = apply(model, **FULL)
+    assert [l.layer for l in result.rewritten] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    out = checked(result.model)
+    assert op_counts(out)["Conv"] == 15
+    data = surgeon.load_data(CNN_TEST, model)
+    v = surgeon.validate(model, out, data, latency=False)
+    assert v.worst_rel_l2 < 1e-5 and v.accuracy["candidate"] == v.accuracy["original"]
+
+
+def test_sample_cnn_half_ratio_keeps_accuracy():
+    model = surgeon.load(CNN)
+    result = apply(model, ratio=0.5)
+    assert layer(result, "conv1").reason.startswith("ranks 1,16 save neither")  # 1 input channel
+    assert len(result.rewritten) == 4
+    assert result.after.total_params < result.before.total_params
+    assert result.after.total_macs < result.before.total_macs
+    v = surgeon.validate(model, checked(result.model), surgeon.load_data(CNN_TEST, model), latency=False)
+    assert v.accuracy["candidate"] >= v.accuracy["original"] - 0.02
+    assert 1e-4 < v.worst_rel_l2 < 0.5
+
+
+def test_resnet50_full_rank_reproduces_outputs(resnet50):
+    result = apply(resnet50, **FULL)
+    forms = [l.details["form"] for l in result.rewritten]
+    assert len(result.rewritten) == 53 and forms.count("tucker2") == 17 and forms.count("svd-pair") == 36
+    out = checked(result.model)
+    assert op_counts(out)["Conv"] == 17 * 3 + 36 * 2
+    assert_close_outputs(resnet50, out, random_feeds(resnet50, samples=1), rtol=1e-4)
+
+
+def test_two_runs_are_byte_identical():
+    model = surgeon.load(CNN)
+    a = apply(model, ratio=0.375, method="hooi", iterations=3)
+    b = apply(model, ratio=0.375, method="hooi", iterations=3)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    c = apply(model, rank_method="vbmf")
+    d = apply(model, rank_method="vbmf")
+    assert c.model.SerializeToString() == d.model.SerializeToString()
