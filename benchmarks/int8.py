@@ -123,6 +123,11 @@ def main() -> int:
     for s in ex.get("steps", []):
         steps.add_row(s["step"], f"{s['rel_l2']:.4f}")
     console.print(steps)
+    if "calibration_auto" in ex:  # --option calibration=auto
+        a = ex["calibration_auto"]
+        console.print(f"[bold]calibration_auto[/]: per tensor {a['counts']}, drift minmax "
+                      f"{a['drift_minmax']['rel_l2']:.4f} -> auto {a['drift_auto']['rel_l2']:.4f}, kept={a['kept']}, "
+                      f"{a['seconds_total']:.1f} s (of which {a['seconds']})")
     for key in ("equalization", "bias_correction", "fallback"):
         if key in ex:
             info = {k: v for k, v in ex[key].items() if k not in ("skipped", "ranking")}

@@ -14,6 +14,7 @@ on the calibration data). With a budget, the fewest nodes are kept in float unti
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -24,6 +25,7 @@ from onnx import helper, numpy_helper
 from plugins import int8_fallback as fb
 from plugins import int8_graph as ig
 from plugins import int8_ort as io
+from plugins import int8_ranges as ir
 from surgeon.calibration import DataSet, synthesize
 from surgeon.errors import UsageError
 from surgeon.plugin import Context, LayerReport, ModelPlugin
@@ -40,9 +42,12 @@ HOLDOUT_MIN = 64  # with at least this many samples, a quarter is held out to me
 class Int8Options:
     mode: Literal["static", "dynamic"] = field(default="static", metadata={
         "help": "static: QDQ with calibrated activation ranges; dynamic: activation ranges at run time"})
-    calibration: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
-        "help": "how activation ranges are computed from the calibration data"})
-    percentile: float = field(default=99.999, metadata={"help": "percentile for --calibration percentile"})
+    calibration: Literal["minmax", "entropy", "percentile", "auto"] = field(default="minmax", metadata={
+        "help": "how activation ranges are computed from the calibration data; auto picks minmax, percentile "
+                "or entropy per tensor by quantization error, and is kept only if the drift drops"})
+    percentile: float = field(default=99.999, metadata={"help": "percentile for --calibration percentile/auto"})
+    entropy_bins: int = field(default=512, metadata={
+        "help": "histogram bins for the entropy candidate of --calibration auto (more: finer, slower)"})
     per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
     reduce_range: bool = field(default=False, metadata={"help": "7-bit weights (for CPUs without VNNI)"})
     activation_type: Literal["U8", "S8"] = field(default="U8", metadata={
@@ -77,6 +82,8 @@ class Int8Options:
             raise ValueError("max_drift must be > 0")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
             raise ValueError("min_agreement must be in (0, 1]")
+        if self.entropy_bins < 256:
+            raise ValueError("entropy_bins must be at least 256 (the KL search needs more bins than its 128 levels)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two >= 16")
 
@@ -168,6 +175,8 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
                        "why": "U8 activations with S8 weights: the fast x86 path (S8 activations measured "
                               "about 1.7x slower on this project's benchmark machine)"}
     extras["calibration"] = opts.calibration + (f" ({opts.percentile})" if opts.calibration == "percentile" else "")
+    if opts.calibration == "auto":
+        cfg.calibration = "minmax"  # the baseline; per-tensor ranges replace its cache if they help
     float_model = _copy(model)
     float_model, note = ig.upgrade_opset(float_model)
     if note:
@@ -193,6 +202,32 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
     steps.append(("quantize_static", m["rel_l2"]))
     extras["drift_plain"] = m
 
+    # Per-tensor calibration method: new ranges for the same float model.
+    auto_kept = False
+
+    def auto_ranges(pre_x: onnx.ModelProto, minmax_cache: str) -> tuple[str, ir.RangeChoice]:
+        choice = ir.choose_ranges(pre_x, ir.load_minmax(minmax_cache), data["calib"],
+                                  activation_type=opts.activation_type, percentile=opts.percentile,
+                                  entropy_bins=opts.entropy_bins, threads=ctx.threads)
+        return ir.write_cache(choice, minmax_cache.replace(".json", "-auto.json")), choice
+
+    if opts.calibration == "auto":
+        ctx.tick(0, 4, "choosing a calibration method per tensor")
+        t0 = time.perf_counter()
+        cache_auto, choice = auto_ranges(pre, cache)
+        q_auto = io.quantize_static(pre, data["calib"], cfg, base_excl, ws, cache_auto)
+        m_auto = evaluate(q_auto)
+        auto_kept = m_auto["rel_l2"] < m["rel_l2"]
+        info = choice.summary()
+        info.update(drift_minmax=m, drift_auto=m_auto, kept=auto_kept,
+                    seconds_total=round(time.perf_counter() - t0, 2))
+        extras["calibration_auto"] = info
+        extras["calibration"] = ("auto: per tensor " + ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+                                 if auto_kept else "minmax (auto's per-tensor ranges did not lower the drift)")
+        if auto_kept:
+            cache, q, m = cache_auto, q_auto, m_auto
+            steps.append(("per-tensor calibration (auto)", m["rel_l2"]))
+
     # Cross-layer equalization: a new float model, so new ranges.
     if opts.equalize != "off":
         ctx.tick(1, 4, "cross-layer equalization")
@@ -206,6 +241,9 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         if res.pairs:
             pre_eq, cache_eq = prepared(eq_model)
             q_eq = io.quantize_static(pre_eq, data["calib"], cfg, base_excl, ws, cache_eq)
+            if auto_kept:  # the equalized model gets its own per-tensor ranges too
+                cache_eq, _ = auto_ranges(pre_eq, cache_eq)
+                q_eq = io.quantize_static(pre_eq, data["calib"], cfg, base_excl, ws, cache_eq)
             m_eq = evaluate(q_eq)
             keep = opts.equalize == "on" or m_eq["rel_l2"] < m["rel_l2"]
             info.update(drift_before=m["rel_l2"], drift_after=m_eq["rel_l2"], kept=keep)

@@ -128,7 +128,7 @@ class StaticConfig:
     reduce_range: bool
     activation_type: str  # "U8" | "S8"
     weight_type: str
-    calibration: str  # minmax | entropy | percentile
+    calibration: str  # minmax | entropy | percentile | auto
     percentile: float = 99.999
 
 
@@ -139,8 +139,9 @@ def _qtype(name: str):
 
 def _method(name: str):
     from onnxruntime.quantization import CalibrationMethod
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
+    # auto: the per-tensor ranges are written as a MinMax cache (plugins/int8_ranges.py)
+    return {"minmax": CalibrationMethod.MinMax, "auto": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[name]
 
 
 def quantize_static(model: onnx.ModelProto, data: DataSet, cfg: StaticConfig, exclude: Iterable[str],

@@ -12,6 +12,7 @@ from onnx import helper
 import surgeon
 from plugins import int8_graph as ig
 from plugins import int8_ort as io
+from plugins import int8_ranges as ir
 from surgeon.calibration import DataSet
 from surgeon.errors import UsageError
 from tests.models import (CNN, CNN_CALIB, CNN_TEST, MLP, MLP_CALIB, checked, init, make_model, op_counts, rel_l2,
@@ -244,6 +245,97 @@ def test_fallback_keeps_the_sensitive_layer_in_float_until_the_budget_holds():
     assert rel_l2(run(model, held)[0], run(out, held)[0]) <= 0.05
 
 
+# --- calibration=auto: a range per tensor ------------------------------------------------------
+
+WIDE = 16384
+
+
+def outlier_model():
+    """x: saturated inputs (half the values sit exactly at +-1, where clipping costs the most);
+    y -> Add(0) -> r: N(0, 1) activations with ONE value at 60 among ~800k."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "wx"], ["a"], name="mx"),
+             helper.make_node("Add", ["y", "zero"], ["r"], name="shift"),
+             helper.make_node("MatMul", ["r", "wy"], ["b"], name="my"),
+             helper.make_node("Add", ["a", "b"], ["out"], name="add")]
+    inits = [init("wx", rng.standard_normal((WIDE, 8)).astype(np.float32) * 0.02),
+             init("wy", rng.standard_normal((WIDE, 8)).astype(np.float32) * 0.02),
+             init("zero", np.zeros(WIDE, np.float32))]
+    return make_model(nodes, [tensor("x", ["N", WIDE]), tensor("y", ["N", WIDE])], [tensor("out", ["N", 8])], inits)
+
+
+def outlier_data(n: int = 48) -> DataSet:
+    rng = np.random.default_rng(1)
+    x = np.clip(rng.standard_normal((n, WIDE)) * 1.5, -1, 1).astype(np.float32)
+    y = rng.standard_normal((n, WIDE)).astype(np.float32)
+    y[3, 17] = 60.0
+    return DataSet({"x": x, "y": y}, source="test")
+
+
+def test_auto_clips_the_tensor_with_a_rare_outlier_and_keeps_minmax_where_clipping_costs():
+    model = outlier_model()
+    ds = outlier_data()
+    r = run(io.with_outputs(model, ["r"]), ds.inputs)[1]
+    minmax = {"x": (-1.0, 1.0), "r": (float(r.min()), float(r.max()))}
+    assert minmax["r"][1] == pytest.approx(60.0)
+    choice = ir.choose_ranges(model, minmax, ds)
+    assert choice.method["x"] == "minmax"  # every other candidate clips the mass at +-1
+    err = choice.rel_mse["x"]
+    assert err["minmax"] < err["percentile"] and err["minmax"] <= err["entropy"]
+    assert choice.method["r"] in ("percentile", "entropy")
+    lo, hi = choice.ranges["r"][choice.method["r"]]
+    assert lo == pytest.approx(minmax["r"][0]) and hi < 0.5 * 60.0  # the outlier is clipped, the bulk is not
+    assert choice.rel_mse["r"][choice.method["r"]] < 0.9 * choice.rel_mse["r"]["minmax"]
+    assert choice.counts() == {"minmax": 1, "percentile": int(choice.method["r"] == "percentile"),
+                               "entropy": int(choice.method["r"] == "entropy")}
+
+
+def test_auto_reports_a_method_per_tensor_and_is_deterministic():
+    model = outlier_model()
+    ds = outlier_data(64)  # 48 calibrate (the outlier is in row 3), 16 held out
+    res = surgeon.apply(model, "int8", {"calibration": "auto", "equalize": "off", "bias_correction": "off"}, data=ds)
+    info = res.extras["calibration_auto"]
+    assert set(info["tensors"]) >= {"x", "y", "r", "a", "b"}
+    assert sum(info["counts"].values()) == len(info["tensors"])
+    assert info["tensors"]["x"] == "minmax" and info["tensors"]["r"] in ("percentile", "entropy")
+    assert info["clipped"]["r"]["range"][1] < 0.5 * info["clipped"]["r"]["minmax"][1]
+    # measured on this model: clipping r's outlier lowers the drift (0.075 -> 0.055), so auto is kept
+    assert info["kept"] and info["drift_auto"]["rel_l2"] < info["drift_minmax"]["rel_l2"]
+    steps = [s["step"] for s in res.extras["steps"]]
+    assert ("per-tensor calibration (auto)" in steps) == info["kept"]
+    assert res.extras["steps"][0]["rel_l2"] == info["drift_minmax"]["rel_l2"]
+    out = checked(res.model)
+    assert {"mx", "my"} <= quantized_nodes(out)
+    held = ds.rows(48, 64).inputs
+    drift = rel_l2(run(model, held)[0], run(out, held)[0])  # independent of the plugin's own measurement
+    assert drift == pytest.approx(res.extras["drift"]["rel_l2"], rel=1e-3) and drift < 0.1
+    again = surgeon.apply(model, "int8", {"calibration": "auto", "equalize": "off", "bias_correction": "off"}, data=ds)
+    assert again.model.SerializeToString(deterministic=True) == res.model.SerializeToString(deterministic=True)
+
+
+def test_auto_ranges_reach_the_quantized_model():
+    """The written cache is what quantize_static uses: r's QuantizeLinear scale follows the clipped range."""
+    model = outlier_model()
+    ds = outlier_data()
+    with io.Workspace() as ws:
+        cfg = io.StaticConfig(False, False, "U8", "S8", "minmax")
+        cache = str(ws.path("ranges")).replace(".onnx", ".json")
+        q_minmax = io.quantize_static(model, ds, cfg, [], ws, cache)
+        choice = ir.choose_ranges(model, ir.load_minmax(cache), ds)
+        q_auto = io.quantize_static(model, ds, cfg, [], ws, ir.write_cache(choice, cache.replace(".json", "-a.json")))
+
+    def scale_of(q, tensor):
+        node = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+        return float(next(onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name == node.input[1]))
+
+    lo, hi = choice.ranges["r"]["minmax"], choice.ranges["r"][choice.method["r"]]
+    assert scale_of(q_minmax, "r") == pytest.approx((lo[1] - lo[0]) / 255, rel=1e-3)
+    assert scale_of(q_auto, "r") == pytest.approx((hi[1] - hi[0]) / 255, rel=1e-3)
+    assert scale_of(q_auto, "r") < 0.5 * scale_of(q_minmax, "r")
+    assert scale_of(q_auto, "x") == pytest.approx(scale_of(q_minmax, "x"))
+    checked(q_auto)
+
+
 # --- errors and warnings ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("opts, message", [
@@ -251,6 +343,7 @@ def test_fallback_keeps_the_sensitive_layer_in_float_until_the_budget_holds():
     ({"min_agreement": 1.5}, "min_agreement"),
     ({"mode": "fast"}, "choose one of"),
     ({"exclude": "no_such_node"}, "neither a node name nor an op type"),
+    ({"calibration": "auto", "entropy_bins": 128}, "entropy_bins"),
 ])
 def test_bad_options_give_a_clear_usage_error(mlp, opts, message):
     with pytest.raises(UsageError, match=message):
