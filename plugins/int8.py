@@ -175,8 +175,12 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
                        "why": "U8 activations with S8 weights: the fast x86 path (S8 activations measured "
                               "about 1.7x slower on this project's benchmark machine)"}
     extras["calibration"] = opts.calibration + (f" ({opts.percentile})" if opts.calibration == "percentile" else "")
-    if opts.calibration == "auto":
-        cfg.calibration = "minmax"  # the baseline; per-tensor ranges replace its cache if they help
+    if opts.calibration in ("auto", "entropy"):
+        # auto: minmax is the baseline; per-tensor ranges replace its cache if they help.
+        # entropy: quantize_static gives onnxruntime's entropy calibrator 128 histogram bins for
+        # 128 levels, which leaves its KL search one candidate, the min/max range; so the entropy
+        # ranges come from our own 512-bin histograms (plugins/int8_ranges.py) instead.
+        cfg.calibration = "minmax"
     float_model = _copy(model)
     float_model, note = ig.upgrade_opset(float_model)
     if note:
@@ -209,7 +213,15 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         choice = ir.choose_ranges(pre_x, ir.load_minmax(minmax_cache), data["calib"],
                                   activation_type=opts.activation_type, percentile=opts.percentile,
                                   entropy_bins=opts.entropy_bins, threads=ctx.threads)
+        if opts.calibration == "entropy":
+            choice.method = dict.fromkeys(choice.method, "entropy")
         return ir.write_cache(choice, minmax_cache.replace(".json", "-auto.json")), choice
+
+    if opts.calibration == "entropy":
+        cache, _ = auto_ranges(pre, cache)
+        q = io.quantize_static(pre, data["calib"], cfg, base_excl, ws, cache)
+        m = evaluate(q)
+        steps.append(("entropy ranges (512-bin histograms)", m["rel_l2"]))
 
     if opts.calibration == "auto":
         ctx.tick(0, 4, "choosing a calibration method per tensor")
@@ -241,7 +253,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         if res.pairs:
             pre_eq, cache_eq = prepared(eq_model)
             q_eq = io.quantize_static(pre_eq, data["calib"], cfg, base_excl, ws, cache_eq)
-            if auto_kept:  # the equalized model gets its own per-tensor ranges too
+            if auto_kept or opts.calibration == "entropy":  # the equalized model gets its own ranges too
                 cache_eq, _ = auto_ranges(pre_eq, cache_eq)
                 q_eq = io.quantize_static(pre_eq, data["calib"], cfg, base_excl, ws, cache_eq)
             m_eq = evaluate(q_eq)
