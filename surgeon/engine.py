@@ -18,10 +18,10 @@ import onnx_graphsurgeon as gs
 from surgeon import guard as _guard
 from surgeon.calibration import DataSet, resolve_shapes
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.model import check_model, fold_constants, infer_shapes, to_graph, to_model
+from surgeon.model import check_model, fold_constants, to_graph, to_model
 from surgeon.plugin import (Candidate, Context, GraphPlugin, LayerReport, ModelPlugin, Plugin, Rewrite, Skip,
                             registry as default_registry)
-from surgeon.profile import Profile, profile
+from surgeon.profile import Profile, profile, tensor_shapes
 from surgeon.rewrite import detach, replace_with_chain
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,6 @@ def layer_filter(pattern: str | None) -> Callable[[str], bool]:
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """The form every plugin sees: constants folded into initializers, shapes inferred."""
     return fold_constants(model)
-
-
-def tensor_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    from surgeon.profile import _tensor_shapes
-    return _tensor_shapes(model, input_shapes)
 
 
 def _opset(model: onnx.ModelProto) -> int:

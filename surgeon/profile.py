@@ -10,9 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from surgeon.calibration import resolve_shapes
 from surgeon.model import infer_shapes
@@ -49,7 +47,7 @@ class Profile:
 
 
 def profile(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Profile:
-    shapes = _tensor_shapes(model, input_shapes)
+    shapes = tensor_shapes(model, input_shapes)
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -87,7 +85,7 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _tensor_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int, ...]]:
     try:
         concrete = resolve_shapes(model, input_shapes)
     except Exception:

@@ -1,7 +1,6 @@
 """The `surgeon` command: exit codes, output files, tables/JSON, third-party plugins."""
 
 import json
-import textwrap
 
 import pytest
 from typer.testing import CliRunner

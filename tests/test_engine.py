@@ -1,7 +1,5 @@
 """The engine drives any plugin the same way: select, --layers, rewrite, guard, report."""
 
-import numpy as np
-import onnx
 import pytest
 
 import surgeon
@@ -70,7 +68,7 @@ def test_plugin_exception_is_reported_on_the_layer(cnn, monkeypatch):
 
 
 def test_guard_reverts_a_slower_rewrite(cnn, monkeypatch):
-    from dataclasses import dataclass, field
+    from dataclasses import dataclass
 
     @dataclass
     class Guarded:

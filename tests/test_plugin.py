@@ -1,7 +1,6 @@
 """Registry, discovery through entry points, and option checking."""
 
 import importlib.metadata as md
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

@@ -1,6 +1,5 @@
 """Params, MACs and bytes per layer, checked against hand counts."""
 
-import numpy as np
 
 from surgeon import model as model_io, profile
 from tests.models import CNN, MLP, conv_model
