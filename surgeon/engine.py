@@ -86,7 +86,7 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     t0 = time.perf_counter()
     plug = default_registry().get(plugin) if isinstance(plugin, str) else plugin
     opts = plug.make_options(options)
-    layer_opts = {name: plug.make_options({**(options or {}), **o}) for name, o in (per_layer or {}).items()}
+    layer_opts = {name: plug.make_options(_merge(plug, options or {}, o)) for name, o in (per_layer or {}).items()}
     wanted = layer_filter(layers)
 
     source = prepare(model)
@@ -106,6 +106,15 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     after = profile(out, concrete)
     return SurgeryResult(out, plug.name, _options_dict(opts), reports, before, after,
                          time.perf_counter() - t0, extras)
+
+
+def _merge(plug: Plugin, options: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer options over the global ones; an override of one of the plugin's mutually
+    exclusive options (e.g. ranks vs ratio) drops the others from the global set."""
+    exclusive = set(getattr(plug.Options, "exclusive_options", ()))
+    if exclusive & set(override):
+        options = {k: v for k, v in options.items() if k not in exclusive}
+    return {**options, **override}
 
 
 def _options_dict(opts: Any) -> dict[str, Any]:

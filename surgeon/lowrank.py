@@ -17,7 +17,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -131,6 +131,10 @@ def vbmf_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
 @dataclass
 class RankOptions:
     """How to choose a rank; exactly one of ratio / energy / explicit ranks / vbmf applies."""
+
+    # A per-layer override that sets any of these replaces the global choice instead of
+    # adding to it (a sweep's plan gives one layer `ranks` while the run says `--ratio`).
+    exclusive_options: ClassVar[tuple[str, ...]] = ("ratio", "energy", "ranks", "rank", "rank_method")
 
     ratio: float | None = field(default=None, metadata={"help": "rank = ratio x channels (0 < ratio <= 1)"})
     energy: float | None = field(default=None, metadata={

@@ -65,8 +65,9 @@ def profile_table(prof: Profile, title: str = "layers") -> Table:
 
 
 def _ranks(d: dict[str, Any]) -> str:
-    if "r1" in d and "r2" in d:
-        return f"{d['r1']},{d['r2']}"
+    for a, b in (("R1", "R2"), ("r1", "r2")):
+        if a in d and b in d:
+            return f"{d[a]},{d[b]}"
     for key in ("rank", "ranks"):
         if key in d:
             v = d[key]
@@ -76,13 +77,13 @@ def _ranks(d: dict[str, Any]) -> str:
 
 def _arrow(d: dict[str, Any], what: str) -> str:
     a, b = d.get(f"{what}_before"), d.get(f"{what}_after")
-    return f"{human(a)} → {human(b)}" if a is not None and b is not None else ""
+    return f"{human(a)}→{human(b)}" if a is not None and b is not None else ""
 
 
 # (header, cell) for the per-layer details plugins commonly report; empty columns are dropped
 DETAIL_COLUMNS = (
     ("ranks", _ranks),
-    ("error", lambda d: f"{d['rel_error']:.4f}" if d.get("rel_error") is not None else ""),
+    ("error", lambda d: f"{d['rel_error']:.3f}" if d.get("rel_error") is not None else ""),
     ("params", lambda d: _arrow(d, "params")),
     ("MACs", lambda d: _arrow(d, "macs")),
     ("compl.", lambda d: f"{d['complexity_ratio']:.2f}x" if d.get("complexity_ratio") else ""),
@@ -98,7 +99,7 @@ def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> Table:
     t.add_column("layer", no_wrap=True)
     t.add_column("op")
     for h, _ in cols:
-        t.add_column(h, justify="right", no_wrap=h in ("params", "MACs"))
+        t.add_column(h, justify="right", no_wrap=True)
     for l in shown:
         t.add_row(l.layer, l.op, *[f(l.details) for _, f in cols])
     return t

@@ -108,3 +108,13 @@ def test_profiles_before_and_after(cnn):
     assert res.before.total_macs == res.after.total_macs > 0
     j = res.to_json()
     assert j["rewritten"] == 6 and j["layers"][0]["status"] == "rewritten"
+
+
+def test_per_layer_ranks_replace_a_global_ratio():
+    """A plan gives one layer explicit ranks while the run sets --ratio: no conflict."""
+    res = surgeon.apply(model_io.load(CNN), "tucker", {"ratio": "0.5", "guard": "none"},
+                        per_layer={"conv3": {"ranks": "8,8"}})
+    ranks = {l.layer: (l.details["R1"], l.details["R2"]) for l in res.rewritten}
+    assert ranks["conv3"] == (8, 8)
+    assert ranks["conv4"] == (32, 32)  # ratio 0.5 of 64 -> 64
+    checked(res.model)
