@@ -3,11 +3,22 @@
 Fewer MACs do not always run faster (three small convs can lose to one big one in
 onnxruntime), so each candidate is timed alone, original vs chain, at its real input shape,
 in two tiny models that onnxruntime optimizes the same way it will the whole model.
+
+Timings are noisy, and a verdict that flips between runs would make the same command write
+a different model. So each measured verdict is cached on disk, keyed by the two mini models'
+bytes, the thread count, the onnxruntime version and the CPU: a repeated run on the same
+machine reuses it and writes the same bytes. `SURGEON_CACHE_DIR` moves the cache
+(default `~/.cache/surgeon`); `SURGEON_GUARD_CACHE=0` re-measures every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,6 +85,65 @@ def time_rewrite(node: gs.Node, chain: list[gs.Node], x_shape: tuple[int, ...], 
     rewritten, _ = _mini_model(chain, x, chain[-1].outputs[0], x_shape, opset, {**(shapes or {}), **feeds})
     rng = np.random.default_rng(seed)
     feed = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in feeds.items()}
+    key = _cache_key(original, rewritten, feeds, threads)
+    cached = _cache_get(key)
+    if cached is not None:
+        return cached
     sa, sb = session(original, threads), session(rewritten, threads)
     la, lb = latency_ab(sa, sb, feed, warmup=2, budget_s=budget_s)
-    return GuardResult(la.median_ms, lb.median_ms)
+    result = GuardResult(la.median_ms, lb.median_ms)
+    _cache_put(key, result)
+    return result
+
+
+# --- verdict cache -------------------------------------------------------------------------------
+
+def cache_dir() -> Path | None:
+    if os.environ.get("SURGEON_GUARD_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("SURGEON_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "surgeon")
+    return Path(root) / "guard"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_key(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds, threads: int) -> str:
+    import onnxruntime as ort
+    h = hashlib.sha256()
+    for part in (original.SerializeToString(deterministic=True), rewritten.SerializeToString(deterministic=True),
+                 json.dumps(sorted(feeds.items())).encode(), f"{threads}|{ort.__version__}|{_cpu()}|{os.cpu_count()}".encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def _cache_get(key: str) -> GuardResult | None:
+    d = cache_dir()
+    if d is None:
+        return None
+    try:
+        data = json.loads((d / f"{key}.json").read_text())
+        return GuardResult(float(data["original_ms"]), float(data["chain_ms"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_put(key: str, result: GuardResult) -> None:
+    d = cache_dir()
+    if d is None:
+        return
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"original_ms": result.original_ms, "chain_ms": result.chain_ms}))
+        os.replace(tmp, d / f"{key}.json")
+    except OSError:  # a read-only home must not stop the surgery
+        pass

@@ -12,3 +12,10 @@ def resnet50():
 @pytest.fixture(scope="session")
 def vgg19():
     return zoo.load("vgg19", seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_guard_cache(tmp_path_factory):
+    """Latency-guard verdicts go to a per-run cache, never the user's ~/.cache."""
+    import os
+    os.environ["SURGEON_CACHE_DIR"] = str(tmp_path_factory.mktemp("surgeon-cache"))

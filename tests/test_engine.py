@@ -118,3 +118,19 @@ def test_per_layer_ranks_replace_a_global_ratio():
     assert ranks["conv3"] == (8, 8)
     assert ranks["conv4"] == (32, 32)  # ratio 0.5 of 64 -> 64
     checked(res.model)
+
+
+def test_guard_verdicts_are_cached_so_reruns_write_the_same_bytes(monkeypatch, tmp_path):
+    """Timing is noisy; a repeated run must reuse the measured verdicts, not re-roll them."""
+    monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path))
+    m = model_io.load(CNN)
+    first = surgeon.apply(m, "tucker", {"ratio": "0.5"})  # guard=latency is the default
+    cached = sorted((tmp_path / "guard").glob("*.json"))
+    assert len(cached) == len(first.rewritten) + sum(l.reason.startswith("slower") for l in first.skipped) > 0
+    calls = []
+    monkeypatch.setattr(guard, "latency_ab", lambda *a, **k: calls.append(1))
+    second = surgeon.apply(m, "tucker", {"ratio": "0.5"})
+    assert calls == []  # nothing was timed again
+    assert second.model.SerializeToString(deterministic=True) == first.model.SerializeToString(deterministic=True)
+    monkeypatch.setenv("SURGEON_GUARD_CACHE", "0")
+    assert guard.cache_dir() is None
