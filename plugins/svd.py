@@ -40,7 +40,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.lowrank import RankOptions, left_singular, rank_from_energy, rank_from_ratio, round_to_multiple
+from surgeon.lowrank import RankOptions, left_singular, matrix_rank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rewrite import Chain, constant_value, input_or_none, shared_by
 
@@ -95,17 +95,6 @@ def factorize(w: np.ndarray, rank: int, basis: tuple[np.ndarray, np.ndarray, boo
     if left:  # W ~ U_r (U_r^T W)
         return Factors(q, q.T @ w, s)
     return Factors(w @ q, q.T, s)  # W ~ (W V_r) V_r^T
-
-
-def choose_rank(opts: SvdOptions, s: np.ndarray, n: int) -> int:
-    """The rank the options ask for, between 1 and n = min(in, out)."""
-    if opts.rank is not None:
-        r = min(opts.rank, n)
-    elif opts.energy is not None:
-        r = rank_from_energy(s, opts.energy)
-    else:
-        r = rank_from_ratio(n, opts.ratio if opts.ratio is not None else DEFAULT_RATIO)
-    return round_to_multiple(r, opts.multiple, n)
 
 
 class GemmToSvd(GraphPlugin):
@@ -163,7 +152,7 @@ class GemmToSvd(GraphPlugin):
         n_in, n_out = w.shape
         n = min(n_in, n_out)
         basis = singular_basis(w)
-        r = choose_rank(opts, basis[1], n)
+        r = matrix_rank(opts, basis[1], w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO)
         before, after = n_in * n_out, r * (n_in + n_out)
         if after >= before and not opts.allow_growth:
             return Skip(node.name, node.op, f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} "

@@ -93,20 +93,6 @@ def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out
     return r1, r2
 
 
-def choose_rank(opts: TuckerOptions, a_shape: tuple[int, int], values: np.ndarray) -> int:
-    """The single rank of a 1x1 conv's SVD pair (explicit ranks R1,R2 give min(R1, R2))."""
-    n = min(a_shape)
-    if opts.rank_method == "vbmf":
-        r = lowrank.vbmf_rank(values, a_shape)
-    elif opts.ranks is not None:
-        r = min(opts.ranks)
-    elif opts.energy is not None:
-        r = lowrank.rank_from_energy(values[:n], opts.energy)
-    else:
-        r = lowrank.rank_from_ratio(n, opts.ratio if opts.ratio is not None else DEFAULT_RATIO)
-    return lowrank.round_to_multiple(max(1, min(r, n)), opts.multiple, n)
-
-
 class ConvToTucker(GraphPlugin):
     """Conv -> 1x1 (c->R1), core k (R1->R2), 1x1 (R2->f); a 1x1 conv -> an SVD pair."""
 
@@ -198,7 +184,8 @@ class ConvToTucker(GraphPlugin):
         f, c, nd = w.shape[0], w.shape[1], w.ndim - 2
         a = w.reshape(f, c).astype(np.float64)
         factors = lowrank.matrix_factors(a)
-        r = choose_rank(opts, (f, c), factors.values)
+        r = lowrank.matrix_rank(opts, factors.values, (f, c), vbmf=opts.rank_method == "vbmf",
+                                explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
         cost = _Cost(ctx, node, w)
         params_after = r * (c + f) + cost.bias
         # the first conv keeps the original strides, so both run at the output resolution

@@ -126,6 +126,23 @@ def vbmf_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
     return int(min(numerical, max(1, np.sum(s > threshold))))
 
 
+def matrix_rank(opts: "RankOptions", values: np.ndarray, shape: tuple[int, int], *, explicit: int | None = None,
+                vbmf: bool = False, default_ratio: float) -> int:
+    """One rank for a matrix of `shape` with singular values `values`, as the options ask
+    (VBMF, an explicit rank, energy, or ratio of min(shape), `default_ratio` when none is
+    given), between 1 and min(shape), rounded up to `opts.multiple`."""
+    n = min(shape)
+    if vbmf:
+        r = vbmf_rank(values, shape)
+    elif explicit is not None:
+        r = explicit
+    elif opts.energy is not None:
+        r = rank_from_energy(np.asarray(values)[:n], opts.energy)
+    else:
+        r = rank_from_ratio(n, opts.ratio if opts.ratio is not None else default_ratio)
+    return round_to_multiple(max(1, min(r, n)), opts.multiple, n)
+
+
 # --- options shared by the factorizing plugins -------------------------------------------------
 
 @dataclass
