@@ -147,8 +147,10 @@ def calibration_data(model: onnx.ModelProto, ctx: Context, opts: Int8Options, ex
     if data is None:
         data = synthesize(model, samples=max(8, min(opts.samples, 32)), seed=ctx.seed)
     if data.synthetic:
+        # dynamic mode computes activation ranges at run time; the data only measures drift
         msg = ("int8 is calibrated on SYNTHESIZED random inputs: ranges and accuracy will be poor; "
-               "pass real calibration data with --data for real accuracy")
+               "pass real calibration data with --data for real accuracy") if opts.mode == "static" and opts.bits == 8 else (
+              "int8: no --data given, so drift is measured on SYNTHESIZED random inputs")
         log.warning(msg)
         extras["warnings"].append(msg)
     n = len(data)

@@ -89,6 +89,36 @@ def _parse_kv(items: list[str] | None) -> dict[str, str]:
     return opts
 
 
+def _parse_flags(args: list[str], plug) -> dict[str, str]:
+    """Plugin options written as flags: `--key value`, `--key=value`, `--flag` / `--no-flag`
+    for booleans. Anything else is a usage error that lists the plugin's options."""
+    from surgeon.plugin import option_help
+    kinds = {name: tp for name, tp, _, _ in option_help(plug)}
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq and key.startswith("no_") and kinds.get(key[3:]) == "bool":
+            key, value = key[3:], "false"
+        elif not eq and kinds.get(key) == "bool" and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+            value = "true"
+        elif not eq:
+            if key not in kinds:
+                raise UsageError(f"no such option --{key.replace('_', '-')} (plugin '{plug.name}' options: "
+                                 f"{', '.join(sorted(kinds)) or 'none'}; see `surgeon plugins`)")
+            if i + 1 >= len(args):
+                raise UsageError(f"--{key.replace('_', '-')} needs a value")
+            i += 1
+            value = args[i]
+        opts[key] = value
+        i += 1
+    return opts
+
+
 @app.command("plugins")
 def plugins_cmd(json_out: JsonOpt = None) -> None:
     """List the available plugins (built-in and installed) with their options."""
@@ -122,8 +152,9 @@ def inspect_cmd(model: Annotated[Path, typer.Argument(help="ONNX model")], json_
             out.print(f"size on disk: {report.human_bytes(prof.file_bytes)}")
 
 
-@app.command("apply")
+@app.command("apply", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def apply_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="ONNX model to operate on (never modified)")],
     plugin: Annotated[str, typer.Option("--plugin", "-p", help="plugin name (see `surgeon plugins`)")],
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="shorthand for --option ratio=R")] = None,
@@ -141,12 +172,16 @@ def apply_cmd(
     seed: Annotated[int, typer.Option("--seed", help="seed for synthesized data and randomized methods")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Apply a plugin, print what changed, then measure drift and latency."""
+    """Apply a plugin, print what changed, then measure drift and latency.
+
+    Plugin options can also be given as flags: `--energy 0.9`, `--rank-method vbmf`,
+    `--ranks 8,16`, `--no-per-channel` are `--option energy=0.9` and so on.
+    """
     _setup_logging(verbose)
     with _errors():
         reg = registry()
         plug = reg.get(plugin)
-        opts = _parse_kv(option)
+        opts = {**_parse_flags(ctx.args, plug), **_parse_kv(option)}
         if ratio is not None:
             opts["ratio"] = str(ratio)
         plug.make_options(opts)  # fail on a wrong option before any work

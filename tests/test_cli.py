@@ -133,3 +133,45 @@ def test_validate_budgets_set_the_exit_code(tmp_path):
 def test_validate_rejects_models_with_different_outputs():
     r = runner.invoke(app, ["validate", str(CNN), str(MLP)])
     assert r.exit_code == 2, r.output
+
+
+def test_plugin_options_as_flags(cnn_copy, tmp_path):
+    """--energy 0.9 / --no-per-channel / --rank-method are plugin options written as flags."""
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", "--energy", "0.9", "--multiple", "8",
+                            "--guard=none", "--no-validate", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["options"]["energy"] == 0.9 and rep["options"]["guard"] == "none"
+    assert all(l["details"]["R1"] % 8 == 0 for l in rep["layers"] if l["status"] == "rewritten")
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "int8", "--no-per-channel", "--mode", "dynamic",
+                            "--no-validate", "--json", str(tmp_path / "q.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q.json").read_text())["options"]["per_channel"] is False
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--enrgy", "0.9"], "no such option --enrgy (plugin 'tucker' options: allow_growth, energy"),
+    (["--energy"], "--energy needs a value"),
+    (["--energy", "0.9", "--ratio", "0.5"], "choose one way to set ranks"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_plugin_flags(cnn_copy, args, message):
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", *args, "--no-validate"])
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr
+
+
+def test_apply_on_a_raw_model_zoo_file(tmp_path):
+    """The onnx package's light models keep their weights in ConstantOfShape nodes (ir_version 3):
+    folding must cope, from the CLI, and the written model must pass the checker."""
+    import onnx
+    from surgeon import zoo
+    src = tmp_path / "squeezenet.onnx"
+    src.write_bytes(zoo.path("squeezenet").read_bytes())
+    r = runner.invoke(app, ["apply", str(src), "--plugin", "tucker", "--guard", "none",
+                            "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "squeezenet.tucker.onnx"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["rewritten"] > 10 and rep["validation"]["worst_rel_l2"] < 1e-3  # 0.02-filled kernels are rank one
