@@ -77,7 +77,7 @@ def _mini_model(nodes: list[gs.Node], x: gs.Tensor, y: gs.Tensor, x_shape, opset
 
 
 def time_rewrite(node: gs.Node, chain: list[gs.Node], x_shape: tuple[int, ...], opset: int,
-                 threads: int = 0, budget_s: float = 0.6, seed: int = 0,
+                 threads: int = 0, budget_s: float = 0.3, seed: int = 0,
                  shapes: dict[str, tuple[int, ...]] | None = None) -> GuardResult:
     """Median latency of `node` alone vs `chain` alone on random inputs (`x` of `x_shape`)."""
     x, y = node.inputs[0], node.outputs[0]
