@@ -79,6 +79,11 @@ def _data(path: Path | None, model, shapes, labels: str, samples: int | None = N
     return calibration.synthesize(model, shapes, samples=samples or calibration.DEFAULT_SYNTHETIC_SAMPLES, seed=seed)
 
 
+def _shapes_of(ds) -> dict[str, tuple[int, ...]]:
+    """Input shapes of one batch of a data set (the model's fixed batch, or 1)."""
+    return {k: (ds.batch or 1,) + tuple(v.shape[1:]) for k, v in ds.inputs.items()} if ds is not None else {}
+
+
 def _parse_kv(items: list[str] | None) -> dict[str, str]:
     opts = {}
     for item in items or ():
@@ -189,12 +194,14 @@ def apply_cmd(
         if target.exists() and model.exists() and target.resolve() == model.resolve():
             raise UsageError("the output would overwrite the input model; choose another path with -o")
         m = model_io.load(model)
-        shapes = calibration.parse_shapes(shape)
+        given = calibration.load_data(data, m, labels_key=labels) if data else None
+        calib_data = calibration.load_data(calib, m, labels_key=labels) if calib else None
+        # dynamic dims take the data's sizes unless --shape says otherwise
+        shapes = {**_shapes_of(calib_data or given), **calibration.parse_shapes(shape)}
         concrete = calibration.resolve_shapes(m, shapes)
-        eval_data = _data(data, m, concrete, labels, seed=seed) if (data or not no_validate) else None
-        plug_data = _data(calib, m, concrete, labels, seed=seed) if calib else eval_data
-        if plug_data is None:
-            plug_data = _data(None, m, concrete, labels, seed=seed)
+        synthetic = None if given and calib_data else _data(None, m, concrete, labels, seed=seed)
+        eval_data = given or synthetic
+        plug_data = calib_data or eval_data
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=json_out == "-") as bar:
@@ -231,6 +238,10 @@ def apply_cmd(
                 for t in report.validation_tables(doc["validation"]):
                     out.print(t)
         _emit_json(json_out, doc)
+        failed = [l for l in result.layers if l.reason.startswith("plugin error:")]
+        if failed:
+            raise SurgeonError(f"{plugin} failed on {len(failed)} layer(s), left as they were: "
+                               + "; ".join(f"{l.layer}: {l.reason}" for l in failed[:3]))
         budget = result.extras.get("fallback") or {}
         if budget.get("met") is False:
             raise BudgetExceeded(f"{plugin}: the budget {budget.get('budget')} was not met; {target} holds the "
@@ -257,8 +268,9 @@ def validate_cmd(
     with _errors():
         a = model_io.load(original)
         b = model_io.load(candidate)
-        concrete = calibration.resolve_shapes(a, calibration.parse_shapes(shape))
-        ds = _data(data, a, concrete, labels, seed=seed)
+        given = calibration.load_data(data, a, labels_key=labels) if data else None
+        concrete = calibration.resolve_shapes(a, {**_shapes_of(given), **calibration.parse_shapes(shape)})
+        ds = given or _data(None, a, concrete, labels, seed=seed)
         v = run_validation(a, b, ds, threads=threads, latency=not no_latency, latency_batch=batch).to_json()
         failures = []
         if max_drift is not None and v["worst_rel_l2"] > max_drift:

@@ -175,3 +175,36 @@ def test_apply_on_a_raw_model_zoo_file(tmp_path):
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["rewritten"] > 10 and rep["validation"]["worst_rel_l2"] < 1e-3  # 0.02-filled kernels are rank one
+
+
+def test_dynamic_dims_come_from_the_data(tmp_path):
+    """A [N, D] input with D dynamic: --data fixes D; without data or --shape it is a clear error."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+    from tests.models import make_model, tensor
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", ["N", "T", 16])],
+                   [tensor("y", ["N", "T", 4])], [w])
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((3, 5, 16)).astype(np.float32))
+    r = runner.invoke(app, ["validate", str(p), str(p), "--no-latency"])
+    assert r.exit_code == 2 and "dynamic dimension 1 (T)" in r.stderr
+    r = runner.invoke(app, ["validate", str(p), str(p), "--data", str(tmp_path / "d.npz"), "--no-latency"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["validate", str(p), str(p), "--shape", "x=2x7x16", "--no-latency"])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_layer_the_plugin_fails_on_sets_exit_code_1(third_party, cnn_copy, monkeypatch):
+    import relu_clip_plugin
+
+    def broken(self, graph, cand, ctx, opts):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(relu_clip_plugin.ReluToClip, "rewrite", broken)
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "relu-clip", "--no-validate"])
+    assert r.exit_code == 1, r.output
+    assert "relu-clip failed on 6 layer(s)" in r.stderr and "kaboom" in r.stderr
