@@ -26,8 +26,9 @@ What is rewritten (ONNX Gemm: Y = alpha A' B' + beta C, A' = A^T if transA, B' =
 A bias added after a MatMul (the MatMul + Add that PyTorch exports) stays where it is, after
 the second MatMul. For 2-D Gemm inputs, MatMul -> Gemm and MatMul -> MatMul -> Add timed the
 same in onnxruntime (within noise); MatMul -> MatMul is the only form that broadcasts over
-leading dims, hence the MatMul case. Shared weights are skipped: factorizing some of their
-users would add weights, not remove them.
+leading dims, hence the MatMul case. A shared (tied) weight is factorized once and its users
+share A and B, but only if all of them read it the same way and all are rewritten (later
+users follow the first one's guard verdict): factorizing some of them would add weights.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class GemmToSvd(GraphPlugin):
             return refusal
         w = value.T if node.attrs.get("transB", 0) else value  # (in, out)
         return Candidate(node, {"w": w, "weight": weight.name, "alpha": float(node.attrs.get("alpha", 1.0)),
-                                "beta": float(node.attrs.get("beta", 1.0))})
+                                "beta": float(node.attrs.get("beta", 1.0)), "group": _users(node, weight)})
 
     def _select_matmul(self, node: gs.Node) -> Candidate | Skip:
         left, right = node.inputs[0], node.inputs[1]
@@ -141,7 +142,8 @@ class GemmToSvd(GraphPlugin):
         refusal = _refuse_weight(node, right, rv)
         if refusal:
             return refusal
-        return Candidate(node, {"w": rv, "weight": right.name, "alpha": 1.0, "beta": 1.0})
+        return Candidate(node, {"w": rv, "weight": right.name, "alpha": 1.0, "beta": 1.0,
+                                "group": _users(node, right)})
 
     # --- the rewrite -------------------------------------------------------------------------
 
@@ -166,9 +168,18 @@ class GemmToSvd(GraphPlugin):
 
         chain = Chain(graph, node, "svd")
         x = node.inputs[0]
-        h = chain.op("MatMul", "down", [x, chain.const("A", a)], dtype=w.dtype)
+        shared = self._shared_factors(graph, cand, ctx)
+        if isinstance(shared, Skip):
+            return shared
+        if shared is None:
+            const_a, const_b = chain.const("A", a), chain.const("B", b)
+            if len(cand.data["group"]) > 1:  # the first user of a shared weight makes the factors for all
+                graph.__dict__.setdefault("_svd_shared", {})[cand.data["weight"]] = (node.name, const_a, const_b)
+        else:
+            const_a, const_b = shared
+        h = chain.op("MatMul", "down", [x, const_a], dtype=w.dtype)
         if node.op == "Gemm":
-            inputs, attrs = [h, chain.const("B", b)], {}
+            inputs, attrs = [h, const_b], {}
             if bias is not None:
                 c = constant_value(bias)
                 if beta == 1.0:
@@ -180,11 +191,36 @@ class GemmToSvd(GraphPlugin):
                     attrs["beta"] = beta
             chain.op("Gemm", "up", inputs, attrs, dtype=w.dtype)
         else:
-            chain.op("MatMul", "up", [h, chain.const("B", b)], dtype=w.dtype)
+            chain.op("MatMul", "up", [h, const_b], dtype=w.dtype)
 
         details = self._details(ctx, x, w, a, b, alpha, f.s, r, before, after)
         log.debug("%s: rank %d of %d, rel. error %.3g", node.name, r, n, details["rel_error"])
-        return Rewrite(chain.nodes, details)
+        if shared is not None:
+            details["shared_with"] = graph.__dict__["_svd_shared"][cand.data["weight"]][0]
+        # later users of a shared weight follow the first one's guard verdict
+        return Rewrite(chain.nodes, details, timed=shared is None)
+
+    @staticmethod
+    def _shared_factors(graph: gs.Graph, cand: Candidate, ctx: Context):
+        """For a weight shared by several users: None for the first (it makes the factors),
+        the first one's (A, B) constants for the others, or a Skip when they cannot all be
+        rewritten (factorizing only some users would add parameters)."""
+        group = cand.data["group"]
+        if len(group) < 2:
+            return None
+        node, weight = cand.node, cand.data["weight"]
+        left_out = [n for n in group if n not in ctx.selected]
+        if left_out:
+            return Skip(node.name, node.op, f"weight '{weight}' is shared with {', '.join(left_out)}, which this run "
+                                            "does not rewrite (--layers); factorizing only some users would add "
+                                            "parameters")
+        first = graph.__dict__.get("_svd_shared", {}).get(weight)
+        if first is None:
+            return None
+        first_layer, const_a, const_b = first
+        if ctx.outcomes.get(first_layer) != "rewritten":
+            return Skip(node.name, node.op, f"weight '{weight}' is shared with {first_layer}, which was not rewritten")
+        return const_a, const_b
 
     @staticmethod
     def _details(ctx: Context, x: gs.Tensor, w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float,
@@ -216,11 +252,24 @@ def _refuse_weight(node: gs.Node, weight: gs.Tensor, value: np.ndarray) -> Skip 
     if min(value.shape) < 2:
         return Skip(node.name, node.op, f"weight '{weight.name}' {list(value.shape)} has rank at most 1")
     others = shared_by(weight, node)
-    if others:
-        names = ", ".join(sorted(o.name for o in others))
-        return Skip(node.name, node.op, f"weight '{weight.name}' is shared with {len(others)} other node(s) "
-                                        f"({names}); factorizing one user would add parameters")
+    differ = [o for o in others if _usage(o, weight) != _usage(node, weight)]
+    if differ:
+        names = ", ".join(sorted(o.name for o in differ))
+        return Skip(node.name, node.op, f"weight '{weight.name}' is shared with {len(differ)} node(s) that use it "
+                                        f"differently ({names}); factorizing one user would add parameters")
     return None
+
+
+def _usage(node: gs.Node, weight: gs.Tensor) -> tuple:
+    """How a node uses a weight: users with the same usage can share one factorization."""
+    attrs = node.attrs
+    return (node.op, tuple(i for i, t in enumerate(node.inputs) if t is weight),
+            attrs.get("transA", 0), attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))
+
+
+def _users(node: gs.Node, weight: gs.Tensor) -> list[str]:
+    """Every node that reads the weight (itself included), in graph order of their names."""
+    return sorted({node.name, *(o.name for o in shared_by(weight, node))})
 
 
 PLUGINS = [GemmToSvd]

@@ -134,34 +134,38 @@ def _apply_graph_plugin(plug: GraphPlugin, source: onnx.ModelProto, ctx: Context
             reports.append(LayerReport(item.layer, item.node.op, "skipped", "not matched by --layers"))
         else:
             candidates.append(item)
+    ctx.selected = {c.layer for c in candidates}
     for i, cand in enumerate(candidates):
         ctx.tick(i, len(candidates), cand.layer)
-        o = layer_opts.get(cand.layer, opts)
-        try:
-            result = plug.rewrite(graph, cand, ctx, o)
-        except SurgeonError:
-            raise
-        except Exception as exc:  # a plugin bug must not lose the whole run: report it on the layer
-            log.exception("plugin %s failed on %s", plug.name, cand.layer)
-            reports.append(LayerReport(cand.layer, cand.node.op, "skipped",
-                                       f"plugin error: {type(exc).__name__}: {exc}"))
-            continue
-        if isinstance(result, Skip):
-            reports.append(LayerReport(cand.layer, cand.node.op, "skipped", result.reason, {}))
-            continue
-        details = dict(result.details)
-        verdict = _guarded(cand.node, result, ctx, o)
-        if verdict is not None:
-            details["guard"] = verdict.to_json()
-            if verdict.speedup <= 1.0:
-                detach(result.chain)
-                reports.append(LayerReport(cand.layer, cand.node.op, "skipped",
-                                           f"slower ({1 / verdict.speedup:.2f}x the original's time)", details))
-                continue
-        replace_with_chain(graph, cand.node, result.chain)
-        reports.append(LayerReport(cand.layer, cand.node.op, "rewritten", "", details))
+        rep = _rewrite_one(plug, graph, cand, ctx, layer_opts.get(cand.layer, opts))
+        ctx.outcomes[cand.layer] = rep.status
+        reports.append(rep)
     ctx.tick(len(candidates), len(candidates), "done")
     return to_model(graph, like=source), reports
+
+
+def _rewrite_one(plug: GraphPlugin, graph: gs.Graph, cand: Candidate, ctx: Context, o: Any) -> LayerReport:
+    """Ask the plugin for a rewrite, time it if asked, splice it in; say what happened."""
+    op = cand.node.op
+    try:
+        result = plug.rewrite(graph, cand, ctx, o)
+    except SurgeonError:
+        raise
+    except Exception as exc:  # a plugin bug must not lose the whole run: report it on the layer
+        log.exception("plugin %s failed on %s", plug.name, cand.layer)
+        return LayerReport(cand.layer, op, "skipped", f"plugin error: {type(exc).__name__}: {exc}")
+    if isinstance(result, Skip):
+        return LayerReport(cand.layer, op, "skipped", result.reason)
+    details = dict(result.details)
+    verdict = _guarded(cand.node, result, ctx, o) if result.timed else None
+    if verdict is not None:
+        details["guard"] = verdict.to_json()
+        if verdict.speedup <= 1.0:
+            detach(result.chain)
+            return LayerReport(cand.layer, op, "skipped", f"slower ({1 / verdict.speedup:.2f}x the original's time)",
+                               details)
+    replace_with_chain(graph, cand.node, result.chain)
+    return LayerReport(cand.layer, op, "rewritten", "", details)
 
 
 def _guarded(node: gs.Node, result: Rewrite, ctx: Context, opts: Any) -> _guard.GuardResult | None:

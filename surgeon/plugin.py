@@ -66,6 +66,9 @@ class Rewrite:
 
     chain: list[gs.Node]
     details: dict[str, Any] = field(default_factory=dict)
+    # False when the plugin already decided with another layer's verdict (users of a shared
+    # weight are rewritten together, or not at all), so the latency guard does not time it again
+    timed: bool = True
 
 
 @dataclass
@@ -111,6 +114,8 @@ class Context:
     seed: int = 0
     opset: int = 13
     progress: Any = None  # callable(done: int, total: int, description: str)
+    selected: set[str] = field(default_factory=set)  # candidates that passed --layers
+    outcomes: dict[str, str] = field(default_factory=dict)  # layer -> "rewritten" | "skipped", so far
 
     def tick(self, done: int, total: int, description: str = "") -> None:
         """Report progress on long work (the CLI shows it as a bar)."""

@@ -218,6 +218,56 @@ def test_shared_weight_is_skipped_and_graph_unchanged():
     assert_close_outputs(model, out, random_feeds(model), rtol=0)
 
 
+def tied_model():
+    """Two MatMuls read the same weight the same way (tied weights)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x1", "w"], ["y1"], name="left"),
+                        helper.make_node("MatMul", ["x2", "w"], ["y2"], name="right")],
+                       [tensor("x1", [3, 16]), tensor("x2", [5, 16])], [tensor("y1", [3, 16]), tensor("y2", [5, 16])],
+                       [init("w", w)])
+    return model, w
+
+
+def test_tied_weight_users_share_one_factorization():
+    model, w = tied_model()
+    result = surgeon.apply(model, "svd", {**NONE, "rank": 4})
+    assert {l.layer: l.status for l in result.layers} == {"left": "rewritten", "right": "rewritten"}
+    assert only(result, "right").details["shared_with"] == "left"
+    out = checked(result.model)
+    assert sorted(t.name for t in out.graph.initializer) == ["left/svd/A", "left/svd/B"]  # one pair, W gone
+    f = factorize(w.astype(np.float64), 4)
+    rng = np.random.default_rng(0)
+    feeds = {"x1": rng.standard_normal((3, 16)).astype(np.float32), "x2": rng.standard_normal((5, 16)).astype(np.float32)}
+    y1, y2 = run(out, feeds)
+    assert rel_l2(feeds["x1"] @ f.a @ f.b, y1) < 1e-5 and rel_l2(feeds["x2"] @ f.a @ f.b, y2) < 1e-5
+
+
+def test_tied_weight_with_one_user_left_out_is_skipped():
+    model, _ = tied_model()
+    result = surgeon.apply(model, "svd", {**NONE, "rank": 4}, layers="^left$")
+    rep = only(result, "left")
+    assert rep.status == "skipped" and "shared with right, which this run does not rewrite" in rep.reason
+    assert op_counts(checked(result.model)) == {"MatMul": 2}
+
+
+def test_tied_weight_follows_the_first_users_guard_verdict(monkeypatch):
+    timed = []
+
+    def slower(node, chain, shape, *args, **kwargs):
+        timed.append(node.name)
+        return guard.GuardResult(original_ms=1.0, chain_ms=2.0)
+
+    monkeypatch.setattr(guard, "time_rewrite", slower)
+    model, _ = tied_model()
+    result = surgeon.apply(model, "svd", {"rank": 4})
+    assert timed == ["left"]
+    assert only(result, "left").reason.startswith("slower")
+    assert only(result, "right").reason == "weight 'w' is shared with left, which was not rewritten"
+    out = checked(result.model)
+    assert op_counts(out) == {"MatMul": 2} and [t.name for t in out.graph.initializer] == ["w"]
+
+
 def test_rank_that_saves_nothing_is_skipped():
     # 16 x 16: a pair of rank r has 32 r weights, so rank 8 breaks even and rank 7 saves
     model = gemm_model(n_in=16, n_out=16)
