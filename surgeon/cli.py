@@ -65,18 +65,21 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _emit_json(dest: str | None, obj: dict) -> None:
+def _emit_json(dest: str | None, obj: dict, protect: tuple[Path, ...] = ()) -> None:
     if dest == "-":
         sys.stdout.write(json.dumps(report._jsonable(obj), indent=2) + "\n")
     elif dest:
-        report.write_json(dest, obj)
+        path = Path(dest)
+        if any(p.exists() and path.exists() and path.resolve() == p.resolve() for p in protect):
+            raise UsageError(f"--json {dest} would overwrite a model; choose another report path")
+        if not path.parent.exists():
+            raise UsageError(f"{path.parent}: report folder does not exist")
+        report.write_json(path, obj)
         err.print(f"report written to {dest}")
 
 
-def _data(path: Path | None, model, shapes, labels: str, samples: int | None = None, seed: int = 0):
-    if path is not None:
-        return calibration.load_data(path, model, labels_key=labels, limit=samples)
-    return calibration.synthesize(model, shapes, samples=samples or calibration.DEFAULT_SYNTHETIC_SAMPLES, seed=seed)
+def _synthesized(model, shapes, seed: int = 0):
+    return calibration.synthesize(model, shapes, samples=calibration.DEFAULT_SYNTHETIC_SAMPLES, seed=seed)
 
 
 def _shapes_of(ds) -> dict[str, tuple[int, ...]]:
@@ -151,7 +154,7 @@ def inspect_cmd(model: Annotated[Path, typer.Argument(help="ONNX model")], json_
         shapes = calibration.resolve_shapes(prepared, calibration.parse_shapes(shape))
         prof = profile(prepared, shapes)
         prof.file_bytes = model.stat().st_size
-        _emit_json(json_out, {"model": str(model), "input_shapes": shapes, **prof.to_json()})
+        _emit_json(json_out, {"model": str(model), "input_shapes": shapes, **prof.to_json()}, protect=(model,))
         if json_out != "-":
             out.print(report.profile_table(prof, title=f"{model.name}"))
             out.print(f"size on disk: {report.human_bytes(prof.file_bytes)}")
@@ -193,13 +196,15 @@ def apply_cmd(
         target = output or model.with_name(f"{model.stem}.{plugin}.onnx")
         if target.exists() and model.exists() and target.resolve() == model.resolve():
             raise UsageError("the output would overwrite the input model; choose another path with -o")
+        if json_out not in (None, "-") and Path(json_out).resolve() in (model.resolve(), target.resolve()):
+            raise UsageError(f"--json {json_out} would overwrite a model; choose another report path")
         m = model_io.load(model)
         given = calibration.load_data(data, m, labels_key=labels) if data else None
         calib_data = calibration.load_data(calib, m, labels_key=labels) if calib else None
         # dynamic dims take the data's sizes unless --shape says otherwise
         shapes = {**_shapes_of(calib_data or given), **calibration.parse_shapes(shape)}
         concrete = calibration.resolve_shapes(m, shapes)
-        synthetic = None if given and calib_data else _data(None, m, concrete, labels, seed=seed)
+        synthetic = None if given and calib_data else _synthesized(m, concrete, seed)
         eval_data = given or synthetic
         plug_data = calib_data or eval_data
 
@@ -237,7 +242,7 @@ def apply_cmd(
             if json_out != "-":
                 for t in report.validation_tables(doc["validation"]):
                     out.print(t)
-        _emit_json(json_out, doc)
+        _emit_json(json_out, doc, protect=(model, target))
         failed = [l for l in result.layers if l.reason.startswith("plugin error:")]
         if failed:
             raise SurgeonError(f"{plugin} failed on {len(failed)} layer(s), left as they were: "
@@ -270,7 +275,7 @@ def validate_cmd(
         b = model_io.load(candidate)
         given = calibration.load_data(data, a, labels_key=labels) if data else None
         concrete = calibration.resolve_shapes(a, {**_shapes_of(given), **calibration.parse_shapes(shape)})
-        ds = given or _data(None, a, concrete, labels, seed=seed)
+        ds = given or _synthesized(a, concrete, seed)
         v = run_validation(a, b, ds, threads=threads, latency=not no_latency, latency_batch=batch).to_json()
         failures = []
         if max_drift is not None and v["worst_rel_l2"] > max_drift:
@@ -283,7 +288,8 @@ def validate_cmd(
         if json_out != "-":
             for t in report.validation_tables(v):
                 out.print(t)
-        _emit_json(json_out, {"original": str(original), "candidate": str(candidate), **v})
+        _emit_json(json_out, {"original": str(original), "candidate": str(candidate), **v},
+                   protect=(original, candidate))
         if failures:
             raise BudgetExceeded("; ".join(failures))
 

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from surgeon import guard as _guard
 from surgeon.calibration import DataSet, resolve_shapes
-from surgeon.errors import SurgeonError, UsageError
+from surgeon.errors import ModelError, SurgeonError, UsageError
 from surgeon.model import check_model, fold_constants, to_graph, to_model
 from surgeon.plugin import (Candidate, Context, GraphPlugin, LayerReport, ModelPlugin, Plugin, Rewrite, Skip,
                             registry as default_registry)
@@ -65,7 +65,7 @@ def layer_filter(pattern: str | None) -> Callable[[str], bool]:
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The form every plugin sees: constants folded into initializers, shapes inferred."""
+    """The form every plugin sees: Constant nodes and constant subgraphs folded into initializers."""
     return fold_constants(model)
 
 
@@ -102,7 +102,10 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
         extras = {}
     else:
         raise UsageError(f"plugin '{plug.name}' is neither a GraphPlugin nor a ModelPlugin")
-    check_model(out, what=f"output of plugin '{plug.name}'")
+    try:
+        check_model(out, what=f"output of plugin '{plug.name}'")
+    except ModelError as exc:  # the plugin's fault, not the input's: exit 1, not 2
+        raise SurgeonError(str(exc)) from None
     after = profile(out, concrete)
     return SurgeryResult(out, plug.name, _options_dict(opts), reports, before, after,
                          time.perf_counter() - t0, extras)

@@ -208,3 +208,14 @@ def test_a_layer_the_plugin_fails_on_sets_exit_code_1(third_party, cnn_copy, mon
     r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "relu-clip", "--no-validate"])
     assert r.exit_code == 1, r.output
     assert "relu-clip failed on 6 layer(s)" in r.stderr and "kaboom" in r.stderr
+
+
+def test_json_report_never_overwrites_a_model(cnn_copy, tmp_path):
+    before = cnn_copy.read_bytes()
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", "--json", str(cnn_copy)])
+    assert r.exit_code == 2 and "would overwrite a model" in r.stderr
+    r = runner.invoke(app, ["validate", str(cnn_copy), str(cnn_copy), "--no-latency", "--json", str(cnn_copy)])
+    assert r.exit_code == 2 and "would overwrite a model" in r.stderr
+    r = runner.invoke(app, ["inspect", str(cnn_copy), "--json", str(tmp_path / "no" / "r.json")])
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+    assert cnn_copy.read_bytes() == before
