@@ -314,10 +314,11 @@ class Registry:
             package = _package_of(ep)
             try:
                 obj = ep.load()
+                # an entry point names a plugin class or instance, a list of them, or a factory
+                plugins = obj() if callable(obj) and not isinstance(obj, (type, Plugin)) else obj
             except Exception as exc:
                 raise PluginLoadError(f"plugin '{ep.name}' from package '{package}' failed to load "
                                       f"({ep.value}): {type(exc).__name__}: {exc}") from None
-            plugins = obj() if callable(obj) and not isinstance(obj, type) and not isinstance(obj, Plugin) else obj
             if not isinstance(plugins, (list, tuple)):
                 plugins = [plugins]
             for p in plugins:
