@@ -219,3 +219,20 @@ def test_json_report_never_overwrites_a_model(cnn_copy, tmp_path):
     r = runner.invoke(app, ["inspect", str(cnn_copy), "--json", str(tmp_path / "no" / "r.json")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
     assert cnn_copy.read_bytes() == before
+
+
+def test_unmet_budget_writes_the_model_and_exits_1(cnn_copy, monkeypatch):
+    """A plugin that reports its budget unmet (int8's fallback) leaves the closest model and exits 1."""
+    from surgeon import engine
+    real = engine.apply
+
+    def unmet(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.extras["fallback"] = {"budget": "relative L2 drift <= 0.0001", "met": False}
+        return res
+
+    monkeypatch.setattr(engine, "apply", unmet)
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", "--guard", "none", "--no-validate"])
+    assert r.exit_code == 1, r.output
+    assert "budget relative L2 drift <= 0.0001 was not met" in r.stderr
+    assert (cnn_copy.parent / "cnn.tucker.onnx").exists()
