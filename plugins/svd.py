@@ -41,7 +41,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.lowrank import RankOptions, left_singular, matrix_rank
+from surgeon.lowrank import MatrixFactors, RankOptions, matrix_factors, matrix_rank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rewrite import Chain, constant_value, input_or_none, shared_by
 
@@ -78,24 +78,11 @@ class Factors:
     s: np.ndarray
 
 
-def singular_basis(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Leading singular vectors of W on its smaller side: (basis, s, basis_is_left)."""
-    w = np.asarray(w, dtype=np.float64)
-    if w.shape[0] <= w.shape[1]:
-        u, s = left_singular(w)
-        return u, s, True
-    v, s = left_singular(w.T)
-    return v, s, False
-
-
-def factorize(w: np.ndarray, rank: int, basis: tuple[np.ndarray, np.ndarray, bool] | None = None) -> Factors:
+def factorize(w: np.ndarray, rank: int, factors: MatrixFactors | None = None) -> Factors:
     """Rank-`rank` truncated SVD of W (in x out) as A (in x r) @ B (r x out), in float64."""
-    w = np.asarray(w, dtype=np.float64)
-    vecs, s, left = basis if basis is not None else singular_basis(w)
-    q = vecs[:, :rank]
-    if left:  # W ~ U_r (U_r^T W)
-        return Factors(q, q.T @ w, s)
-    return Factors(w @ q, q.T, s)  # W ~ (W V_r) V_r^T
+    factors = factors if factors is not None else matrix_factors(w)
+    a, b = factors.pair(rank)  # U_r (U_r^T W), or (W V_r) V_r^T when in > out
+    return Factors(a, b, factors.values)
 
 
 class GemmToSvd(GraphPlugin):
@@ -153,15 +140,15 @@ class GemmToSvd(GraphPlugin):
         w = cand.data["w"]
         n_in, n_out = w.shape
         n = min(n_in, n_out)
-        basis = singular_basis(w)
-        r = matrix_rank(opts, basis[1], w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO)
+        factors = matrix_factors(w)
+        r = matrix_rank(opts, factors.values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO)
         before, after = n_in * n_out, r * (n_in + n_out)
         if after >= before and not opts.allow_growth:
             return Skip(node.name, node.op, f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} "
                                             f">= {n_in} x {n_out} = {before} (needs rank < "
                                             f"{before / (n_in + n_out):.1f})")
 
-        f = factorize(w, r, basis)
+        f = factorize(w, r, factors)
         alpha, beta = cand.data["alpha"], cand.data["beta"]
         a = f.a.astype(w.dtype)
         b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
