@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from plugins import int8_fallback as fb
-from plugins import int8_graph as ig
-from plugins import int8_ort as io
-from plugins import int8_ranges as ir
+from surgeon.plugins import int8_fallback as fb
+from surgeon.plugins import int8_graph as ig
+from surgeon.plugins import int8_ort as io
+from surgeon.plugins import int8_ranges as ir
 from surgeon.calibration import DataSet, synthesize
 from surgeon.errors import UsageError
 from surgeon.plugin import Context, LayerReport, ModelPlugin

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from plugins.int8_ort import quiet, with_outputs
+from surgeon.plugins.int8_ort import quiet, with_outputs
 from surgeon.calibration import DataSet
 from surgeon.validate import session
 

@@ -92,7 +92,7 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     source = prepare(model)
     concrete = resolve_shapes(source, input_shapes)
     ctx = Context(shapes=tensor_shapes(source, concrete), data=data, threads=threads, seed=seed,
-                  opset=_opset(source), progress=progress)
+                  opset=_opset(source), progress=progress, layer_options=layer_opts)
     before = profile(source, concrete)
 
     if isinstance(plug, ModelPlugin):

@@ -33,7 +33,7 @@ from surgeon.errors import PluginLoadError, UsageError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "surgeon.plugins"
-BUILTIN_MODULES = ("plugins.tucker", "plugins.svd", "plugins.int8")
+BUILTIN_MODULES = ("surgeon.plugins.tucker", "surgeon.plugins.svd", "surgeon.plugins.int8")
 
 
 # --- what plugins produce ----------------------------------------------------------------------
@@ -116,6 +116,14 @@ class Context:
     progress: Any = None  # callable(done: int, total: int, description: str)
     selected: set[str] = field(default_factory=set)  # candidates that passed --layers
     outcomes: dict[str, str] = field(default_factory=dict)  # layer -> "rewritten" | "skipped", so far
+    # per-layer options (a recipe's [[steps.layers]] or a plan), already parsed and merged over
+    # the step's options; whole-model plugins read them through options_for()
+    layer_options: dict[str, Any] = field(default_factory=dict)
+    skip_layers: set[str] = field(default_factory=set)  # layers a recipe says to leave alone
+
+    def options_for(self, layer: str, default: Any) -> Any:
+        """The options that apply to one layer: its override, or the step's."""
+        return self.layer_options.get(layer, default)
 
     def tick(self, done: int, total: int, description: str = "") -> None:
         """Report progress on long work (the CLI shows it as a bar)."""

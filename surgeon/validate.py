@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -50,6 +50,38 @@ def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list
         for acc, r in zip(outs, res):
             acc.append(r)
     return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the intermediate `tensors` (types left to onnxruntime)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=t))  # onnxruntime fills in type and shape
+            have.add(t)
+    return m
+
+
+def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, *, batch: int = 8,
+                   threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Run `model` over `data` batch by batch and yield {tensor: value} for the named tensors
+    (graph inputs, intermediate tensors or outputs). Only one batch of activations is held at a
+    time, so statistics over large calibration sets stay within memory: accumulate as you go."""
+    tensors = list(dict.fromkeys(tensors))
+    inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in tensors if t not in inputs]
+    sess = session(with_outputs(model, fetch), threads)
+    names = [o.name for o in sess.get_outputs()]
+    for feed in data.batches(batch):
+        try:
+            res = dict(zip(names, sess.run(None, feed)))
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise SurgeonError(f"onnxruntime failed to run the model: {text}") from None
+        res.update(feed)
+        yield {t: res[t] for t in tensors}
 
 
 def looks_like_scores(a: np.ndarray) -> bool:

@@ -10,9 +10,9 @@ import pytest
 from onnx import helper
 
 import surgeon
-from plugins import int8_graph as ig
-from plugins import int8_ort as io
-from plugins import int8_ranges as ir
+from surgeon.plugins import int8_graph as ig
+from surgeon.plugins import int8_ort as io
+from surgeon.plugins import int8_ranges as ir
 from surgeon.calibration import DataSet
 from surgeon.errors import UsageError
 from tests.models import (CNN, CNN_CALIB, CNN_TEST, MLP, MLP_CALIB, checked, init, make_model, op_counts, rel_l2,

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 import surgeon
-from plugins.svd import DEFAULT_RATIO, GemmToSvd, factorize
+from surgeon.plugins.svd import DEFAULT_RATIO, GemmToSvd, factorize
 from surgeon import guard
 from surgeon.errors import UsageError
 from surgeon.engine import prepare

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import surgeon
-from plugins.tucker import ConvToTucker, TuckerOptions
+from surgeon.plugins.tucker import ConvToTucker, TuckerOptions
 from surgeon import guard as guard_module
 from surgeon import lowrank
 from surgeon.errors import UsageError
