@@ -1,17 +1,22 @@
-"""int8 on a real ImageNet model: plain onnxruntime quantize_static vs surgeon's `int8`.
+"""int8 on real networks, one run, same data: fp32, onnxruntime's plain quantize_static,
+NNCF's nncf.quantize (when installed) and surgeon's int8 defaults.
 
-    python benchmarks/int8.py [--max-drift 0.08] [--min-agreement 0.9] [--option key=value ...]
+    python benchmarks/int8.py [--networks eff,det] [--option key=value ...] [--json out.json]
 
-Model and photos come from ../shared (EfficientNet-Lite0, 96 photos: the first 32 calibrate,
-the other 64 evaluate). Both quantized models see the same 32 calibration photos; drift and
-top-1 agreement are measured against the float model on the 64 evaluation photos, which
-neither quantizer saw. Latency is timed interleaved (plain, surgeon, surgeon, plain, ...)
-at batch 1 and 8 in the same run.
+Models and photos come from ../shared: EfficientNet-Lite0 (photos as (p - 127) / 128 RGB) and the
+ddddocr detector (photos resized to 416, BGR, raw pixels). The first 32 photos calibrate every
+quantizer; drift and top-1 agreement (classifier only) are measured against fp32 on the other 64,
+which no quantizer saw. Latency: each model timed interleaved with plain quantize_static's at
+batch 1 and 8 (the detector has a static batch of 1). Quantization time is wall clock.
+
+NNCF is an optional extra (pip install 'surgeon[bench]', or a separate interpreter given with
+--nncf-python, e.g. /work/venv-nncf/bin/python): it runs in a subprocess of that interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -25,15 +30,46 @@ from rich.table import Table
 
 import surgeon
 from surgeon.calibration import DataSet
-from surgeon.validate import drift_metrics, latency_ab, session
+from surgeon.validate import drift_metrics, latency_ab, run, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 MODEL = SHARED / "models" / "efficientnet_lite0.onnx"
+DETECTOR = SHARED / "models" / "ddddocr_det.onnx"
 PHOTOS = SHARED / "data" / "photos224.npz"
+NNCF_WORKER = """
+import sys, numpy as np, onnx, nncf
+model = onnx.load(sys.argv[1]); data = np.load(sys.argv[2]); name = sys.argv[4]; b = int(sys.argv[5])
+ds = nncf.Dataset([{name: data[i:i + b]} for i in range(0, len(data), b)])
+onnx.save(nncf.quantize(model, ds, subset_size=len(data)), sys.argv[3])
+"""
 
 
-def plain_quantize(model_path: Path, calib: np.ndarray) -> onnx.ModelProto:
+def network(which: str) -> tuple[Path, str, np.ndarray, int | None]:
+    """Model path, input name, the 96 photos preprocessed for it, static batch (or None)."""
+    images = np.load(PHOTOS)["images"]
+    if which == "eff":
+        return MODEL, "input", ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy(), None
+    from PIL import Image
+    x = np.stack([np.asarray(Image.fromarray(im).resize((416, 416), Image.BILINEAR))[..., ::-1] for im in images])
+    return DETECTOR, "images", x.astype(np.float32).transpose(0, 3, 1, 2).copy(), 1
+
+
+def nncf_quantize(python: str, model_path: Path, calib: np.ndarray, name: str, batch: int) -> onnx.ModelProto | str:
+    """nncf.quantize (ONNX backend, defaults) in `python`; a string says why it did not run."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "calib.npy", calib)
+        out = Path(tmp) / "nncf.onnx"
+        proc = subprocess.run([python, "-c", NNCF_WORKER, str(model_path), str(Path(tmp) / "calib.npy"), str(out),
+                               name, str(batch)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            return "nncf not installed: pip install 'surgeon[bench]'" if "No module named 'nncf'" in last else last
+        return onnx.load(str(out))
+
+
+def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", batch: int = 8) -> onnx.ModelProto:
     """What a user gets from onnxruntime alone: pre-process, then QDQ per-channel U8S8 MinMax."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -41,7 +77,7 @@ def plain_quantize(model_path: Path, calib: np.ndarray) -> onnx.ModelProto:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = [{"input": calib[i:i + 8]} for i in range(0, len(calib), 8)]
+            self.batches = [{name: calib[i:i + batch]} for i in range(0, len(calib), batch)]
 
         def get_next(self):
             return self.batches.pop(0) if self.batches else None
@@ -55,83 +91,93 @@ def plain_quantize(model_path: Path, calib: np.ndarray) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
+def bench(which: str, args, options: dict, console: Console) -> dict:
+    path, name, x, static = network(which)
+    calib, held = x[:32], x[32:]
+    batch = static or 8
+    fp32 = surgeon.load(path)
+    models, seconds, notes = {}, {}, {}
+    t0 = time.perf_counter()
+    models["plain"] = plain_quantize(path, calib, name, batch)
+    seconds["plain"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = nncf_quantize(args.nncf_python, path, calib, name, batch)
+    if isinstance(got, str):
+        notes["nncf"] = got
+        console.print(f"[yellow]{which}: NNCF skipped: {got}[/]")
+    else:
+        models["nncf"] = got
+        seconds["nncf"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = surgeon.apply(fp32, "int8", options, data=DataSet({name: calib}, source="photos 0-31", batch=static),
+                           threads=args.threads)
+    seconds["surgeon"] = time.perf_counter() - t0
+    models["surgeon"] = result.model
+    sessions = {"fp32": session(fp32, args.threads), **{k: session(m, args.threads) for k, m in models.items()}}
+    held_ds = DataSet({name: held}, source="photos 32-95", batch=static)
+    ref = run(sessions["fp32"], held_ds)[0]
+    quality = {k: drift_metrics(ref, run(s, held_ds)[0]) for k, s in sessions.items() if k != "fp32"}
+    lat: dict[str, dict[int, float]] = {k: {} for k in sessions}
+    for bs in ((1,) if static else (1, 8)):
+        feed = {name: held[:bs]}
+        for k, s in sessions.items():
+            if k == "plain":
+                continue
+            a, b = latency_ab(sessions["plain"], s, feed, budget_s=args.budget_s)
+            lat["plain"].setdefault(bs, a.median_ms)
+            lat[k][bs] = b.median_ms
+    return {"network": which, "model": path.name, "calibration_rows": len(calib), "evaluation_rows": len(held),
+            "quality": quality, "latency_ms": lat, "quantize_seconds": seconds, "notes": notes,
+            "surgeon_steps": result.extras.get("steps"), "surgeon_options": options,
+            "weight_rounding": result.extras.get("weight_rounding"), "explain": result.extras.get("explain")}
+
+
+def print_table(r: dict, console: Console) -> None:
+    t = Table(title=f"{r['model']}: {r['calibration_rows']} calibration / {r['evaluation_rows']} held-out photos")
+    for col in ("model", "agree", "drift", "b1 ms", "b8 ms", "quant s"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    names = {"fp32": "fp32", "plain": "ort quantize_static", "nncf": "nncf.quantize", "surgeon": "surgeon int8"}
+    for k, label in names.items():
+        if k not in r["latency_ms"]:
+            continue
+        q = r["quality"].get(k, {})
+        agree = f"{q['top1_agreement']:.1%}" if "top1_agreement" in q else ("100%" if k == "fp32" else "-")
+        drift = f"{q['rel_l2']:.4f}" if q else "0"
+        lat = r["latency_ms"][k]
+        sec = r["quantize_seconds"].get(k)
+        t.add_row(label, agree, drift, f"{lat.get(1, float('nan')):.2f}",
+                  f"{lat[8]:.2f}" if 8 in lat else "-", f"{sec:.1f}" if sec is not None else "")
+    console.print(t)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-drift", type=float, default=None)
-    ap.add_argument("--min-agreement", type=float, default=None)
+    ap.add_argument("--networks", default="eff,det", help="comma-separated: eff (EfficientNet-Lite0), det (detector)")
     ap.add_argument("--option", action="append", default=[], help="extra int8 option key=value")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=6.0, help="seconds of timing per batch size")
+    ap.add_argument("--budget-s", type=float, default=4.0, help="seconds of timing per pair and batch size")
+    ap.add_argument("--nncf-python", default=sys.executable, help="interpreter with nncf installed")
+    ap.add_argument("--json", default="int8-benchmark.json", help="where to save every figure")
     args = ap.parse_args()
-    console = Console()
-    if not MODEL.exists() or not PHOTOS.exists():
-        console.print(f"[yellow]skipped: {MODEL} or {PHOTOS} not found (benchmarks read ../shared)[/]")
+    console = Console(width=80)
+    if not PHOTOS.exists():
+        console.print(f"[yellow]skipped: {PHOTOS} not found (benchmarks read ../shared)[/]")
         return 0
     logging.basicConfig(level=logging.ERROR)
-
-    images = np.load(PHOTOS)["images"]
-    x = ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-    calib, held = x[:32], x[32:]
-    fp32 = surgeon.load(MODEL)
-
-    t0 = time.perf_counter()
-    plain = plain_quantize(MODEL, calib)
-    t_plain = time.perf_counter() - t0
-
     options = dict(o.split("=", 1) for o in args.option)
-    if args.max_drift is not None:
-        options["max_drift"] = args.max_drift
-    if args.min_agreement is not None:
-        options["min_agreement"] = args.min_agreement
-    if "max_drift" not in options and "min_agreement" not in options:
-        options["min_agreement"] = 0.9
-    t0 = time.perf_counter()
-    result = surgeon.apply(fp32, "int8", options, data=DataSet({"input": calib}, source="photos 0-31"),
-                           threads=args.threads)
-    t_surgeon = time.perf_counter() - t0
-    ours = result.model
-
-    s_fp32, s_plain, s_ours = (session(m, args.threads) for m in (fp32, plain, ours))
-    ref = s_fp32.run(None, {"input": held})[0]
-    quality = {name: drift_metrics(ref, s.run(None, {"input": held})[0])
-               for name, s in (("plain", s_plain), ("surgeon", s_ours))}
-    lat = {}
-    for bs in (1, 8):
-        feed = {"input": held[:bs]}
-        a, b = latency_ab(s_plain, s_ours, feed, budget_s=args.budget_s)
-        f, _ = latency_ab(s_fp32, s_plain, feed, budget_s=args.budget_s / 2)
-        lat[bs] = {"fp32": f.median_ms, "plain": a.median_ms, "surgeon": b.median_ms}
-
-    table = Table(title=f"EfficientNet-Lite0 int8: 32 calibration photos, {len(held)} held-out photos, "
-                        f"threads={args.threads or 'default'}")
-    for col in ("model", "top-1 agreement", "rel. L2 drift", "batch 1 ms", "batch 8 ms", "quantize s"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("fp32", "100.0%", "0", f"{lat[1]['fp32']:.2f}", f"{lat[8]['fp32']:.2f}", "")
-    table.add_row("onnxruntime quantize_static (QDQ, per-channel, U8S8, MinMax)",
-                  f"{quality['plain']['top1_agreement']:.1%}", f"{quality['plain']['rel_l2']:.4f}",
-                  f"{lat[1]['plain']:.2f}", f"{lat[8]['plain']:.2f}", f"{t_plain:.1f}")
-    table.add_row(f"surgeon int8 ({', '.join(f'{k}={v}' for k, v in options.items())})",
-                  f"{quality['surgeon']['top1_agreement']:.1%}", f"{quality['surgeon']['rel_l2']:.4f}",
-                  f"{lat[1]['surgeon']:.2f}", f"{lat[8]['surgeon']:.2f}", f"{t_surgeon:.1f}")
-    console.print(table)
-    console.print("latency ratio surgeon/plain: batch 1 {:.3f}, batch 8 {:.3f}".format(
-        lat[1]["surgeon"] / lat[1]["plain"], lat[8]["surgeon"] / lat[8]["plain"]))
-    ex = result.extras
-    steps = Table(title="what surgeon's int8 did (drift measured by the plugin on its own calibration data)")
-    steps.add_column("step")
-    steps.add_column("rel. L2 drift", justify="right")
-    for s in ex.get("steps", []):
-        steps.add_row(s["step"], f"{s['rel_l2']:.4f}")
-    console.print(steps)
-    if "calibration_auto" in ex:  # --option calibration=auto
-        a = ex["calibration_auto"]
-        console.print(f"[bold]calibration_auto[/]: per tensor {a['counts']}, drift minmax "
-                      f"{a['drift_minmax']['rel_l2']:.4f} -> auto {a['drift_auto']['rel_l2']:.4f}, kept={a['kept']}, "
-                      f"{a['seconds_total']:.1f} s (of which {a['seconds']})")
-    for key in ("equalization", "bias_correction", "fallback"):
-        if key in ex:
-            info = {k: v for k, v in ex[key].items() if k not in ("skipped", "ranking")}
-            console.print(f"[bold]{key}[/]: {info}")
+    results = []
+    for which in args.networks.split(","):
+        path = MODEL if which == "eff" else DETECTOR
+        if not path.exists():
+            console.print(f"[yellow]{which}: skipped, {path} not found[/]")
+            continue
+        r = bench(which, args, options, console)
+        print_table(r, console)
+        console.print("surgeon steps (drift on its calibration rows): " +
+                      ", ".join(f"{s['step']} {s['rel_l2']:.4f}" for s in r["surgeon_steps"] or []))
+        results.append(r)
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    console.print(f"saved {args.json}")
     return 0
 
 

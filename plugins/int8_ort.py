@@ -19,8 +19,9 @@ import onnx
 from onnx import helper
 
 from surgeon.calibration import DataSet
+from surgeon.model import scratch_cwd
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.validate import drift_metrics, looks_like_scores, session
+from surgeon.validate import drift_metrics, looks_like_scores, run, session
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,12 @@ def pre_process(model: onnx.ModelProto, ws: Workspace) -> onnx.ModelProto:
     src = ws.save(model, "float")
     out = ws.path("preprocessed")
     try:
-        with quiet():
+        with quiet(), scratch_cwd():
             quant_pre_process(src, out, skip_optimization=True, skip_symbolic_shape=False)
     except Exception as exc:
         log.info("pre-processing with symbolic shape inference failed (%s); retrying without", _first_line(exc))
         try:
-            with quiet():
+            with quiet(), scratch_cwd():
                 quant_pre_process(src, out, skip_optimization=True, skip_symbolic_shape=True)
         except Exception as exc2:
             raise UsageError(f"onnxruntime's quantization pre-processing cannot handle this model: "
@@ -199,15 +200,8 @@ def quantize_nbits(model: onnx.ModelProto, bits: int, block_size: int, exclude: 
 # --- measuring --------------------------------------------------------------------------------
 
 def run_outputs(model: onnx.ModelProto, data: DataSet, threads: int = 0, batch: int = 32) -> list[np.ndarray]:
-    sess = session(model, threads)
-    outs: list[list[np.ndarray]] = []
-    for feed in data.batches(batch):
-        res = sess.run(None, feed)
-        if not outs:
-            outs = [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(r)
-    return [np.concatenate(o) for o in outs]
+    """Every output over `data` (surgeon.validate.run; scalar outputs stacked, not concatenated)."""
+    return run(session(model, threads), data, batch)
 
 
 class Evaluator:

@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from surgeon import layer_stats, lowrank
 from surgeon.lowrank import MatrixFactors, RankOptions, matrix_factors, matrix_rank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rewrite import Chain, constant_value, input_or_none, shared_by
@@ -92,6 +93,10 @@ class GemmToSvd(GraphPlugin):
     summary = "fully connected layers (Gemm, MatMul x @ W) -> low-rank pair of matmuls (truncated SVD)"
     Options = SvdOptions
 
+    def uses_data(self, opts: SvdOptions) -> bool:
+        """fit=data fits on the calibration rows (so they are not scored); fit=weights reads none."""
+        return opts.fit == "data"
+
     # --- which nodes -------------------------------------------------------------------------
 
     def select(self, graph: gs.Graph, ctx: Context, opts: SvdOptions) -> Iterable[Candidate | Skip]:
@@ -140,7 +145,22 @@ class GemmToSvd(GraphPlugin):
         w = cand.data["w"]
         n_in, n_out = w.shape
         n = min(n_in, n_out)
-        factors = matrix_factors(w)
+        alpha, beta = cand.data["alpha"], cand.data["beta"]
+        fit, note = opts.fit_mode(ctx.data)
+        if fit == "data" and len(cand.data["group"]) > 1:
+            fit, note = "weights", "weight shared by several layers: fitted to the weights"
+        sample = self._sample(graph, node, ctx, opts) if fit == "data" else None
+        if fit == "data" and (sample is None or len(sample.rows) < 2):
+            fit, note = "weights", "no calibration rows reached this layer"
+        # The mean shift moves into Gemm's C when there is a constant C or none; otherwise
+        # (MatMul, a C computed at run time) the fit is uncentred and needs no bias.
+        c_value = constant_value(bias) if bias is not None else None
+        centered = node.op == "Gemm" and (bias is None or (c_value is not None and c_value.size in (1, n_out)))
+        if fit == "data":
+            factors = lowrank.data_linear(alpha * w.astype(np.float64), sample.rows, sample.target,
+                                          centered=centered, damp=opts.damp)
+        else:
+            factors = matrix_factors(w)
         r = matrix_rank(opts, factors.values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO)
         before, after = n_in * n_out, r * (n_in + n_out)
         if after >= before and not opts.allow_growth:
@@ -148,10 +168,17 @@ class GemmToSvd(GraphPlugin):
                                             f">= {n_in} x {n_out} = {before} (needs rank < "
                                             f"{before / (n_in + n_out):.1f})")
 
-        f = factorize(w, r, factors)
-        alpha, beta = cand.data["alpha"], cand.data["beta"]
-        a = f.a.astype(w.dtype)
-        b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
+        shift = None
+        if fit == "data":
+            c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
+            fitted = factors.fit(r, c_row)
+            a, b = fitted.a.astype(w.dtype), fitted.b.astype(w.dtype)  # alpha is in W already
+            shift = fitted.shift if centered else None
+            f = Factors(fitted.a, fitted.b / alpha if alpha else fitted.b, factors.values)
+        else:
+            f = factorize(w, r, factors)
+            a = f.a.astype(w.dtype)
+            b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
 
         chain = Chain(graph, node, "svd")
         x = node.inputs[0]
@@ -167,12 +194,15 @@ class GemmToSvd(GraphPlugin):
         h = chain.op("MatMul", "down", [x, const_a], dtype=w.dtype)
         if node.op == "Gemm":
             inputs, attrs = [h, const_b], {}
-            if bias is not None:
-                c = constant_value(bias)
+            if shift is not None:  # C' = beta C + mean shift, in C's dtype (the weight's when there was none)
+                dtype = c_value.dtype if c_value is not None else w.dtype
+                c_new = (beta * c_value.astype(np.float64) if c_value is not None else 0.0) + shift
+                inputs.append(chain.const("C", np.asarray(c_new), dtype))
+            elif bias is not None:
                 if beta == 1.0:
                     inputs.append(bias)
-                elif c is not None:  # fold beta: the pair's Gemm has beta = 1
-                    inputs.append(chain.const("C", (beta * c.astype(np.float64)).astype(c.dtype)))
+                elif c_value is not None:  # fold beta: the pair's Gemm has beta = 1
+                    inputs.append(chain.const("C", (beta * c_value.astype(np.float64)).astype(c_value.dtype)))
                 else:
                     inputs.append(bias)
                     attrs["beta"] = beta
@@ -181,11 +211,22 @@ class GemmToSvd(GraphPlugin):
             chain.op("MatMul", "up", [h, const_b], dtype=w.dtype)
 
         details = self._details(ctx, x, w, a, b, alpha, f.s, r, before, after)
-        log.debug("%s: rank %d of %d, rel. error %.3g", node.name, r, n, details["rel_error"])
+        details["fit"] = fit
+        if fit == "data":
+            details.update({"out_error": fitted.out_error, "calib_rows": len(sample.rows),
+                            "calib_samples": sample.images, "sequential": sample.target is not None})
+        if note:
+            details["fit_note"] = note
+        log.debug("%s: rank %d of %d (%s fit), rel. error %.3g", node.name, r, n, fit, details["rel_error"])
         if shared is not None:
             details["shared_with"] = graph.__dict__["_svd_shared"][cand.data["weight"]][0]
         # later users of a shared weight follow the first one's guard verdict
         return Rewrite(chain.nodes, details, timed=shared is None)
+
+    @staticmethod
+    def _sample(graph: gs.Graph, node: gs.Node, ctx: Context, opts: SvdOptions):
+        """A sample of this layer's input rows on the graph as rewritten so far."""
+        return layer_stats.layer_sample(graph, node.name, ctx, opts, layer_stats.fc_request, "svd")
 
     @staticmethod
     def _shared_factors(graph: gs.Graph, cand: Candidate, ctx: Context):

@@ -33,7 +33,7 @@ from typing import Iterable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon import lowrank
+from surgeon import layer_stats, lowrank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rewrite import Chain, constant_value, input_or_none, pointwise_weight, shared_by, spatial_attrs
 
@@ -100,6 +100,10 @@ class ConvToTucker(GraphPlugin):
     summary = "Conv -> Tucker-2 triple (1x1, kxk core, 1x1) on the channel modes; 1x1 convs -> SVD pair"
     Options = TuckerOptions
 
+    def uses_data(self, opts: TuckerOptions) -> bool:
+        """fit=data fits on the calibration rows (so they are not scored); fit=weights reads none."""
+        return opts.fit == "data"
+
     def select(self, graph: gs.Graph, ctx: Context, opts: TuckerOptions) -> Iterable[Candidate | Skip]:
         for node in graph.nodes:
             if node.op == "ConvTranspose":
@@ -143,8 +147,17 @@ class ConvToTucker(GraphPlugin):
         node, w = cand.node, cand.data["weight"]
         f, c, kernel = w.shape[0], w.shape[1], w.shape[2:]
         K = math.prod(kernel)
-        factors = lowrank.channel_factors(w)
-        r1, r2 = choose_ranks(opts, c, f, factors.in_values, factors.out_values, (c, f * K), (f, c * K))
+        fit, note = opts.fit_mode(ctx.data)
+        sample = self._sample(graph, node, ctx, opts, tuple(kernel)) if fit == "data" else None
+        if fit == "data" and (sample is None or len(sample.rows) < 2):
+            fit, note = "weights", "no calibration rows reached this layer"
+        if fit == "data":
+            spec = lowrank.data_channel_spectra(w, sample.rows, sample.target, opts.damp)
+            in_values, out_values = spec.in_values, spec.out_values
+        else:
+            factors = lowrank.channel_factors(w)
+            in_values, out_values = factors.in_values, factors.out_values
+        r1, r2 = choose_ranks(opts, c, f, in_values, out_values, (c, f * K), (f, c * K))
         cost = _Cost(ctx, node, w)
         params_after = c * r1 + K * r1 * r2 + r2 * f + cost.bias
         macs_after = cost.macs_in(c * r1) + cost.macs_out(K * r1 * r2 + r2 * f)
@@ -152,30 +165,49 @@ class ConvToTucker(GraphPlugin):
         if saving is not None:
             return Skip(node.name, node.op, saving)
 
-        if opts.method == "hooi":
+        shift = None
+        if fit == "data":
+            fitted = lowrank.data_tucker2(spec, r1, r2, _bias_values(cand.data["bias"], f))
+            core, o, i, shift = fitted.core, fitted.out_factor, fitted.in_factor, fitted.shift
+        elif opts.method == "hooi":
             core, o, i = lowrank.hooi_channels(w, r1, r2, factors, iterations=opts.iterations)
         else:
             core, o, i = lowrank.hosvd_channels(w, r1, r2, factors)
-        error = lowrank.relative_error(w, lowrank.tucker2_full(core, o, i))
+        approx = lowrank.tucker2_full(core, o, i)
+        error = lowrank.relative_error(w, approx)
 
         nd = len(kernel)
         ones = [1] * nd
         chain = Chain(graph, node, "tucker")
         x = node.inputs[0]
         h = chain.op("Conv", "in", [x, chain.const("in/weight", pointwise_weight(i.T, nd), w.dtype)],
-                     {"kernel_shape": ones})
+                     {"kernel_shape": ones}, dtype=w.dtype)
         h = chain.op("Conv", "core", [h, chain.const("core/weight", core, w.dtype)],
-                     {**spatial_attrs(node), "kernel_shape": list(kernel)})
+                     {**spatial_attrs(node), "kernel_shape": list(kernel)}, dtype=w.dtype)
         out_inputs = [h, chain.const("out/weight", pointwise_weight(o, nd), w.dtype)]
-        if cand.data["bias"] is not None:
-            out_inputs.append(cand.data["bias"])
+        bias, bias_note = _shifted_bias(chain, cand.data["bias"], shift, w.dtype)
+        if bias is not None:
+            out_inputs.append(bias)
         chain.op("Conv", "out", out_inputs, {"kernel_shape": ones}, dtype=node.outputs[0].dtype)
-        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": opts.method, "rank_choice": opts.describe(),
+        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if fit == "data" else opts.method,
+                   "fit": fit, "rank_choice": opts.describe(),
                    "rel_error": error, "params_before": cost.params, "params_after": params_after,
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (K * c * f) / (c * r1 + K * r1 * r2 + r2 * f)}
-        log.debug("%s: Tucker-2 ranks %d,%d error %.3g", node.name, r1, r2, error)
+        if fit == "data":
+            details.update(_data_details(sample, fitted.out_error))
+        if note or bias_note:
+            details["fit_note"] = note or bias_note
+        log.debug("%s: Tucker-2 ranks %d,%d (%s fit) error %.3g", node.name, r1, r2, fit, error)
         return Rewrite(chain.nodes, details)
+
+    @staticmethod
+    def _sample(graph: gs.Graph, node: gs.Node, ctx: Context, opts: TuckerOptions, kernel: tuple[int, ...]):
+        """A sample of this conv's input patches on the graph as rewritten so far."""
+        def request(n: gs.Node):
+            w = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
+            return layer_stats.conv_request(n, tuple(w.shape[2:])) if w is not None and w.ndim >= 3 else None
+        return layer_stats.layer_sample(graph, node.name, ctx, opts, request, "tucker")
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------
 
@@ -183,7 +215,15 @@ class ConvToTucker(GraphPlugin):
         node, w = cand.node, cand.data["weight"]
         f, c, nd = w.shape[0], w.shape[1], w.ndim - 2
         a = w.reshape(f, c).astype(np.float64)
-        factors = lowrank.matrix_factors(a)
+        fit, note = opts.fit_mode(ctx.data)
+        sample = self._sample(graph, node, ctx, opts, tuple(w.shape[2:])) if fit == "data" else None
+        if fit == "data" and (sample is None or len(sample.rows) < 2):
+            fit, note = "weights", "no calibration rows reached this layer"
+        if fit == "data":
+            # y = a x: in the x W orientation W = a^T, whitened by the input covariance
+            factors = lowrank.data_linear(a.T, sample.rows, sample.target, damp=opts.damp)
+        else:
+            factors = lowrank.matrix_factors(a)
         r = lowrank.matrix_rank(opts, factors.values, (f, c), vbmf=opts.rank_method == "vbmf",
                                 explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
         cost = _Cost(ctx, node, w)
@@ -193,22 +233,32 @@ class ConvToTucker(GraphPlugin):
         saving = self._saves_nothing(cost, params_after, macs_after, f"rank {r}", opts)
         if saving is not None:
             return Skip(node.name, node.op, saving)
-        left, right = factors.pair(r)
+        shift = None
+        if fit == "data":
+            fitted = factors.fit(r, _bias_values(cand.data["bias"], f))  # x W ~ (x A) B
+            left, right, shift = fitted.b.T, fitted.a.T, fitted.shift      # a ~ B^T A^T
+        else:
+            left, right = factors.pair(r)
         error = lowrank.relative_error(a, left @ right)
 
         chain = Chain(graph, node, "tucker")
         # Zero padding commutes with a bias-free 1x1 conv, so strides / pads / auto_pad move
         # to the first conv unchanged; the bias lands on the second.
         h = chain.op("Conv", "in", [node.inputs[0], chain.const("in/weight", pointwise_weight(right, nd), w.dtype)],
-                     {**spatial_attrs(node), "kernel_shape": [1] * nd})
+                     {**spatial_attrs(node), "kernel_shape": [1] * nd}, dtype=w.dtype)
         out_inputs = [h, chain.const("out/weight", pointwise_weight(left, nd), w.dtype)]
-        if cand.data["bias"] is not None:
-            out_inputs.append(cand.data["bias"])
+        bias, bias_note = _shifted_bias(chain, cand.data["bias"], shift, w.dtype)
+        if bias is not None:
+            out_inputs.append(bias)
         chain.op("Conv", "out", out_inputs, {"kernel_shape": [1] * nd}, dtype=node.outputs[0].dtype)
-        details = {"form": "svd-pair", "R1": r, "R2": r, "method": "svd", "rank_choice": opts.describe(),
+        details = {"form": "svd-pair", "R1": r, "R2": r, "method": "svd", "fit": fit, "rank_choice": opts.describe(),
                    "rel_error": error, "params_before": cost.params, "params_after": params_after,
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (c * f) / (r * (c + f))}
+        if fit == "data":
+            details.update(_data_details(sample, fitted.out_error))
+        if note or bias_note:
+            details["fit_note"] = note or bias_note
         return Rewrite(chain.nodes, details)
 
     @staticmethod
@@ -222,6 +272,32 @@ class ConvToTucker(GraphPlugin):
             return None
         macs = f", MACs {cost.macs} -> {macs_after}" if cost.known else ""
         return f"{what} save neither parameters nor MACs (params {cost.params} -> {params_after}{macs})"
+
+
+def _shifted_bias(chain: Chain, bias: gs.Tensor | None, shift: np.ndarray | None, dtype) -> tuple[gs.Tensor | None, str | None]:
+    """The out conv's bias: the original one, moved by the fit's mean shift when there is one
+    (a new initializer in the bias's dtype, or the weight's when the conv had none)."""
+    if shift is None:
+        return bias, None
+    if bias is None:
+        return chain.const("out/bias", shift, dtype), None
+    value = constant_value(bias)
+    if value is None:
+        return bias, "bias computed at run time: the mean shift is not folded into it"
+    return chain.const("out/bias", value.astype(np.float64) + shift, value.dtype), None
+
+
+def _bias_values(bias: gs.Tensor | None, f: int) -> np.ndarray:
+    """The bias as f floats (zeros when absent or computed at run time)."""
+    value = constant_value(bias) if bias is not None else None
+    return np.zeros(f) if value is None else np.broadcast_to(value.astype(np.float64).reshape(-1), (f,))
+
+
+def _data_details(sample, out_error: float) -> dict:
+    """The output-space error on the sampled calibration patches (y = W p + b per patch; the
+    figure the data-aware fit minimises, next to the weight-space rel_error) and the sample."""
+    return {"out_error": out_error, "calib_rows": len(sample.rows), "calib_samples": sample.images,
+            "sequential": sample.target is not None}
 
 
 class _Cost:

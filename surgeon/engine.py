@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon import guard as _guard
-from surgeon.calibration import DataSet, resolve_shapes
+from surgeon.calibration import DataSet, resolve_shapes, shape_hint, shapes_from_data
 from surgeon.errors import ModelError, SurgeonError, UsageError
 from surgeon.model import check_model, fold_constants, to_graph, to_model
 from surgeon.plugin import (Candidate, Context, GraphPlugin, LayerReport, ModelPlugin, Plugin, Rewrite, Skip,
@@ -37,6 +37,8 @@ class SurgeryResult:
     after: Profile
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    # one line each about what could not be measured and what to pass (MACs, the latency guard)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -51,7 +53,8 @@ class SurgeryResult:
         return {"plugin": self.plugin, "options": _jsonable(self.options), "seconds": round(self.seconds, 3),
                 "rewritten": len(self.rewritten), "skipped": len(self.skipped),
                 "layers": [l.to_json() for l in self.layers],
-                "before": self.before.to_json(), "after": self.after.to_json(), "extras": _jsonable(self.extras)}
+                "before": self.before.to_json(), "after": self.after.to_json(), "extras": _jsonable(self.extras),
+                "notes": list(self.notes)}
 
 
 def layer_filter(pattern: str | None) -> Callable[[str], bool]:
@@ -75,43 +78,62 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] | None = None, *,
           layers: str | None = None, per_layer: dict[str, dict[str, Any]] | None = None,
-          data: DataSet | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
-          threads: int = 0, seed: int = 0, progress: Callable[[int, int, str], None] | None = None) -> SurgeryResult:
+          skip: set[str] | None = None, data: DataSet | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, threads: int = 0, seed: int = 0,
+          progress: Callable[[int, int, str], None] | None = None, prepared: bool = False,
+          before: Profile | None = None, guard_refresh: bool = False) -> SurgeryResult:
     """Run one plugin over a model and return the new model with its report.
 
     `options` are the plugin's options (strings are parsed); `per_layer` overrides them for
-    named layers (e.g. ranks chosen by a sweep); `layers` is a regex on node names.
+    named layers (e.g. ranks chosen by a sweep); `layers` is a regex on node names; `skip`
+    names layers to leave alone (a recipe's `skip = true`). `prepared` says the model was
+    already folded (a chain folds once) and `before` reuses the previous step's profile.
     The input model is not modified.
+
+    Input shapes come from `input_shapes` (--shape), else from `data`; the rewrites need none.
+    What cannot be measured without them (MACs, the latency guard) is left out, with a line in
+    `notes` saying what to pass. `guard_refresh` re-measures the latency guard's cached verdicts.
     """
     t0 = time.perf_counter()
     plug = default_registry().get(plugin) if isinstance(plugin, str) else plugin
     opts = plug.make_options(options)
-    layer_opts = {name: plug.make_options(_merge(plug, options or {}, o)) for name, o in (per_layer or {}).items()}
-    wanted = layer_filter(layers)
+    layer_opts = {name: plug.make_options(merge_options(plug, options or {}, o))
+                  for name, o in (per_layer or {}).items()}
+    skip = set(skip or ())
+    selected = layer_filter(layers)
+    wanted = (lambda name: selected(name) and name not in skip) if skip else selected
 
-    source = prepare(model)
-    concrete = resolve_shapes(source, input_shapes)
-    ctx = Context(shapes=tensor_shapes(source, concrete), data=data, threads=threads, seed=seed,
-                  opset=_opset(source), progress=progress, layer_options=layer_opts)
-    before = profile(source, concrete)
+    source = model if prepared else prepare(model)
+    # dynamic dims nobody gave stay unknown (None): rewrites need no shapes, measurements say so
+    known = resolve_shapes(source, {**shapes_from_data(data), **(input_shapes or {})}, required=False)
+    ctx = Context(shapes=tensor_shapes(source, known, data=data), data=data, threads=threads, seed=seed,
+                  opset=_opset(source), progress=progress, layer_options=layer_opts, skip_layers=skip)
+    before = before if before is not None else profile(source, known, data=data, shapes=ctx.shapes)
 
-    if isinstance(plug, ModelPlugin):
-        out, reports, extras = plug.run(source, ctx, opts, wanted)
-    elif isinstance(plug, GraphPlugin):
-        out, reports = _apply_graph_plugin(plug, source, ctx, opts, layer_opts, wanted)
-        extras = {}
-    else:
-        raise UsageError(f"plugin '{plug.name}' is neither a GraphPlugin nor a ModelPlugin")
+    with _guard.refreshing(guard_refresh):
+        if isinstance(plug, ModelPlugin):
+            out, reports, extras = plug.run(source, ctx, opts, wanted)
+        elif isinstance(plug, GraphPlugin):
+            out, reports = _apply_graph_plugin(plug, source, ctx, opts, layer_opts, wanted)
+            extras = {}
+        else:
+            raise UsageError(f"plugin '{plug.name}' is neither a GraphPlugin nor a ModelPlugin")
+    reports += subgraph_skips(source, plug)
     try:
         check_model(out, what=f"output of plugin '{plug.name}'")
     except ModelError as exc:  # the plugin's fault, not the input's: exit 1, not 2
         raise SurgeonError(str(exc)) from None
-    after = profile(out, concrete)
+    after = profile(out, known, data=data)
+    notes = [before.macs_note] if before.macs_note else []
+    unguarded = [l.layer for l in reports if l.details.get("guard_skipped")]
+    if unguarded:
+        hint = shape_hint(source, known) or "their input shapes could not be resolved"
+        notes.append(f"latency guard not applied to {len(unguarded)} layer(s), rewritten unguarded: {hint}")
     return SurgeryResult(out, plug.name, _options_dict(opts), reports, before, after,
-                         time.perf_counter() - t0, extras)
+                         time.perf_counter() - t0, extras, notes)
 
 
-def _merge(plug: Plugin, options: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_options(plug: Plugin, options: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Per-layer options over the global ones; an override of one of the plugin's mutually
     exclusive options (e.g. ranks vs ratio) drops the others from the global set."""
     exclusive = set(getattr(plug.Options, "exclusive_options", ()))
@@ -133,6 +155,8 @@ def _apply_graph_plugin(plug: GraphPlugin, source: onnx.ModelProto, ctx: Context
     for item in plug.select(graph, ctx, opts):
         if isinstance(item, Skip):
             reports.append(LayerReport(item.layer, item.op, "skipped", item.reason))
+        elif item.layer in ctx.skip_layers:
+            reports.append(LayerReport(item.layer, item.node.op, "skipped", "skip = true in the recipe"))
         elif not wanted(item.layer):
             reports.append(LayerReport(item.layer, item.node.op, "skipped", "not matched by --layers"))
         else:
@@ -160,26 +184,63 @@ def _rewrite_one(plug: GraphPlugin, graph: gs.Graph, cand: Candidate, ctx: Conte
     if isinstance(result, Skip):
         return LayerReport(cand.layer, op, "skipped", result.reason)
     details = dict(result.details)
-    verdict = _guarded(cand.node, result, ctx, o) if result.timed else None
+    verdict = _guarded(cand.node, result, ctx, o, details) if result.timed else None
     if verdict is not None:
         details["guard"] = verdict.to_json()
-        if verdict.speedup <= 1.0:
+        if not verdict.kept:  # slower, or not faster beyond the noise: the original stays
             detach(result.chain)
-            return LayerReport(cand.layer, op, "skipped", f"slower ({1 / verdict.speedup:.2f}x the original's time)",
-                               details)
+            return LayerReport(cand.layer, op, "skipped", verdict.describe(), details)
     replace_with_chain(graph, cand.node, result.chain)
     return LayerReport(cand.layer, op, "rewritten", "", details)
 
 
-def _guarded(node: gs.Node, result: Rewrite, ctx: Context, opts: Any) -> _guard.GuardResult | None:
+def _guarded(node: gs.Node, result: Rewrite, ctx: Context, opts: Any,
+             details: dict[str, Any]) -> _guard.GuardResult | None:
+    """Time the rewrite against the node when the plugin's options ask for the guard. When it
+    cannot be timed (an input shape is unknown) the layer says so in `details["guard_skipped"]`
+    and the rewrite goes in unguarded; the engine sums these up in one note."""
     if getattr(opts, "guard", "none") != "latency":
         return None
     shape = ctx.shapes.get(node.inputs[0].name)
     if not shape:
-        log.info("%s: input shape unknown, latency guard not applied", node.name)
+        details["guard_skipped"] = f"input '{node.inputs[0].name}' shape unknown"
         return None
     try:
         return _guard.time_rewrite(node, result.chain, shape, ctx.opset, ctx.threads, seed=ctx.seed, shapes=ctx.shapes)
     except _guard.GuardUnavailable as exc:
-        log.info("%s: latency guard not applied (%s)", node.name, exc)
+        details["guard_skipped"] = str(exc)
         return None
+    except SurgeonError as exc:  # onnxruntime cannot build or run the two mini models
+        details["guard_skipped"] = str(exc)
+        return None
+
+
+# --- control flow --------------------------------------------------------------------------------
+
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+
+
+def subgraph_skips(model: onnx.ModelProto, plug: Plugin) -> list[LayerReport]:
+    """A Skip for every weighted node inside an If/Loop/Scan body, at any depth.
+
+    Plugins see the top-level graph only, so these weights are never rewritten (nor corrupted);
+    saying so keeps the report honest about what was left alone."""
+    from surgeon.profile import WEIGHTED_OPS
+    out: list[LayerReport] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
+                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+                for sub in subs:
+                    for inner in sub.node:
+                        if inner.op_type in WEIGHTED_OPS:
+                            out.append(LayerReport(
+                                inner.name or f"{node.name}/{attr.name}/{inner.op_type}", inner.op_type, "skipped",
+                                f"inside {'an' if node.op_type == 'If' else 'a'} {node.op_type} subgraph "
+                                f"({node.name or node.op_type}, {attr.name}): not rewritten"))
+                    walk(sub)
+
+    walk(model.graph)
+    return out

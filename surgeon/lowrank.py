@@ -41,6 +41,18 @@ def left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return evecs * signs, s
 
 
+def _one_blas_thread(fn):
+    """Run `fn` with one BLAS thread (see _single_blas_thread): for the data-aware fits the
+    Cholesky, solve and eigh calls were 10-40x slower on two threads with the cores busy."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _single_blas_thread():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _single_blas_thread():
     """LAPACK's symmetric eigensolver (tridiagonal reduction) gains nothing from a second
     OpenBLAS thread at these sizes and loses a lot when the cores are busy: measured on the
@@ -155,10 +167,24 @@ class RankOptions:
 
     ratio: float | None = field(default=None, metadata={"help": "rank = ratio x channels (0 < ratio <= 1)"})
     energy: float | None = field(default=None, metadata={
-        "help": "smallest rank keeping this fraction of the squared singular values (0 < e <= 1)"})
+        "help": "smallest rank keeping this fraction of the energy (0 < e <= 1): of the layer's output on "
+                "the calibration data with fit=data, of the squared singular values with fit=weights"})
     multiple: int = field(default=1, metadata={"help": "round ranks up to a multiple of this"})
     guard: Literal["latency", "none"] = field(default="latency", metadata={
         "help": "latency: time each rewrite alone at its real shape and keep it only if faster"})
+    fit: Literal["data", "weights"] = field(default="data", metadata={
+        "help": "data: fit factors to the layer's outputs on the calibration data (whitened SVD, "
+                "response-fitted Tucker-2; weights when there is no real --data/--calib); weights: "
+                "minimise ||W - W'||"})
+    samples: int = field(default=16, metadata={
+        "help": "fit=data: calibration samples run through the model for the layer statistics"})
+    rows: int = field(default=2048, metadata={
+        "help": "fit=data: input rows (or conv patches) sampled per layer"})
+    passes: int = field(default=2, metadata={
+        "help": "fit=data: sequential stages; each is fitted on the output of the layers already "
+                "rewritten (1: every layer on the original model's activations)"})
+    damp: float = field(default=0.01, metadata={
+        "help": "fit=data: added to the input covariance, as a fraction of its mean variance"})
 
     def check_common(self, explicit: bool, method: str | None = None) -> None:
         chosen = [n for n, v in (("ratio", self.ratio), ("energy", self.energy)) if v is not None]
@@ -174,6 +200,19 @@ class RankOptions:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+        for name in ("samples", "rows", "passes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.damp <= 1:
+            raise ValueError(f"damp must be in [0, 1], got {self.damp}")
+
+    def fit_mode(self, data) -> tuple[str, str]:
+        """("data" | "weights", why weights when data was asked for)."""
+        if self.fit == "weights":
+            return "weights", ""
+        if data is None or getattr(data, "synthetic", False) or len(data) == 0:
+            return "weights", "no calibration data (pass --data or --calib to fit to it)"
+        return "data", ""
 
 
 # --- Tucker-2 on the channel modes of a conv kernel ---------------------------------------------
@@ -290,3 +329,281 @@ def matrix_factors(a: np.ndarray) -> MatrixFactors:
         return MatrixFactors(a, u, s, False)
     v, s = left_singular(a.T)
     return MatrixFactors(a, v, s, True)
+
+
+# --- data-aware factors: keep the layer's outputs on the calibration data ----------------------
+#
+# A linear layer y = x W (+ b), W (in x out), sees inputs with mean mu and covariance S. For
+# any approximation W' the output error is
+#
+#     E||x W - x W' - d||^2 = tr((W - W')^T S (W - W')) + ||mu (W - W') - d||^2,
+#
+# so with the bias moved by d = mu (W - W') (the "mean shift") only the first term is left,
+# and with S = L L^T (Cholesky) it is ||L^T (W - W')||_F^2: the best rank-r W' is L^-T times
+# the truncated SVD of L^T W (ASVD / SVD-LLM). The singular values of L^T W are the square
+# roots of the output energy each component carries, which is what `energy` keeps.
+
+
+def regularised(cov: np.ndarray, damp: float) -> np.ndarray:
+    """cov + damp * mean(diag(cov)) * I (and a floor), so that it is positive definite even for
+    dead channels or fewer rows than dimensions. `damp` trades output fit on the calibration
+    rows against robustness on others: directions the data never excites get a small weight
+    instead of none."""
+    cov = np.asarray(cov, dtype=np.float64)
+    scale = float(np.trace(cov)) / len(cov) if len(cov) else 0.0
+    eps = damp * scale if scale > 0 else 1.0
+    return cov + (eps + 1e-12) * np.eye(len(cov))
+
+
+def _eigh_desc(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvectors (sign-fixed columns) and square-rooted eigenvalues of a symmetric PSD
+    matrix, in descending order."""
+    with _single_blas_thread():
+        evals, evecs = np.linalg.eigh((sym + sym.T) / 2)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], evecs[:, order]
+    return evecs * _column_signs(evecs), np.sqrt(np.clip(evals, 0.0, None))
+
+
+@dataclass
+class WhitenedFactors:
+    """Rank-r factors of W (in x out) that minimise the output error tr(D^T S D) for inputs
+    of covariance S; `values` are the singular values of L^T W (sqrt of output energy)."""
+
+    w: np.ndarray
+    vectors: np.ndarray
+    values: np.ndarray
+    chol: np.ndarray | None  # L with S = L L^T, when the input side was whitened
+    whitened: bool = False   # w holds the whitened target L^T W already
+
+    @_one_blas_thread
+    def pair(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(A (in x r), B (r x out)) with W' = A B."""
+        v = self.vectors[:, :rank]
+        if self.chol is None:  # out-side eigenvectors of W^T S W: W' = W V V^T
+            return self.w @ v, v.T
+        from scipy.linalg import solve_triangular
+        a = solve_triangular(self.chol.T, v, lower=False)  # L^-T U_r
+        lw = self.w if self.whitened else self.chol.T @ self.w
+        return a, v.T @ lw                                  # U_r^T L^T W = S_r V_r^T
+
+
+@_one_blas_thread
+def whitened_factors(w: np.ndarray, cov: np.ndarray, damp: float = 1e-2) -> WhitenedFactors:
+    """Truncated SVD of L^T W (S + damping = L L^T), through the smaller Gram matrix:
+
+    in <= out: eigenvectors U of L^T W W^T L (in x in);  W' = L^-T U_r U_r^T L^T W
+    in >  out: eigenvectors V of W^T S W (out x out);    W' = W V_r V_r^T
+    (the same singular values; the second needs no Cholesky). With S = I both reduce to
+    the plain truncated SVD of W."""
+    w = np.asarray(w, dtype=np.float64)
+    s = regularised(cov, damp)
+    n_in, n_out = w.shape
+    if n_in > n_out:
+        v, vals = _eigh_desc(w.T @ s @ w)
+        return WhitenedFactors(w, v, vals, None)
+    with _single_blas_thread():
+        chol = np.linalg.cholesky(s)
+    lw = chol.T @ w
+    u, vals = _eigh_desc(lw @ lw.T)
+    return WhitenedFactors(w, u, vals, chol)
+
+
+def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
+    """Factors W' = L^-T M_r for a whitened target M (in x out), M_r its truncated SVD."""
+    if m.shape[0] > m.shape[1]:
+        v, vals = _eigh_desc(m.T @ m)
+        from scipy.linalg import solve_triangular
+        # M_r = M V V^T, so W' = (L^-T M V) V^T: store L^-T M as the "w" of the out-side route
+        return WhitenedFactors(solve_triangular(chol.T, m, lower=False), v, vals, None)
+    u, vals = _eigh_desc(m @ m.T)
+    return WhitenedFactors(m, u, vals, chol, whitened=True)
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^T b / rows, for the (rows x d) sample products: the one place float32 is used (GEMM
+    over a few thousand rows; measured 1.7x faster than float64 here), the sums returned in
+    float64 for the factorizations that follow."""
+    prod = np.asarray(a, dtype=np.float32).T @ np.asarray(b, dtype=np.float32)
+    return prod.astype(np.float64) / max(len(a), 1)
+
+
+# rows of the sample on which the reported output error is measured
+ERROR_ROWS = 512
+
+
+def _relative(diff: np.ndarray, ref: np.ndarray) -> float:
+    nr = np.linalg.norm(ref)
+    return float(np.linalg.norm(diff) / nr) if nr > 0 else float(np.linalg.norm(diff))
+
+
+@dataclass
+class LinearFit:
+    """A rank-r fit of y = x W + b on sampled rows, and its output error on them."""
+
+    a: np.ndarray        # (in, r)
+    b: np.ndarray        # (r, out): x W ~ x A B
+    shift: np.ndarray    # (out,) added to the bias (zeros when not centred)
+    out_error: float     # ||y' - y|| / ||y|| on the sampled rows, y' on the fit inputs
+
+
+@dataclass
+class DataLinear:
+    """Data-aware factors of y = x W (+ b) from sampled input rows.
+
+    `rows` are what the layer sees in the graph rewritten so far (x~); `target_rows`, at the
+    same positions, what it saw in the original model (x; None when they are the same). The
+    fit minimises E||x~ W' + b' - (x W + b)||^2 (Zhang et al.'s asymmetric reconstruction, so
+    the errors of earlier layers are corrected, not copied): first the unconstrained least
+    squares W* = (S~ + damping)^-1 C W with C = E[x~_c^T x_c] (W* = W when x~ = x), then the
+    whitened truncated SVD of W* under S~. Centred (bias absorbs the mean shift) unless the
+    layer has no bias to move."""
+
+    w: np.ndarray
+    x: np.ndarray
+    t: np.ndarray
+    mean_x: np.ndarray
+    mean_t: np.ndarray
+    factors: WhitenedFactors
+    centered: bool
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.factors.values
+
+    @_one_blas_thread
+    def fit(self, rank: int, bias: np.ndarray | float = 0.0) -> LinearFit:
+        a, b = self.factors.pair(rank)
+        shift = (self.mean_t @ self.w - (self.mean_x @ a) @ b) if self.centered else np.zeros(self.w.shape[1])
+        # the error is a report figure: measured on the first ERROR_ROWS rows, it costs little
+        x, t = self.x[:ERROR_ROWS], self.t[:ERROR_ROWS]
+        y = t @ self.w + bias
+        y2 = (x @ a) @ b + bias + shift
+        return LinearFit(a, b, shift, _relative(y2 - y, y))
+
+
+@_one_blas_thread
+def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
+                damp: float = 1e-2) -> DataLinear:
+    w = np.asarray(w, dtype=np.float64)
+    x = np.asarray(rows, dtype=np.float64)
+    t = x if target_rows is None else np.asarray(target_rows, dtype=np.float64)
+    mx, mt = x.mean(0), t.mean(0)
+    xc = x - mx if centered else x
+    cov = _gram(xc, xc)
+    if target_rows is None:
+        return DataLinear(w, x, t, mx, mt, whitened_factors(w, cov, damp), centered)
+    # ||x~ W' - x W||^2 = ||L^T W' - L^-1 C W||^2 + const (S~ = L L^T, C = E[x~^T x]):
+    # the whitened target is L^-1 C W, truncated like L^T W is without a reference.
+    from scipy.linalg import solve_triangular
+
+    # W* = argmin ||x~ W* - x W||^2 + damping ||W* - W||^2: directions the sample does not
+    # excite keep W instead of collapsing to zero (and x~ = x gives W* = W exactly).
+    tc = t - mt if centered else t
+    reg = regularised(cov, damp)
+    chol = np.linalg.cholesky(reg)
+    target = solve_triangular(chol, _gram(xc, tc) @ w + (reg - cov) @ w, lower=True)
+    return DataLinear(w, x, t, mx, mt, _whitened_target(target, chol), centered)
+
+
+@dataclass
+class DataTucker:
+    """Tucker-2 factors fitted to a layer's responses: W' = core x_0 O x_1 B, bias b + shift."""
+
+    core: np.ndarray        # (R2, R1, *k)
+    out_factor: np.ndarray  # O (f x R2), orthonormal
+    in_factor: np.ndarray   # B (c x R1): the in conv's weight is B^T
+    shift: np.ndarray       # (f,) added to the bias
+    out_error: float        # on the sampled patches, bias included
+
+
+@dataclass
+class DataChannelSpectra:
+    """Everything a data-aware Tucker-2 of one conv needs, computed once per layer, so a rank
+    choice (ratio, energy) is a slice: the whitened input-side eigenvectors (c x c), the
+    output-response eigenvectors (f x f), their spectra, the centred patch sample and the
+    centred target responses."""
+
+    w: np.ndarray        # (f, c, *k) float64
+    patches: np.ndarray  # (n, c*K) centred fit inputs
+    mean: np.ndarray     # (c*K,) their mean
+    responses: np.ndarray      # (n, f) centred target responses W p (original inputs)
+    response_mean: np.ndarray  # (f,)
+    chol: np.ndarray     # L, channel covariance + damping = L L^T
+    in_vectors: np.ndarray
+    in_values: np.ndarray
+    out_vectors: np.ndarray
+    out_values: np.ndarray
+
+
+@_one_blas_thread
+def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.ndarray | None = None,
+                         damp: float = 1e-2) -> DataChannelSpectra:
+    """Spectra for a data-aware Tucker-2 from a sample of the conv's input patches (rows laid
+    out like w.reshape(f, -1): channel-major, kernel offset minor); `target_patches` are the
+    original model's patches at the same positions (None: the same).
+
+    Input side: with channel covariance S_c (the patches' channel blocks averaged over the
+    kernel offsets) = L L^T and M = sum_k W_k^T W_k (the mode-1 Gram of the kernel), the
+    eigenvectors V of L^T M L give the input factor B = L^-T V_r, optimal for the output error
+    when the kernel offsets see uncorrelated copies of the channel covariance.
+    Output side: the eigenvectors of the covariance of the target responses y = W p (Zhang et
+    al.), whose eigenvalues are the output energy each direction carries."""
+    w = np.asarray(w, dtype=np.float64)
+    f, c = w.shape[:2]
+    K = int(np.prod(w.shape[2:]))
+    x = np.asarray(patches, dtype=np.float64)
+    mu = x.mean(0)
+    xc = x - mu
+    n = len(xc)
+    t = x if target_patches is None else np.asarray(target_patches, dtype=np.float64)
+    wf = w.reshape(f, -1)
+    y = (t.astype(np.float32) @ wf.T.astype(np.float32)).astype(np.float64)
+    ymean = y.mean(0)
+    y -= ymean
+    per_offset = xc.reshape(n, c, K).transpose(0, 2, 1).reshape(n * K, c)
+    with _single_blas_thread():
+        chol = np.linalg.cholesky(regularised(_gram(per_offset, per_offset), damp))
+    lm = chol.T @ unfold(w, 1)
+    in_vectors, in_values = _eigh_desc(lm @ lm.T)
+    out_vectors, out_values = _eigh_desc(_gram(y, y))
+    return DataChannelSpectra(w, xc, mu, y, ymean, chol, in_vectors, in_values, out_vectors, out_values)
+
+
+@_one_blas_thread
+def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | float = 0.0,
+                 ridge: float = 1e-3) -> DataTucker:
+    """Input factor B = L^-T V_r1, output factor O = leading r2 response eigenvectors, and the
+    core refitted by ridge least squares to the projected target responses:
+
+        core = argmin ||Y O - H core^T||^2 + lam ||core - core0||^2,  H = patches through B,
+
+    with core0 = O^T W x_1 (L V_r1)^T (the closed form under the separable assumption), so a
+    sample with fewer rows than unknowns still gives a sane core. The bias moves so that the
+    mean output is kept: b' = b + mean(W p) - W' mean(p~)."""
+    from scipy.linalg import solve_triangular
+
+    w, xc = spec.w, spec.patches
+    f, c = w.shape[:2]
+    kernel = w.shape[2:]
+    K = int(np.prod(kernel))
+    n = len(xc)
+    v = spec.in_vectors[:, :r1]
+    b = solve_triangular(spec.chol.T, v, lower=False)      # B = L^-T V (c x R1)
+    o = spec.out_vectors[:, :r2]                            # O (f x R2)
+    wk = w.reshape(f, c, K)
+    core0 = np.tensordot(o.T, np.tensordot(wk, spec.chol @ v, axes=(1, 0)), axes=(1, 0))  # (R2, K, R1)
+    core0 = core0.transpose(0, 2, 1).reshape(r2, r1 * K)                                   # r1-major, k minor
+    h = np.tensordot(xc.reshape(n, c, K), b, axes=(1, 0)).transpose(0, 2, 1).reshape(n, r1 * K)
+    t = spec.responses @ o                                                                 # (n, R2)
+    gram = _gram(h, h)
+    lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
+    rhs = _gram(h, t) + lam * core0.T
+    from scipy.linalg import solve
+    core = solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos").T                    # (R2, R1*K)
+    approx = tucker2_full(core.reshape((r2, r1) + tuple(kernel)), o, b)
+    shift = spec.response_mean - approx.reshape(f, -1) @ spec.mean
+    m = min(n, ERROR_ROWS)
+    y = spec.responses[:m] + spec.response_mean + bias
+    error = _relative((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
+    return DataTucker(core.reshape((r2, r1) + tuple(kernel)), o, b, shift, error)

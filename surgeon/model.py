@@ -6,6 +6,7 @@ Everything that touches a file goes through here, so that reads fail with a clea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 # graphsurgeon's constant folding opens onnxruntime sessions of its own, whose optimizer
 # warnings ("UnsqueezeElimination cannot remove node") are noise to a user.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # fatal only: we report failures ourselves, in one line
 
 TWO_GB = 2**31
 # ir_version 3 (the model zoo's "light" models) lists initializers among graph inputs and
@@ -209,6 +210,9 @@ def input_signature(model: onnx.ModelProto) -> list[tuple[str, list[int | str | 
     for vi in model.graph.input:
         if vi.name in inits:
             continue
+        if not vi.type.HasField("tensor_type"):  # a sequence, map or optional input: nothing we can feed
+            sig.append((vi.name, [], np.dtype(object)))
+            continue
         tt = vi.type.tensor_type
         dims: list[int | str | None] = []
         for d in tt.shape.dim:
@@ -218,7 +222,11 @@ def input_signature(model: onnx.ModelProto) -> list[tuple[str, list[int | str | 
                 dims.append(d.dim_param)
             else:
                 dims.append(None)
-        sig.append((vi.name, dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        except (KeyError, ValueError, TypeError):  # undefined or exotic element types
+            dtype = np.dtype(object)
+        sig.append((vi.name, dims, dtype))
     return sig
 
 
@@ -230,3 +238,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         log.info("shape inference failed: %s", _first_line(exc))
     return model
+
+
+@contextlib.contextmanager
+def scratch_cwd():
+    """Run onnxruntime's tools in a throwaway working directory: its symbolic shape inference
+    writes `sym_shape_infer_temp.onnx` into the cwd when it gives up, and nothing of ours may
+    appear next to the user's files."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="surgeon-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield scratch
+        finally:
+            os.chdir(old)

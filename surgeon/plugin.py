@@ -33,7 +33,8 @@ from surgeon.errors import PluginLoadError, UsageError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "surgeon.plugins"
-BUILTIN_MODULES = ("surgeon.plugins.tucker", "surgeon.plugins.svd", "surgeon.plugins.int8")
+BUILTIN_MODULES = ("surgeon.plugins.tucker", "surgeon.plugins.svd", "surgeon.plugins.int8",
+                   "surgeon.plugins.prune")
 
 
 # --- what plugins produce ----------------------------------------------------------------------
@@ -141,6 +142,12 @@ class Plugin:
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         return parse_options(self, values or {})
 
+    def uses_data(self, opts: Any) -> bool:
+        """Whether this plugin fits or calibrates on ctx.data with these options. The pipeline
+        then keeps the rows it fits on out of the rows validation scores. True unless a plugin
+        says otherwise, so a third-party plugin's fit is never scored as held-out."""
+        return True
+
 
 class GraphPlugin(Plugin):
     def select(self, graph: gs.Graph, ctx: Context, opts: Any) -> Iterable[Candidate | Skip]:
@@ -170,7 +177,9 @@ def option_help(plugin: Plugin) -> list[tuple[str, str, str, str]]:
     for f in option_fields(plugin):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        rows.append((f.name, _type_name(hints[f.name]), repr(default), f.metadata.get("help", "")))
+        # a None default often means "decided from other options": the field can say how
+        shown = f.metadata.get("default_text") or ("-" if default is None else repr(default))
+        rows.append((f.name, _type_name(hints[f.name]), shown, f.metadata.get("help", "")))
     return rows
 
 
@@ -269,12 +278,30 @@ def _type_name(tp: Any) -> str:
 
 # --- registry ----------------------------------------------------------------------------------
 
+@dataclass
+class PluginFailure:
+    """A third-party plugin that could not be loaded, and why (the CLI prints these as warnings)."""
+
+    name: str  # the entry point's name
+    package: str
+    entry_point: str  # "module:attr"
+    error: str  # one line that names the plugin and its package
+
+    def __str__(self) -> str:
+        return f"{self.error}; skipped it, the other plugins work"
+
+
 class Registry:
-    """Name -> plugin. Built-ins register through the same path third parties use."""
+    """Name -> plugin. Built-ins register through the same path third parties use.
+
+    A third-party plugin that fails to import, is not a plugin or reuses a taken name is
+    skipped and recorded in `failures` (named, with its package); every other plugin keeps
+    working. `strict=True` raises PluginLoadError instead (for plugin authors' tests)."""
 
     def __init__(self) -> None:
         self._plugins: dict[str, Plugin] = {}
         self._origin: dict[str, str] = {}
+        self.failures: list[PluginFailure] = []
 
     def register(self, plugin: Plugin | type, origin: str = "built-in") -> Plugin:
         if isinstance(plugin, type):
@@ -295,6 +322,9 @@ class Registry:
         try:
             return self._plugins[name]
         except KeyError:
+            failed = [f for f in self.failures if f.name == name]
+            if failed:
+                raise PluginLoadError(str(failed[0])) from None
             raise UsageError(f"unknown plugin '{name}'; available: {', '.join(sorted(self._plugins)) or '(none)'}") from None
 
     def origin(self, name: str) -> str:
@@ -315,22 +345,38 @@ class Registry:
             for plugin in module.PLUGINS:
                 self.register(plugin, origin=f"built-in ({module_name})")
 
-    def load_entry_points(self, entry_points: Iterable[md.EntryPoint] | None = None) -> None:
+    def load_entry_points(self, entry_points: Iterable[md.EntryPoint] | None = None, *, strict: bool = False) -> None:
         if entry_points is None:
             entry_points = md.entry_points(group=ENTRY_POINT_GROUP)
         for ep in sorted(entry_points, key=lambda e: e.name):
             package = _package_of(ep)
             try:
-                obj = ep.load()
-                # an entry point names a plugin class or instance, a list of them, or a factory
-                plugins = obj() if callable(obj) and not isinstance(obj, (type, Plugin)) else obj
-            except Exception as exc:
-                raise PluginLoadError(f"plugin '{ep.name}' from package '{package}' failed to load "
-                                      f"({ep.value}): {type(exc).__name__}: {exc}") from None
-            if not isinstance(plugins, (list, tuple)):
-                plugins = [plugins]
-            for p in plugins:
-                self.register(p, origin=f"package '{package}' (entry point {ep.name} = {ep.value})")
+                try:
+                    obj = ep.load()
+                    # an entry point names a plugin class or instance, a list of them, or a factory
+                    plugins = obj() if callable(obj) and not isinstance(obj, (type, Plugin)) else obj
+                except Exception as exc:  # whatever a broken package raises on import (SyntaxError too)
+                    raise PluginLoadError(f"plugin '{ep.name}' from package '{package}' failed to load "
+                                          f"({ep.value}): {type(exc).__name__}: {_first_line(exc)}") from None
+                if not isinstance(plugins, (list, tuple)):
+                    plugins = [plugins]
+                # all of an entry point's plugins, or none: check before registering any
+                staged = Registry()
+                staged._plugins, staged._origin = dict(self._plugins), dict(self._origin)
+                for p in plugins:
+                    staged.register(p, origin=f"package '{package}' (entry point {ep.name} = {ep.value})")
+            except PluginLoadError as exc:
+                if strict:
+                    raise
+                self.failures.append(PluginFailure(ep.name, package, ep.value, str(exc)))
+                log.warning("%s", self.failures[-1])
+                continue
+            self._plugins, self._origin = staged._plugins, staged._origin
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _package_of(ep: md.EntryPoint) -> str:
@@ -343,14 +389,16 @@ def _package_of(ep: md.EntryPoint) -> str:
 _default: Registry | None = None
 
 
-def registry(entry_points: Iterable[md.EntryPoint] | None = None, *, fresh: bool = False) -> Registry:
-    """The process-wide registry: built-ins plus installed entry points (loaded once)."""
+def registry(entry_points: Iterable[md.EntryPoint] | None = None, *, fresh: bool = False,
+             strict: bool = False) -> Registry:
+    """The process-wide registry: built-ins plus installed entry points (loaded once).
+    Third-party plugins that fail to load are skipped and listed in `.failures`."""
     global _default
-    if _default is None or fresh or entry_points is not None:
+    if _default is None or fresh or entry_points is not None or strict:
         reg = Registry()
         reg.load_builtins()
-        reg.load_entry_points(entry_points)
-        if entry_points is not None or fresh:
+        reg.load_entry_points(entry_points, strict=strict)
+        if entry_points is not None or fresh or strict:
             return reg
         _default = reg
     return _default

@@ -14,8 +14,10 @@ from surgeon.plugin import LayerReport, Registry, _jsonable, option_help
 from surgeon.profile import Profile
 
 
-def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M'."""
+def human(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23M'; None (not measured) -> '?'."""
+    if n is None:
+        return "?"
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
@@ -29,33 +31,144 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x" if after else "-"
+def ratio(before: float | None, after: float | None) -> str:
+    return f"{before / after:.2f}x" if after and before is not None else "-"
+
+
+def elide(text: str, width: int) -> str:
+    """Shorten in the middle, keeping both ends: node names differ at their ends
+    ('model/encoder/layer.11/attention/query' vs '.../key')."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    head = (width - 1 + 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
 
 
 # --- tables ------------------------------------------------------------------------------------
 
-def plugins_tables(reg: Registry) -> list[Table]:
+class FitTable:
+    """A rich Table laid out for the console it is printed on, so it stays readable at 80
+    columns (CI logs): numeric columns keep their full values, short text columns (op) keep
+    their width, long names are elided in the middle and long prose wraps.
+
+    Column kinds: "num" (never cut, right-aligned), "text" (never cut), "name" (elided in the
+    middle when space runs out), "wrap" (wraps). Same surface as rich's Table for what we use:
+    add_column, add_row, add_section, title, caption."""
+
+    MIN_NAME = 12
+
+    def __init__(self, title: str | None = None, caption: str | None = None, **table_kwargs: Any) -> None:
+        self.title, self.caption = title, caption
+        self.table_kwargs = table_kwargs
+        self.columns: list[tuple[str, str, str, dict[str, Any]]] = []  # (header, kind, justify, extra)
+        self.rows: list[tuple[list[str], bool]] = []  # (cells, section break before)
+        self._section = False
+
+    def add_column(self, header: str, kind: str = "text", justify: str | None = None, **extra: Any) -> None:
+        self.columns.append((header, kind, justify or ("right" if kind == "num" else "left"), extra))
+
+    def add_row(self, *cells: Any) -> None:
+        self.rows.append(([str(c) for c in cells], self._section))
+        self._section = False
+
+    def add_section(self) -> None:
+        self._section = True
+
+    def _natural(self, split_arrows: bool = False) -> list[int]:
+        from rich.text import Text
+        natural = []
+        for i, (header, _, _, _) in enumerate(self.columns):
+            cells = [Text.from_markup(self._cell(r[i], self.columns[i][1], split_arrows)).cell_len
+                     for r, _ in self.rows if i < len(r)]
+            natural.append(max([Text.from_markup(header).cell_len, *[c for c in cells]]))
+        return natural
+
+    @staticmethod
+    def _cell(text: str, kind: str, split_arrows: bool) -> str:
+        # a "before→after" pair may take two lines, each value whole
+        if split_arrows and kind == "num" and "→" in text:
+            return text.replace("→", "→\n")
+        return text
+
+    def _layout(self, max_width: int) -> tuple[list[int], int, bool]:
+        """(width per column, padding, split arrows): natural widths if they fit; else names and
+        prose give way down to a minimum, then the padding goes, then before→after pairs wrap."""
+        flexible = [i for i, c in enumerate(self.columns) if c[1] in ("name", "wrap")]
+        n = len(self.columns)
+        for padding, split in ((1, False), (0, False), (0, True)):
+            natural = self._natural(split)
+            if split:
+                natural = [max(len(p) for p in self._lines_max(i)) if self.columns[i][1] == "num" else w
+                           for i, w in enumerate(natural)]
+            overhead = n + 1 + 2 * padding * n  # borders, and padding either side of each cell
+            if sum(natural) + overhead <= max_width:
+                return natural, padding, split
+            floor = sum(min(self.MIN_NAME, natural[i]) for i in flexible)
+            fixed = sum(w for i, w in enumerate(natural) if i not in flexible)
+            if fixed + floor + overhead <= max_width or split:
+                room = max_width - overhead - fixed
+                widths = list(natural)
+                left = room  # share it out, smallest demand first, so a short column keeps all it needs
+                for k, i in enumerate(sorted(flexible, key=lambda i: natural[i])):
+                    widths[i] = min(natural[i], max(left // (len(flexible) - k), min(self.MIN_NAME, natural[i])))
+                    left -= widths[i]
+                return widths, padding, split
+        raise AssertionError("unreachable")
+
+    def _lines_max(self, i: int) -> list[str]:
+        lines = [self.columns[i][0]]
+        for r, _ in self.rows:
+            if i < len(r):
+                lines += self._cell(r[i], "num", True).split("\n")
+        return lines
+
+    def build(self, max_width: int = 80) -> Table:
+        widths, padding, split = self._layout(max_width)
+        t = Table(title=self.title, caption=self.caption, padding=(0, padding), **self.table_kwargs)
+        for (header, kind, justify, extra), w in zip(self.columns, widths):
+            if kind == "wrap":
+                t.add_column(header, justify=justify, width=w, overflow="fold", **extra)
+            else:
+                t.add_column(header, justify=justify, no_wrap=True, min_width=w, max_width=w if kind == "name" else None,
+                             **extra)
+        for cells, section in self.rows:
+            if section:
+                t.add_section()
+            t.add_row(*[elide(c, w) if kind == "name" and w else self._cell(c, kind, split)
+                        for c, (_, kind, _, _), w in zip(cells, self.columns, widths)])
+        return t
+
+    def __rich_console__(self, console, options):
+        yield self.build(options.max_width)
+
+
+def plugins_tables(reg: Registry) -> list[FitTable]:
     """One table per plugin: its options with types, defaults and help."""
     tables = []
     for p in reg:
-        t = Table(title=f"[bold]{p.name}[/]: {p.summary}", caption=reg.origin(p.name), title_justify="left",
-                  caption_justify="left")
-        t.add_column("option", style="bold")
-        t.add_column("type")
-        t.add_column("default")
-        t.add_column("meaning")
+        t = FitTable(title=f"[bold]{p.name}[/]: {p.summary}", caption=reg.origin(p.name), title_justify="left",
+                     caption_justify="left")
+        t.add_column("option", "text", style="bold")
+        t.add_column("type", "wrap")
+        t.add_column("default", "text")
+        t.add_column("meaning", "wrap")
         for name, tp, default, help_ in option_help(p):
             t.add_row(name, tp, default, help_)
         tables.append(t)
     return tables
 
 
-def profile_table(prof: Profile, title: str = "layers") -> Table:
-    t = Table(title=title, caption="the total counts every initializer (BatchNorm statistics too)")
-    for col, just in (("layer", "left"), ("op", "left"), ("weight shape", "left"), ("params", "right"),
-                      ("MACs", "right"), ("bytes", "right")):
-        t.add_column(col, justify=just)
+def profile_table(prof: Profile, title: str = "layers") -> FitTable:
+    caption = "the total counts every initializer (BatchNorm statistics too)"
+    if prof.macs_note:
+        caption += "\n" + prof.macs_note
+    t = FitTable(title=title, caption=caption)
+    for col, kind in (("layer", "name"), ("op", "text"), ("weight shape", "text"), ("params", "num"),
+                      ("MACs", "num"), ("bytes", "num")):
+        t.add_column(col, kind)
     for l in prof.layers:
         t.add_row(l.name, l.op, "x".join(map(str, l.weight_shape)) if l.weight_shape else "-", human(l.params),
                   human(l.macs), human_bytes(l.bytes))
@@ -77,7 +190,7 @@ def _ranks(d: dict[str, Any]) -> str:
 
 def _arrow(d: dict[str, Any], what: str) -> str:
     a, b = d.get(f"{what}_before"), d.get(f"{what}_after")
-    return f"{human(a)}→{human(b)}" if a is not None and b is not None else ""
+    return f"{human(a)}→{human(b)}" if a is not None or b is not None else ""
 
 
 # (header, cell) for the per-layer details plugins commonly report; empty columns are dropped
@@ -91,40 +204,40 @@ DETAIL_COLUMNS = (
 )
 
 
-def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> Table:
+def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> FitTable:
     """The rewritten layers with what the plugin reported about each."""
     shown = [l for l in layers if l.status == "rewritten"]
     cols = [(h, f) for h, f in DETAIL_COLUMNS if any(f(l.details) for l in shown)]
-    t = Table(title=title)
-    t.add_column("layer", no_wrap=True)
-    t.add_column("op")
+    t = FitTable(title=title)
+    t.add_column("layer", "name")
+    t.add_column("op", "text")
     for h, _ in cols:
-        t.add_column(h, justify="right", no_wrap=True)
+        t.add_column(h, "num")
     for l in shown:
         t.add_row(l.layer, l.op, *[f(l.details) for _, f in cols])
     return t
 
 
-def skipped_table(layers: Sequence[LayerReport]) -> Table:
-    t = Table(title="skipped")
-    t.add_column("layer", no_wrap=True)
-    t.add_column("op")
-    t.add_column("why")
+def skipped_table(layers: Sequence[LayerReport]) -> FitTable:
+    t = FitTable(title="skipped")
+    t.add_column("layer", "name")
+    t.add_column("op", "text")
+    t.add_column("why", "wrap")
     for l in layers:
         if l.status != "rewritten":
             t.add_row(l.layer, l.op, l.reason)
     return t
 
 
-def steps_table(extras: dict[str, Any]) -> Table | None:
+def steps_table(extras: dict[str, Any]) -> FitTable | None:
     """A plugin's own stages and the drift after each (int8: quantize, equalize, bias correction, fallback)."""
     steps = extras.get("steps")
     if not steps:
         return None
     where = extras.get("measured_on")
-    t = Table(title="steps" + (f" (drift measured on {where})" if where else ""))
-    t.add_column("step")
-    t.add_column("rel. L2 drift", justify="right")
+    t = FitTable(title="steps" + (f" (drift measured on {where})" if where else ""))
+    t.add_column("step", "wrap")
+    t.add_column("rel. L2 drift", "num")
     for st in steps:
         t.add_row(str(st.get("step")), f"{st['rel_l2']:.4f}" if st.get("rel_l2") is not None else "-")
     fb = extras.get("fallback")
@@ -133,10 +246,11 @@ def steps_table(extras: dict[str, Any]) -> Table | None:
     return t
 
 
-def totals_table(before: Profile, after: Profile) -> Table:
-    t = Table(title="totals")
-    for col in ("", "before", "after", "ratio"):
-        t.add_column(col, justify="right" if col else "left")
+def totals_table(before: Profile, after: Profile) -> FitTable:
+    t = FitTable(title="totals")
+    t.add_column("", "text")
+    for col in ("before", "after", "ratio"):
+        t.add_column(col, "num")
     t.add_row("params", human(before.total_params), human(after.total_params),
               ratio(before.total_params, after.total_params))
     t.add_row("MACs", human(before.total_macs), human(after.total_macs), ratio(before.total_macs, after.total_macs))
@@ -144,34 +258,66 @@ def totals_table(before: Profile, after: Profile) -> Table:
               ratio(before.weight_bytes, after.weight_bytes))
     t.add_row("model size", human_bytes(before.file_bytes), human_bytes(after.file_bytes),
               ratio(before.file_bytes, after.file_bytes))
+    if before.total_macs is None or after.total_macs is None:
+        t.caption = before.macs_note or after.macs_note or "MACs unknown: input shapes unknown"
     return t
 
 
-def validation_tables(v: dict[str, Any]) -> list[Table]:
-    """Drift per output (and accuracy), then latency; from Validation.to_json()."""
+def _metric(v: float | None, fmt: str) -> str:
+    if v is None:
+        return "-"
+    return "NaN" if v != v else format(v, fmt)
+
+
+def validation_tables(v: dict[str, Any]) -> list[FitTable]:
+    """Drift per output (and accuracy), then latency; from Validation.to_json(). Broken outputs
+    (NaN/Inf, constant) are flagged in their row, and agreement says over how many rows."""
     src = "synthesized inputs" if v["synthetic_data"] else v["data"]
-    t = Table(title=f"drift on {v['samples']} samples ({src})")
-    t.add_column("output")
+    t = FitTable(title=f"drift on {v['samples']} samples ({src})")
+    t.add_column("output", "name")
     for col in ("max abs", "mean abs", "rel. L2", "cosine", "top-1 agree"):
-        t.add_column(col, justify="right")
+        t.add_column(col, "num")
+    t.add_column("flags", "text")
+    notes = []
     for name, m in v["outputs"].items():
         agree = m.get("top1_agreement")
-        t.add_row(name, f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}", f"{m['rel_l2']:.4f}", f"{m['cosine']:.5f}",
-                  f"{agree:.1%}" if agree is not None else "-")
+        flags = []
+        if m.get("non_finite"):
+            flags.append(f"NaN/Inf x{m['non_finite']}")
+        if m.get("constant") and not m.get("constant_original"):
+            flags.append("constant")
+        t.add_row(name, _metric(m["max_abs"], ".3g"), _metric(m["mean_abs"], ".3g"), _metric(m["rel_l2"], ".4f"),
+                  _metric(m["cosine"], ".5f"), f"{agree:.1%}" if agree is not None else "-",
+                  ", ".join(flags) or "-")
+        rows = m.get("agreement_rows")
+        if rows is not None and rows < v["samples"]:
+            notes.append(f"{name}: top-1 agreement over the {rows} of {v['samples']} rows whose original top-1 is "
+                         "unique")
+    if not any(m.get("non_finite") or (m.get("constant") and not m.get("constant_original"))
+               for m in v["outputs"].values()):
+        t.columns.pop()  # no flags: keep the table narrow
+        t.rows = [(cells[:-1], sec) for cells, sec in t.rows]
     tables = [t]
     if v.get("accuracy"):
         a = v["accuracy"]
-        t.caption = f"accuracy on the labels: {a['original']:.2%} before, {a['candidate']:.2%} after"
+        notes.append(f"accuracy on the labels: {a['original']:.2%} before, {a['candidate']:.2%} after")
+    if notes:
+        t.caption = "\n".join(notes)
     if v.get("latency"):
         lat = v["latency"]
-        lt = Table(title=f"latency, onnxruntime CPU, batch {lat['batch']}, threads {lat['threads']} (interleaved A/B)")
-        for col in ("model", "median ms", "p90 ms", "runs"):
-            lt.add_column(col, justify="left" if col == "model" else "right")
+        lt = FitTable(title=f"latency, onnxruntime CPU, batch {lat['batch']}, threads {lat['threads']} "
+                            "(interleaved A/B)")
+        lt.add_column("model", "text")
+        for col in ("median ms", "p90 ms", "runs"):
+            lt.add_column(col, "num")
         for name in ("original", "candidate"):
             x = lat[name]
             lt.add_row(name, f"{x['median_ms']:.3f}", f"{x['p90_ms']:.3f}", str(x["runs"]))
         if lat.get("speedup"):
             lt.caption = f"speedup {lat['speedup']:.2f}x (median)"
+            if lat.get("ratio_low") is not None and lat.get("ratio_high"):
+                lt.caption += (f"; latency ratio 95% interval {lat['ratio_low']:.3f}-{lat['ratio_high']:.3f} "
+                               "(candidate / original, per pair)")
         tables.append(lt)
     return tables
 
@@ -190,18 +336,7 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomic: a reader never sees a half-written report."""
-    path = Path(path)
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".surgeon-", suffix=".json", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def plot(path: str | os.PathLike, x: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str,
@@ -229,4 +364,120 @@ def plot(path: str | os.PathLike, x: Sequence[float], series: dict[str, Sequence
     fig.savefig(tmp, metadata={"Software": None})
     plt.close(fig)
     os.replace(tmp, path)
+    return path
+
+
+# --- pipeline and gate reports ------------------------------------------------------------------
+
+def chain_table(doc: dict[str, Any]) -> Table | None:
+    """Each step's effect: params, MACs, size, drift and latency after it (a chain of steps)."""
+    steps = doc.get("steps") or []
+    if len(steps) < 2:
+        return None
+    t = Table(title="after each step (drift and latency vs the original)")
+    for col, just in (("step", "left"), ("params", "right"), ("MACs", "right"), ("size", "right"),
+                      ("rel. L2", "right"), ("top-1", "right"), ("ms", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "step")
+    first = steps[0]["before"]
+    base_ms = next((s["original_ms"] for s in steps if s.get("original_ms")), None)
+    t.add_row("original", human(first["total_params"]), _macs(first["total_macs"]), human_bytes(first["file_bytes"]),
+              "-", "-", f"{base_ms:.2f}" if base_ms else "-")
+    for i, s in enumerate(steps, 1):
+        d = s.get("drift_after") or {}
+        agree = d.get("top1_agreement")
+        ms = s.get("latency_ms_after")
+        t.add_row(f"{i}. {s['plugin']} ({s['rewritten']})", human(s["after"]["total_params"]),
+                  _macs(s["after"]["total_macs"]), human_bytes(s["size_bytes_after"]),
+                  f"{d['rel_l2']:.4f}" if d.get("rel_l2") is not None else "-",
+                  f"{agree:.1%}" if agree is not None else "-", f"{ms:.2f}" if ms else "-")
+    t.caption = "(n) = layers rewritten by the step"
+    return t
+
+
+def _macs(v: Any) -> str:
+    return "unknown" if v is None else human(v)
+
+
+def checks_table(checks: Sequence[dict[str, Any]], title: str = "gate") -> Table:
+    """One row per budget: measured value, budget, verdict and margin."""
+    t = Table(title=title)
+    for col, just in (("check", "left"), ("value", "right"), ("budget", "right"), ("result", "left"),
+                      ("margin", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    style = {"pass": "green", "fail": "bold red", "inconclusive": "yellow"}
+    notes = []
+    for c in checks:
+        t.add_row(c["name"], _fmt_check(c["name"], c["value"]), _fmt_check(c["name"], c["budget"]),
+                  f"[{style[c['status']]}]{c['status']}[/]",
+                  "-" if c["margin"] is None else _fmt_check(c["name"], c["margin"], signed=True))
+        if c.get("detail"):
+            notes.append(f"{c['name']}: {c['detail']}")
+    if notes:
+        t.caption = "\n".join(notes)
+    return t
+
+
+def _fmt_check(name: str, v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    if name in ("min_agreement", "min_accuracy"):
+        return f"{v:+.1%}" if signed else f"{v:.1%}"
+    if name == "max_size_mb":
+        return f"{v:+.2f} MB" if signed else f"{v:.2f} MB"
+    return f"{v:+.4g}" if signed else f"{v:.4g}"
+
+
+def junit_xml(checks: Sequence[dict[str, Any]], suite: str = "surgeon gate", skipped_reason: str = "") -> str:
+    """JUnit XML with one test case per budget check, so CI systems list them."""
+    from xml.sax.saxutils import quoteattr, escape
+    failures = sum(1 for c in checks if c["status"] == "fail")
+    skipped = sum(1 for c in checks if c["status"] == "inconclusive")
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name={quoteattr(suite)} tests="{len(checks)}" failures="{failures}" errors="0" '
+             f'skipped="{skipped}">']
+    for c in checks:
+        text = (f"{c['name']}: value {_fmt_check(c['name'], c['value'])}, budget "
+                f"{_fmt_check(c['name'], c['budget'])}" + (f" ({c['detail']})" if c.get("detail") else ""))
+        lines.append(f'  <testcase classname="surgeon.gate" name={quoteattr(c["name"])}>')
+        if c["status"] == "fail":
+            lines.append(f'    <failure message={quoteattr(text)}>{escape(text)}</failure>')
+        elif c["status"] == "inconclusive":
+            lines.append(f'    <skipped message={quoteattr("inconclusive: " + text)}/>')
+        else:
+            lines.append(f'    <system-out>{escape(text)}</system-out>')
+        lines.append('  </testcase>')
+    if skipped_reason:
+        lines.append(f'  <system-err>{escape(skipped_reason)}</system-err>')
+    lines.append('</testsuite>')
+    return "\n".join(lines) + "\n"
+
+
+def markdown(checks: Sequence[dict[str, Any]], status: str, title: str = "surgeon gate",
+             extra: Sequence[str] = ()) -> str:
+    """A job summary for CI ($GITHUB_STEP_SUMMARY): the verdict and one row per check."""
+    icon = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️"}
+    lines = [f"### {title}: {icon.get(status, '')} {status}", "", "| check | value | budget | result | margin |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in checks:
+        lines.append(f"| {c['name']} | {_fmt_check(c['name'], c['value'])} | {_fmt_check(c['name'], c['budget'])} "
+                     f"| {icon[c['status']]} {c['status']} | "
+                     f"{'-' if c['margin'] is None else _fmt_check(c['name'], c['margin'], signed=True)} |")
+    details = [f"- {c['name']}: {c['detail']}" for c in checks if c.get("detail")]
+    lines += [""] + details if details else []
+    lines += [""] + list(extra) if extra else []
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (JSON, JUnit, Markdown reports): a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".surgeon-", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path

@@ -1,12 +1,22 @@
 """What the surgery did, measured with onnxruntime: output drift and latency.
 
+Drift cannot be fooled by broken outputs: NaN/Inf anywhere in an output is a field
+(`non_finite`, the count), and every budget fails on it (surgeon.budgets); top-1 agreement
+counts only the rows whose original scores have a unique maximum (a tie has no top-1) and
+says how many (`agreement_rows`), a candidate row with a tied maximum counts as a
+disagreement; an output that is the same value everywhere is flagged (`constant`).
+
 Latency runs both models interleaved (A, B, B, A, ...) after a warm-up, so that a machine
-that speeds up or slows down during the run moves both the same way.
+that speeds up or slows down during the run moves both the same way; the latency ratio is the
+median of the per-pair ratios t_candidate / t_original with its distribution-free 95%
+interval (order statistics n/2 -+ 1.96 sqrt(n)/2 of the sorted ratios).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -21,19 +31,32 @@ from surgeon.errors import ModelError, SurgeonError
 log = logging.getLogger(__name__)
 
 
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's exception as one readable line: without the "[ONNXRuntimeError] : 1 : FAIL :"
+    prefix, the C++ source location and "Non-zero status code returned while running"."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    text = " ".join(text.split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
+                  r"node '\2' (\1): ", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (\S+ )*?\S+\([^)]*\) ", "", text)
+    return text[:300]
+
+
 def session(model: onnx.ModelProto | bytes | str, threads: int = 0) -> ort.InferenceSession:
     """A CPU session; `threads` 0 lets onnxruntime pick (all cores)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a failed run becomes our one-line error, not a red log line
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {text}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
 
 
 def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list[np.ndarray]:
@@ -43,8 +66,7 @@ def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list
         try:
             res = sess.run(None, feed)
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise SurgeonError(f"onnxruntime failed to run the model: {text}") from None
+            raise SurgeonError(f"onnxruntime failed to run the model: {ort_message(exc)}") from None
         if not outs:
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
@@ -78,8 +100,7 @@ def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet
         try:
             res = dict(zip(names, sess.run(None, feed)))
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise SurgeonError(f"onnxruntime failed to run the model: {text}") from None
+            raise SurgeonError(f"onnxruntime failed to run the model: {ort_message(exc)}") from None
         res.update(feed)
         yield {t: res[t] for t in tensors}
 
@@ -89,21 +110,65 @@ def looks_like_scores(a: np.ndarray) -> bool:
     return a.ndim == 2 and a.shape[1] > 1
 
 
-def drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+def unique_top1(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax per row, whether that maximum is unique): a row with a tie has no top-1."""
+    s = np.asarray(scores)
+    top = s.argmax(1)
+    best = s.max(1, keepdims=True)
+    unique = ((s == best).sum(1) == 1) & np.all(np.isfinite(s), axis=1)
+    return top, unique
+
+
+def drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    """Drift of `out` from `ref`: max/mean |d|, ||d||/||ref|| (rel_l2), cosine; for class
+    scores, top-1 agreement over the rows where `ref` has a unique maximum.
+
+    Flags (fields, never strings to parse): `non_finite` counts NaN/Inf in `out` (the other
+    metrics are then NaN, and worst_rel_l2 reports inf), `non_finite_original` the same in
+    `ref`, `constant` is True when `out` holds one value everywhere (a dead model) and
+    `constant_original` likewise."""
+    with np.errstate(all="ignore"):  # NaN/Inf are reported as flags below, not as warnings
+        return _drift_metrics(ref, out)
+
+
+def _drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     r = ref.astype(np.float64).ravel()
     o = out.astype(np.float64).ravel()
     d = o - r
     nr = np.linalg.norm(r)
     no = np.linalg.norm(o)
-    m = {
+    m: dict[str, Any] = {
         "max_abs": float(np.max(np.abs(d))) if d.size else 0.0,
         "mean_abs": float(np.mean(np.abs(d))) if d.size else 0.0,
         "rel_l2": float(np.linalg.norm(d) / nr) if nr > 0 else float(np.linalg.norm(d)),
         "cosine": float(r @ o / (nr * no)) if nr > 0 and no > 0 else float(nr == no),
+        "non_finite": int(np.count_nonzero(~np.isfinite(o))),
+        "non_finite_original": int(np.count_nonzero(~np.isfinite(r))),
+        "constant": bool(o.size > 1 and np.all(o == o[0])),
+        "constant_original": bool(r.size > 1 and np.all(r == r[0])),
     }
+    if m["non_finite"]:
+        m["rel_l2"] = m["max_abs"] = m["mean_abs"] = m["cosine"] = float("nan")
     if looks_like_scores(ref):
-        m["top1_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        top_r, ok_r = unique_top1(ref)
+        top_o, ok_o = unique_top1(out)
+        rows = int(ok_r.sum())
+        m["agreement_rows"] = rows
+        agree = (top_r == top_o) & ok_o & ok_r
+        m["top1_agreement"] = float(agree.sum() / rows) if rows else None
     return m
+
+
+def median_interval(ratios, z: float = 1.96) -> tuple[float, float, float]:
+    """(median, low, high): the distribution-free confidence interval of a median from order
+    statistics, ranks n/2 -+ z sqrt(n)/2 of the sorted values (normal approximation to the
+    binomial). With fewer than 6 values it is the whole range."""
+    r = np.sort(np.asarray(ratios, dtype=np.float64))
+    n = len(r)
+    half = z * math.sqrt(n) / 2
+    j = max(int(math.floor(n / 2 - half)), 0)
+    k = min(int(math.ceil(n / 2 + half)), n - 1)
+    return float(np.median(r)), float(r[j]), float(r[k])
 
 
 @dataclass
@@ -111,6 +176,7 @@ class Latency:
     median_ms: float
     p90_ms: float
     runs: int
+    times_ms: list[float] = field(default_factory=list, repr=False)  # each run, in order (pairs line up)
 
     def to_json(self) -> dict[str, float]:
         return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "runs": self.runs}
@@ -144,7 +210,7 @@ def latency_ab(sess_a: ort.InferenceSession, sess_b: ort.InferenceSession, feed:
 
 def _summary(times: list[float]) -> Latency:
     ms = np.asarray(times) * 1e3
-    return Latency(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms))
+    return Latency(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms), ms.tolist())
 
 
 def _same_inputs(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
@@ -167,17 +233,38 @@ class Validation:
 
     @property
     def worst_rel_l2(self) -> float:
+        """The largest relative L2 drift; inf when any output holds NaN/Inf (no budget can pass it)."""
+        if self.non_finite_outputs:
+            return float("inf")
         return max((m["rel_l2"] for m in self.outputs.values()), default=0.0)
 
     @property
     def top1_agreement(self) -> float | None:
-        vals = [m["top1_agreement"] for m in self.outputs.values() if "top1_agreement" in m]
+        vals = [m["top1_agreement"] for m in self.outputs.values() if m.get("top1_agreement") is not None]
+        if self.non_finite_outputs and vals:
+            return 0.0
         return min(vals) if vals else None
+
+    @property
+    def agreement_rows(self) -> int | None:
+        rows = [m["agreement_rows"] for m in self.outputs.values() if m.get("agreement_rows") is not None]
+        return min(rows) if rows else None
+
+    @property
+    def non_finite_outputs(self) -> list[str]:
+        return [n for n, m in self.outputs.items() if m.get("non_finite")]
+
+    @property
+    def constant_outputs(self) -> list[str]:
+        """Outputs that are one value everywhere in the candidate but not in the original."""
+        return [n for n, m in self.outputs.items() if m.get("constant") and not m.get("constant_original")]
 
     def to_json(self) -> dict[str, Any]:
         return {"data": self.data_source, "synthetic_data": self.synthetic, "samples": self.samples,
                 "outputs": self.outputs, "accuracy": self.accuracy, "latency": self.latency,
-                "worst_rel_l2": self.worst_rel_l2, "top1_agreement": self.top1_agreement}
+                "worst_rel_l2": self.worst_rel_l2, "top1_agreement": self.top1_agreement,
+                "agreement_rows": self.agreement_rows, "non_finite_outputs": self.non_finite_outputs,
+                "constant_outputs": self.constant_outputs}
 
 
 def validate(original: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSet, *, threads: int = 0,
@@ -201,12 +288,16 @@ def validate(original: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSe
         if scores:
             a, b = scores[0]
             labels = data.labels[: len(a)]
-            v.accuracy = {"original": float(np.mean(a.argmax(1) == labels)),
-                          "candidate": float(np.mean(b.argmax(1) == labels))}
+            # a tied or non-finite maximum is no prediction: it counts as wrong
+            v.accuracy = {name: float(np.mean((top == labels) & ok))
+                          for name, (top, ok) in (("original", unique_top1(a)), ("candidate", unique_top1(b)))}
     if latency:
         feed = data.first_batch(latency_batch)
         la, lb = latency_ab(sa, sb, feed, repeats=repeats, budget_s=budget_s)
         v.latency = {"batch": len(next(iter(feed.values()))), "threads": threads or "default",
                      "original": la.to_json(), "candidate": lb.to_json(),
                      "speedup": la.median_ms / lb.median_ms if lb.median_ms > 0 else None}
+        if la.times_ms and min(la.times_ms) > 0:  # candidate / original, pair by pair
+            ratio, low, high = median_interval(np.divide(lb.times_ms, la.times_ms))
+            v.latency.update(ratio=ratio, ratio_low=low, ratio_high=high)
     return v

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from surgeon import calibration, model as model_io
 from surgeon.errors import UsageError
@@ -90,3 +90,72 @@ def test_static_batch_models_get_whole_batches():
     ds = calibration.synthesize(m, samples=10)
     assert ds.batch == 4
     assert [len(b["a"]) for b in ds.batches()] == [4, 4]
+
+
+# --- shapes without asking, models without a batch axis (issue 8) -------------------------------------
+
+def test_dynamic_dims_can_stay_unknown_with_a_hint():
+    m = two_input_model(("N", "D"), ("N", 3))
+    shapes = calibration.resolve_shapes(m, required=False)
+    assert shapes == {"a": None, "b": (1, 3)}
+    hint = calibration.shape_hint(m, shapes)
+    assert hint == "input 'a' (N, D) has dynamic dimensions; pass --data, or --shape a=1x? with the ?s filled in"
+    assert calibration.shape_hint(m, {"a": (1, 4), "b": (1, 3)}) is None
+    with pytest.raises(UsageError, match="cannot synthesize inputs: input 'a' \\(N, D\\)"):
+        calibration.synthesize(m)
+
+
+def test_data_shapes_count_one_batch():
+    m = two_input_model(("N", "D"), ("N", "D"))
+    ds = calibration.DataSet({"a": np.zeros((5, 7), np.float32), "b": np.zeros((5, 7), np.float32)})
+    assert calibration.shapes_from_data(ds) == {"a": (1, 7), "b": (1, 7)}
+    assert calibration.resolve_shapes(m, calibration.shapes_from_data(ds)) == {"a": (1, 7), "b": (1, 7)}
+
+
+def matmul_of_two_fixed_inputs():
+    """onnx's pytorch-operator test_operator_mm: A[2,3] @ B[3,4], no batch axis at all."""
+    return make_model([helper.make_node("MatMul", ["a", "b"], ["y"])], [tensor("a", [2, 3]), tensor("b", [3, 4])],
+                      [tensor("y", [2, 4])])
+
+
+def test_a_model_without_a_batch_axis_gets_whole_feeds():
+    """The corpus sweep: "--shape 0=1x3 does not fit the model's input (2, 3)" though no --shape was given."""
+    from surgeon.validate import run, session
+    m = matmul_of_two_fixed_inputs()
+    assert calibration.unbatched(m)
+    ds = calibration.synthesize(m, samples=3)
+    assert ds.stacked and ds.inputs["a"].shape == (3, 2, 3) and ds.inputs["b"].shape == (3, 3, 4)
+    feeds = list(ds.batches(2))
+    assert len(feeds) == 3 and feeds[0]["a"].shape == (2, 3)
+    assert calibration.shapes_from_data(ds) == {"a": (2, 3), "b": (3, 4)}
+    (y,) = run(session(m), ds)
+    assert y.shape == (6, 4)  # three feeds of (2, 4)
+    assert ds.rows(1, 3).stacked and len(ds.take(2)) == 2
+
+
+def test_scalar_inputs_are_fed_one_row_at_a_time(tmp_path):
+    m = make_model([helper.make_node("Add", ["s", "t"], ["y"])], [tensor("s", []), tensor("t", [])],
+                   [tensor("y", [])])
+    ds = calibration.synthesize(m, samples=4)
+    assert ds.stacked and [f["s"].shape for f in ds.batches()] == [()] * 4
+    np.savez(tmp_path / "one.npz", s=np.float32(1.0), t=np.float32(2.0))  # a single feed, no row axis
+    one = calibration.load_data(tmp_path / "one.npz", m)
+    assert len(one) == 1 and one.first_batch()["s"].shape == ()
+
+
+def test_fp16_inputs_are_synthesized_in_fp16():
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 4], TensorProto.FLOAT16)],
+                   [tensor("y", ["N", 4], TensorProto.FLOAT16)])
+    ds = calibration.synthesize(m, samples=2)
+    assert ds.inputs["x"].dtype == np.float16 and ds.inputs["x"].shape == (2, 4)
+
+
+def test_synthesized_indices_stay_inside_the_table_they_index():
+    """The corpus sweep: int8 on pytorch-converted test_Embedding failed on idx=4 of a 4-row table."""
+    from surgeon.validate import run, session
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    m = make_model([helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], [tensor("ids", ["N", 5], TensorProto.INT64)],
+                   [tensor("y", None)], [helper.make_tensor("table", TensorProto.FLOAT, [4, 3], table.ravel())])
+    ds = calibration.synthesize(m, samples=16)
+    assert ds.inputs["ids"].max() == 3 and ds.inputs["ids"].min() == 0
+    assert run(session(m), ds)[0].shape == (16, 5, 3)

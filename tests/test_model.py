@@ -147,3 +147,12 @@ def test_unnamed_nodes_get_stable_names():
     m = make_model(nodes, [tensor("x", [2])], [tensor("y", [2])])
     names = [n.name for n in model_io.fold_constants(m).graph.node]
     assert names == ["Relu_1", "Relu_0", "Neg_0"]
+
+
+def test_signature_of_a_sequence_input_says_it_is_not_a_tensor():
+    from onnx import TensorProto, helper
+    from surgeon.model import input_signature
+    from tests.models import make_model, tensor
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [1, 4])
+    m = make_model([helper.make_node("ConcatFromSequence", ["xs"], ["y"], axis=0)], [seq], [tensor("y", None)])
+    assert input_signature(m) == [("xs", [], np.dtype(object))]

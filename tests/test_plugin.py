@@ -37,17 +37,40 @@ def test_entry_point_plugin_is_loaded(fixtures_on_path):
 
 def test_entry_point_that_fails_to_import_names_its_package():
     with pytest.raises(PluginLoadError, match="package 'no_such_pkg'.*ModuleNotFoundError"):
-        registry([ep("broken", "no_such_pkg.plugin:PLUGINS")])
+        registry([ep("broken", "no_such_pkg.plugin:PLUGINS")], strict=True)
+
+
+def test_a_broken_plugin_is_reported_and_skipped_and_the_others_work(fixtures_on_path):
+    """Issue 8: one third-party plugin that failed to import stopped every command, built-ins included."""
+    reg = registry([ep("broken", "no_such_pkg.plugin:PLUGINS"), ep("relu-clip", "relu_clip_plugin:PLUGINS")])
+    assert {"tucker", "svd", "int8", "relu-clip"} <= set(reg.names())
+    (failure,) = reg.failures
+    assert (failure.name, failure.package, failure.entry_point) == ("broken", "no_such_pkg", "no_such_pkg.plugin:PLUGINS")
+    assert "ModuleNotFoundError" in failure.error and "skipped" in str(failure)
+    with pytest.raises(PluginLoadError, match="package 'no_such_pkg'"):
+        reg.get("broken")  # asking for it by name says why it is missing
+
+
+def test_a_plugin_that_raises_anything_on_import_is_skipped(tmp_path, monkeypatch):
+    (tmp_path / "explodes_on_import.py").write_text("raise SyntaxError('bad plugin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = registry([ep("boom", "explodes_on_import:PLUGINS")])
+    assert "tucker" in reg and [f.name for f in reg.failures] == ["boom"]
 
 
 def test_entry_point_that_is_not_a_plugin(fixtures_on_path):
     with pytest.raises(PluginLoadError, match="not a surgeon plugin"):
-        registry([ep("odd", "relu_clip_plugin:Options")])
+        registry([ep("odd", "relu_clip_plugin:Options")], strict=True)
+    reg = registry([ep("odd", "relu_clip_plugin:Options")])
+    assert "not a surgeon plugin" in reg.failures[0].error and "tucker" in reg
 
 
 def test_duplicate_names_are_an_error(fixtures_on_path):
     with pytest.raises(PluginLoadError, match="two plugins are named 'relu-clip'"):
-        registry([ep("a", "relu_clip_plugin:PLUGINS"), ep("b", "relu_clip_plugin:ReluToClip")])
+        registry([ep("a", "relu_clip_plugin:PLUGINS"), ep("b", "relu_clip_plugin:ReluToClip")], strict=True)
+    reg = registry([ep("a", "relu_clip_plugin:PLUGINS"), ep("b", "relu_clip_plugin:ReluToClip")])
+    assert "relu-clip" in reg and "a" in reg.origin("relu-clip")  # the first one stays
+    assert [f.name for f in reg.failures] == ["b"] and "two plugins are named" in reg.failures[0].error
 
 
 def test_third_party_cannot_shadow_a_builtin():

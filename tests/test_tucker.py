@@ -413,3 +413,77 @@ def test_two_runs_are_byte_identical():
     c = apply(model, rank_method="vbmf")
     d = apply(model, rank_method="vbmf")
     assert c.model.SerializeToString() == d.model.SerializeToString()
+
+
+# --- issue 13 / 8: data-aware fit and fp16 ------------------------------------------------------
+
+from surgeon.calibration import DataSet  # noqa: E402
+from tests.models import fp16_conv_model, float_types  # noqa: E402
+from onnx import TensorProto  # noqa: E402
+
+
+def _real(model, samples=16, seed=0):
+    return DataSet(random_feeds(model, samples=samples, seed=seed), source="test", batch=2)
+
+
+@pytest.mark.parametrize("fit", ["weights", "data"])
+def test_fp16_model_stays_fp16(fit):
+    from tests.models import run as run_model
+    m = fp16_conv_model()
+    r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 1.0, "allow_growth": True, "fit": fit},
+                      data=_real(m))
+    assert [l.status for l in r.layers] == ["rewritten", "rewritten"]
+    assert all(l.details["fit"] == fit for l in r.layers)
+    checked(r.model)
+    assert float_types(r.model) == {TensorProto.FLOAT16}
+    feeds = random_feeds(m, samples=2, seed=5)
+    a, b = run_model(m, feeds)[0], run_model(r.model, feeds)[0]
+    assert b.dtype == np.float16
+    assert rel_l2(a, b) < 2e-2  # full rank: fp16 rounding (and float32 sample sums for fit=data)
+
+
+def test_data_fit_needs_real_data():
+    m = fp16_conv_model()
+    for data in (None, surgeon.synthesize(m, samples=4)):
+        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.5}, data=data)
+        for l in r.rewritten:
+            assert l.details["fit"] == "weights"
+            assert "no calibration data" in l.details["fit_note"]
+
+
+def test_data_fit_cuts_drift_on_the_sample_cnn():
+    """Fitted on the calibration split, measured on the test split: at equal ranks the
+    data-aware factors drift at least 2x less than the weight-space ones."""
+    m = surgeon.load(CNN)
+    calib = surgeon.load_data(CNN.with_name("digits_cnn_calib.npz"), m)
+    test = surgeon.load_data(CNN_TEST, m)
+    drift = {}
+    for fit in ("weights", "data"):
+        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25, "fit": fit}, data=calib)
+        ranks = [(l.details["R1"], l.details["R2"]) for l in r.rewritten]
+        drift[fit] = surgeon.validate(m, r.model, test, latency=False).worst_rel_l2
+        if fit == "data":
+            assert all(l.details["out_error"] >= 0 and l.details["calib_rows"] > 0 for l in r.rewritten)
+            assert any(l.details["sequential"] for l in r.rewritten)
+            assert ranks == weight_ranks
+        weight_ranks = ranks
+    assert drift["data"] * 2 <= drift["weights"], drift
+
+
+def test_data_fit_is_deterministic():
+    m = surgeon.load(CNN)
+    calib = surgeon.load_data(CNN.with_name("digits_cnn_calib.npz"), m)
+    a = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25}, data=calib).model
+    b = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25}, data=calib).model
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_energy_on_output_spectrum_gives_per_layer_ranks():
+    m = surgeon.load(CNN)
+    calib = surgeon.load_data(CNN.with_name("digits_cnn_calib.npz"), m)
+    lo = surgeon.apply(m, "tucker", {"guard": "none", "energy": 0.8}, data=calib)
+    hi = surgeon.apply(m, "tucker", {"guard": "none", "energy": 0.99}, data=calib)
+    rank = lambda r: {l.layer: (l.details["R1"], l.details["R2"]) for l in r.rewritten}
+    for layer, (r1, r2) in rank(lo).items():
+        if layer in rank(hi):
+            assert rank(hi)[layer][0] >= r1 and rank(hi)[layer][1] >= r2

@@ -50,3 +50,98 @@ def test_latency_is_interleaved_and_counted():
     a, b = latency_ab(s, s, feed, warmup=1, repeats=7)
     assert a.runs == b.runs == 7
     assert a.median_ms > 0 and a.p90_ms >= a.median_ms
+
+
+# --- validation that cannot be fooled (issue 8) ----------------------------------------------------
+
+def _scaled_output(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    """`model` with its output multiplied by `scale` (nan -> all-NaN logits, 0 -> all zeros)."""
+    from onnx import helper, numpy_helper
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [f"{o}__pre" if o == out else o for o in n.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "__scale"))
+    m.graph.node.append(helper.make_node("Mul", [f"{out}__pre", "__scale"], [out], name="__scale_out"))
+    return m
+
+
+def test_nan_outputs_are_flagged_and_fail_every_budget():
+    """Issue 8: an all-NaN candidate passed --max-drift 0.05 (drift shown as nan, no budget failure)."""
+    from surgeon import budgets
+    m = model_io.load(CNN)
+    ds = calibration.load_data(CNN_TEST, m).take(64)
+    v = validate(m, _scaled_output(m, float("nan")), ds, latency=False)
+    out = v.outputs["logits"]
+    assert out["non_finite"] == 64 * 10 and out["non_finite_original"] == 0
+    assert v.non_finite_outputs == ["logits"] and v.worst_rel_l2 == float("inf")
+    assert v.top1_agreement == 0.0 and v.accuracy["candidate"] == 0.0
+    b = budgets.Budgets(max_drift=0.05, min_agreement=0.5, min_accuracy=0.1)
+    checks = budgets.evaluate(b, v.to_json(), size_bytes=None)
+    assert [c.status for c in checks] == ["fail"] * 3
+    assert all("NaN/Inf" in c.detail for c in checks)
+
+
+def test_inf_is_caught_too():
+    m = drift_metrics(np.ones((4, 3)), np.array([[1, 1, np.inf]] * 4, np.float32))
+    assert m["non_finite"] == 4 and np.isnan(m["rel_l2"])
+
+
+def test_constant_outputs_are_flagged_and_do_not_agree():
+    """Issue 8: with constant or all-zero outputs top-1 agreement was reported as 100%."""
+    m = model_io.load(CNN)
+    ds = calibration.load_data(CNN_TEST, m).take(64)
+    v = validate(m, _scaled_output(m, 0.0), ds, latency=False)
+    out = v.outputs["logits"]
+    assert out["constant"] and not out["constant_original"] and v.constant_outputs == ["logits"]
+    assert out["top1_agreement"] == 0.0  # every candidate row is a 10-way tie: no prediction
+    assert out["agreement_rows"] == 64
+
+
+def test_agreement_counts_only_rows_with_a_unique_top1():
+    ref = np.array([[3.0, 1.0], [2.0, 2.0], [0.0, 5.0], [1.0, 1.0]])  # rows 1 and 3 are ties
+    out = np.array([[3.0, 1.0], [9.0, 0.0], [5.0, 0.0], [0.0, 9.0]])
+    m = drift_metrics(ref, out)
+    assert m["agreement_rows"] == 2 and m["top1_agreement"] == 0.5
+    both_constant = drift_metrics(np.zeros((5, 4)), np.zeros((5, 4)))
+    assert both_constant["agreement_rows"] == 0 and both_constant["top1_agreement"] is None
+    assert both_constant["constant"] and both_constant["constant_original"]
+
+
+def test_agreement_rows_reach_the_budget_report():
+    from surgeon import budgets
+    ref = np.array([[3.0, 1.0], [2.0, 2.0]] * 3)
+    m = model_io.load(CNN)
+    v = validate(m, m, calibration.load_data(CNN_TEST, m).take(8), latency=False).to_json()
+    assert v["agreement_rows"] == 8 and v["non_finite_outputs"] == [] and v["constant_outputs"] == []
+    checks = budgets.evaluate(budgets.Budgets(min_agreement=0.99), v, None)
+    assert checks[0].status == "pass" and "over 8 rows" in checks[0].detail
+    assert drift_metrics(ref, ref)["agreement_rows"] == 3
+
+
+def test_latency_ratio_comes_with_its_interval():
+    m = model_io.load(CNN)
+    v = validate(m, m, calibration.load_data(CNN_TEST, m).take(4), repeats=12)
+    lat = v.latency
+    assert lat["ratio_low"] <= lat["ratio"] <= lat["ratio_high"]
+
+
+def test_median_interval_is_the_order_statistic_interval():
+    from surgeon.validate import median_interval
+    med, lo, hi = median_interval(np.arange(1, 101, dtype=float))
+    # n = 100: ranks 50 -+ 9.8 -> sorted[40], sorted[60] (0-based) = 41, 61
+    assert (med, lo, hi) == (50.5, 41.0, 61.0)
+    assert median_interval([2.0] * 3) == (2.0, 2.0, 2.0)
+
+
+def test_fp16_models_validate_and_stream():
+    from surgeon.validate import stream_tensors
+    from tests.models import detector_model
+    m = detector_model(dtype=np.float16)
+    ds = calibration.synthesize(m, {"images": (1, 3, 16, 24)}, samples=3)
+    assert ds.inputs["images"].dtype == np.float16
+    v = validate(m, m, ds, latency=False)
+    assert v.worst_rel_l2 == 0.0 and v.outputs["out"]["non_finite"] == 0
+    batches = list(stream_tensors(m, ["a", "out"], ds, batch=1))
+    assert len(batches) == 3 and batches[0]["a"].dtype == np.float16 and batches[0]["out"].shape == (1, 16, 24, 6)

@@ -1,0 +1,124 @@
+"""Data-aware vs weight-space low-rank factors (issue 13), side by side at equal ranks.
+
+    python benchmarks/lowrank_data.py                        # every model found, ratios 0.25 0.5 0.75
+    python benchmarks/lowrank_data.py --model cnn --ratios 0.125 0.25
+    python benchmarks/lowrank_data.py --model effnet --plugin tucker --json out.json
+
+Models: the sample digits CNN (fit on its calib split, measured on its test split), the shared
+EfficientNet-Lite0 (photos224.npz: fit on the first 32, measured on the other 64; RGB
+(p-127)/128) and the shared ddddocr detector (the same photos resized to 416, BGR 0..255,
+batch 1). Shared models are read from ../shared and skipped with a message when absent.
+For each ratio and fit (weights, data): agreement (top-1 for classifiers), output rel. L2
+drift, params, MACs, interleaved A/B latency (batch 1) and surgery time. guard=none, so both
+fits rewrite the same layers at the same ranks. Prints an 80-column table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import surgeon
+from surgeon.calibration import DataSet
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+console = Console(width=80)
+
+
+def photos() -> np.ndarray | None:
+    path = SHARED / "data" / "photos224.npz"
+    return np.load(path)["images"] if path.exists() else None
+
+
+def cnn():
+    m = surgeon.load(ROOT / "sample_models" / "digits_cnn.onnx")
+    return m, surgeon.load_data(ROOT / "sample_models" / "digits_cnn_calib.npz", m), \
+        surgeon.load_data(ROOT / "sample_models" / "digits_cnn_test.npz", m)
+
+
+def effnet():
+    path, imgs = SHARED / "models" / "efficientnet_lite0.onnx", photos()
+    if not path.exists() or imgs is None:
+        return None
+    m = surgeon.load(path)
+    x = ((imgs.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2).copy()
+    return m, DataSet({"input": x[:32]}, source="photos[:32]"), DataSet({"input": x[32:]}, source="photos[32:]")
+
+
+def det():
+    path, imgs = SHARED / "models" / "ddddocr_det.onnx", photos()
+    if not path.exists() or imgs is None:
+        return None
+    from PIL import Image  # noqa: F401  (resize through numpy below if PIL is missing)
+    m = surgeon.load(path)
+    big = np.stack([np.asarray(Image.fromarray(i).resize((416, 416), Image.BILINEAR)) for i in imgs])
+    x = big[..., ::-1].astype(np.float32).transpose(0, 3, 1, 2).copy()  # BGR 0..255
+    return m, DataSet({"images": x[:32]}, source="photos416[:32]", batch=1), \
+        DataSet({"images": x[32:]}, source="photos416[32:]", batch=1)
+
+
+MODELS = {"cnn": cnn, "effnet": effnet, "det": det}
+
+
+def measure(name, plugin, ratios, latency: bool) -> list[dict]:
+    loaded = MODELS[name]()
+    if loaded is None:
+        console.print(f"[yellow]skip {name}: ../shared models or photos not found[/]")
+        return []
+    model, calib, test = loaded
+    rows = []
+    for ratio in ratios:
+        for fit in ("weights", "data"):
+            res = surgeon.apply(model, plugin, {"ratio": ratio, "guard": "none", "fit": fit}, data=calib)
+            v = surgeon.validate(model, res.model, test, latency=latency, budget_s=3.0)
+            out = next(iter(v.outputs.values()))
+            rows.append({"model": name, "plugin": plugin, "ratio": ratio, "fit": fit,
+                         "layers": len(res.rewritten), "rel_l2": v.worst_rel_l2,
+                         "agreement": v.top1_agreement, "accuracy": v.accuracy,
+                         "params": [res.before.total_params, res.after.total_params],
+                         "macs": [res.before.total_macs, res.after.total_macs],
+                         "speedup": (v.latency or {}).get("speedup"), "seconds": res.seconds,
+                         "cosine": out.get("cosine")})
+            console.print(f"{name} {plugin} ratio {ratio} fit {fit}: drift {v.worst_rel_l2:.4g} "
+                          f"agreement {v.top1_agreement} speedup {(v.latency or {}).get('speedup')}")
+    return rows
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="data-aware (data) vs weight-space (weights) factors, equal ranks")
+    for col in ("model", "plug", "ratio", "fit", "drift", "agree", "MACs", "speed", "s"):
+        t.add_column(col, justify="right" if col not in ("model", "plug", "fit") else "left", no_wrap=True)
+    for r in rows:
+        macs = r["macs"]
+        m = f"{macs[1] / macs[0]:.2f}" if macs and macs[0] and macs[1] else "-"
+        t.add_row(r["model"], r["plugin"], f"{r['ratio']:g}", r["fit"], f"{r['rel_l2']:.3g}",
+                  "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%", m,
+                  "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", f"{r['seconds']:.1f}")
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    ap.add_argument("--plugin", choices=["tucker", "svd"], default="tucker")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--json", default="lowrank_data.json")
+    a = ap.parse_args(argv)
+    rows = []
+    for name in (MODELS if a.model == "all" else [a.model]):
+        rows += measure(name, a.plugin, a.ratios, not a.no_latency)
+    console.print(table(rows))
+    Path(a.json).write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Benchmark `surgeon plan` against the best uniform ratio at the same budget.
+
+    python benchmarks/plan.py                         # EfficientNet-Lite0 and ResNet-50
+    python benchmarks/plan.py --models effnet --workers 2
+    python benchmarks/plan.py --models resnet50 --zoo-budget "drift<=0.3"
+
+For each model, in one run: the per-layer sensitivity curves and per-layer timings, the
+greedy plan with its end-to-end correction (surgeon.plan.make_plan), and a uniform sweep over
+the same ratio grid; of the uniform ratios that meet the budget, the fastest (each timed
+A/B against the original). Printed per model: MACs, measured latency (interleaved A/B
+against the original, batch 1), drift and top-1 agreement, for the original, the best
+uniform ratio and the plan, and how much more latency the plan removes than the uniform
+ratio (target: >= 1.5x).
+
+* EfficientNet-Lite0 (../shared/models, real ImageNet weights) on the shared photos: the
+  first 32 calibrate, the other 64 evaluate; preprocessing (p - 127) / 128, NCHW.
+* ResNet-50 (or VGG-19) from the onnx package's model zoo with seeded He-normal weights
+  (surgeon.zoo), on seeded random inputs (8 calibrate, 8 evaluate): random weights make
+  agreement meaningless as accuracy, so its budget is on the output drift; fit=weights
+  (factors of the weights) and pointwise=skip (its 16 3x3 convs: the 1x1 convs at ratio
+  <= 0.5 save little and would triple the number of evaluations). VGG-19 works the same
+  but each evaluation of its 548 MB model took ~2 minutes on the busy 2-core machine.
+
+Latency measured while other work runs on the machine is noisy; say so when reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from surgeon import pipeline, plan, zoo
+from surgeon.calibration import DataSet, DataSplit, synthesize
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+EFFNET = SHARED / "models" / "efficientnet_lite0.onnx"
+PHOTOS = SHARED / "data" / "photos224.npz"
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def photos_split() -> DataSplit:
+    x = np.load(PHOTOS)["images"].astype(np.float32)
+    x = ((x - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
+    calib = DataSet({"input": x[:32]}, source=f"{PHOTOS.name} rows 0-31")
+    ev = DataSet({"input": x[32:]}, source=f"{PHOTOS.name} rows 32-95")
+    return DataSplit(calib, ev, "first 32 photos calibrate, the other 64 evaluate")
+
+
+def random_split(model, rows: int = 8) -> DataSplit:
+    calib = synthesize(model, samples=rows, seed=1)
+    ev = synthesize(model, samples=rows, seed=2)
+    return DataSplit(calib, ev, "seeded random inputs")
+
+
+def bench(name: str, model, split: DataSplit, budget: str, ratios: list[float], options: dict, workers: int,
+          layers: str | None, json_dir: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    popts = plan.PlanOptions("tucker", plan.parse_budget(budget), ratios, options, layers, workers=workers,
+                             compare_uniform=True, attribution=False, latency_budget_s=4.0)
+    last = [0.0]
+
+    def progress(what, done, total):
+        now = time.perf_counter() - t0
+        if now - last[0] > 10 or done == 0:
+            console.print(f"  [{now:6.1f}s] {what} {done}/{total}", highlight=False)
+            last[0] = now
+
+    res = plan.make_plan(model, popts, pipeline.RunOptions(), progress, split=split)
+    secs = time.perf_counter() - t0
+    if json_dir is not None:
+        from surgeon import report
+        report.write_json(Path(json_dir) / f"{name.split()[0].lower()}.plan.json", res.to_json())
+    v = res.final["validation"]
+    lat = v["latency"]
+    u = res.best_uniform
+    console.print(f"\n[bold]{name}[/]: tucker, budget {budget}, ratio grid {', '.join(f'{r:g}' for r in ratios)}, "
+                  f"{res.data['evaluation']['rows']} evaluation rows; {len(res.choices)} layer(s) in the plan; "
+                  f"{secs:.0f} s in all")
+    head = f"| {'model':<22} | {'MACs':>8} | {'ms (A/B)':>16} | {'latency removed':>15} | {'drift':>7} | {'agreement':>9} |"
+    console.print(head, highlight=False)
+    console.print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|", highlight=False)
+    orig_ms = lat["original"]["median_ms"]
+    console.print(f"| {'original':<22} | {res.original['macs'] / 1e6:7.1f}M | {orig_ms:16.2f} | {'-':>15} | "
+                  f"{0:7.4f} | {'100.00%':>9} |", highlight=False)
+    removed_u = None
+    if u:
+        ul = u["latency"]
+        removed_u = 1 - ul["ratio"]
+        console.print(f"| {'uniform ratio ' + format(u['ratio'], 'g'):<22} | {u['macs'] / 1e6:7.1f}M | "
+                      f"{ul['original_ms']:6.2f} -> {ul['ms']:6.2f} | {removed_u:14.1%} | {u['drift']:7.4f} | "
+                      f"{_pct(u.get('agreement')):>9} |", highlight=False)
+    else:
+        console.print(f"| {'uniform':<22} | no ratio of the grid meets the budget |", highlight=False)
+    removed_p = 1 - lat["ratio"]
+    console.print(f"| {'plan':<22} | {res.final['macs'] / 1e6:7.1f}M | {orig_ms:6.2f} -> "
+                  f"{lat['candidate']['median_ms']:6.2f} | {removed_p:14.1%} | {v['worst_rel_l2']:7.4f} | "
+                  f"{_pct(v.get('top1_agreement')):>9} |", highlight=False)
+    console.print(f"plan status: {res.status}; latency ratio 95% interval {lat['ratio_low']:.3f}-{lat['ratio_high']:.3f}")
+    if removed_u:
+        console.print(f"the plan removes {removed_p / removed_u:.2f}x the latency the best uniform ratio removes "
+                      "(target >= 1.5x)")
+    for c in res.choices:
+        console.print(f"  {c['layer']}: ratio {c['ratio']:g} ranks {c['ranks']}, alone: drift {c['predicted_drift']:.4f}, "
+                      f"saves {c['predicted_saved_ms']:.3f} ms", highlight=False)
+    return {"plan_removed": removed_p, "uniform_removed": removed_u}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="effnet,resnet50", help="comma-separated: effnet, resnet50, vgg19")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--effnet-budget", default="agreement>=0.9")
+    ap.add_argument("--zoo-budget", default="drift<=0.2")
+    ap.add_argument("--effnet-ratios", default="0.125,0.25,0.375",
+                    help="1x1 convs (most of EfficientNet's MACs) only save below ratio ~0.5")
+    ap.add_argument("--zoo-ratios", default="0.25,0.5")
+    ap.add_argument("--json-dir", default=None, help="also write each plan's full JSON report here")
+    args = ap.parse_args()
+    for name in args.models.split(","):
+        if name == "effnet":
+            if not EFFNET.exists() or not PHOTOS.exists():
+                console.print(f"skipping EfficientNet-Lite0: {EFFNET} or {PHOTOS} is absent (../shared)")
+                continue
+            bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_budget,
+                  [float(r) for r in args.effnet_ratios.split(",")], {}, args.workers, None, args.json_dir)
+        elif name in ("vgg19", "resnet50"):
+            m = zoo.load(name, seed=0)
+            bench(f"{name} (zoo, seeded weights)", m, random_split(m), args.zoo_budget,
+                  [float(r) for r in args.zoo_ratios.split(",")], {"fit": "weights", "pointwise": "skip"},
+                  args.workers, None, args.json_dir)
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose effnet, vgg19, resnet50")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Weight rounding that minimises each layer's output error (GPTQ / OBQ, Frantar et al. 2022).
+
+Round-to-nearest picks each integer weight on its own. For a layer y = W x with inputs X
+(columns: calibration samples; for a conv, its im2col patches), the output error of integer
+weights Q with per-row scale s is ||(W - s Q) X||_F^2, a quadratic in each row with Hessian
+H = X X^T. GPTQ quantizes the columns of W one at a time and spreads each column's rounding error
+over the columns not yet quantized, optimally for that quadratic:
+
+    q_j = clamp(round(w_j / s), -127, 127),   e_j = (w_j - s q_j) / U_jj,
+    w_{j+1:} -= e_j U_{j, j+1:}
+
+where U is the upper Cholesky factor of H^-1 (float64), H damped by `damp` times its mean
+diagonal. Updates are applied in blocks of 128 columns (the paper's lazy batch update).
+
+The scales stay onnxruntime's (per output channel, symmetric S8): only the int8 values of the
+weight initializers in the QDQ model change, so the model runs exactly as fast as before. H is
+estimated from the float model's inputs to each layer on the calibration rows (at most
+`positions` im2col rows per image, seeded), batch by batch. Grouped and depthwise convs get one
+H per group. What is not handled is reported with a reason and left as round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from scipy.linalg.lapack import dtrtri
+from threadpoolctl import threadpool_limits
+
+from surgeon.calibration import DataSet
+from surgeon.model import to_graph, to_model
+from surgeon.validate import stream_tensors
+
+log = logging.getLogger(__name__)
+
+BLOCK = 128
+MAX_COLUMNS = 4096  # inputs per output row: H is MAX_COLUMNS^2 float64 (128 MiB) and its Cholesky O(D^3)
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str
+    x: str  # input activation tensor (float model)
+    w: np.ndarray  # float weight (F, C/g, k...) or (K, N) for MatMul / Gemm
+    scale: np.ndarray  # per output channel
+    wq: gs.Constant  # int8 initializer in the QDQ model
+    attrs: dict
+    groups: int = 1
+    gram: np.ndarray | None = None  # (G, D, D)
+    count: int = 0
+
+
+@dataclass
+class GptqResult:
+    layers: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    rel_err_rtn: dict[str, float] = field(default_factory=dict)  # ||(W - Q)X|| / ||W X|| on the calibration H
+    rel_err_gptq: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        ratios = [self.rel_err_gptq[n] / self.rel_err_rtn[n] for n in self.layers if self.rel_err_rtn.get(n, 0) > 0]
+        return {"layers": len(self.layers), "skipped": self.skipped,
+                "median_layer_error_ratio": float(np.median(ratios)) if ratios else None,
+                "seconds": round(self.seconds, 2)}
+
+
+def gptq_quantize(weight_rows: np.ndarray, scale: np.ndarray, hessian: np.ndarray, damp: float = 0.01,
+                  qmin: int = -127, qmax: int = 127) -> np.ndarray:
+    """Integer weights for rows W (G, R, D) with per-row scale (G, R) and Hessians H (G, D, D)."""
+    W = np.array(weight_rows, np.float64)
+    H = np.array(hessian, np.float64)
+    s = np.asarray(scale, np.float64)[..., None]  # (G, R, 1)
+    G, R, D = W.shape
+    diag = np.einsum("gii->gi", H)
+    dead = diag <= 0
+    idx = np.arange(D)
+    H[:, idx, idx] += damp * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
+    H[:, idx, idx] += np.where(dead, 1.0, 0.0)
+    W[np.broadcast_to(dead[:, None, :], W.shape)] = 0.0
+    # Upper U with U^T U = H^-1 from one Cholesky: with P the index reversal, P H P = L L^T gives
+    # H^-1 = (P L^-T P)(P L^-1 P), and P L^-1 P is upper triangular.
+    L = np.linalg.cholesky(H[:, ::-1, ::-1])
+    U = np.stack([_tri_inv(l) for l in L])[:, ::-1, ::-1]
+    Q = np.zeros_like(W)
+    for i1 in range(0, D, BLOCK):
+        i2 = min(i1 + BLOCK, D)
+        W1 = W[:, :, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, :, i]
+            q = np.clip(np.round(w / s[..., 0]), qmin, qmax)
+            Q[:, :, i1 + i] = q
+            err = (w - q * s[..., 0]) / U1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * U1[:, i, i:][:, None, :]
+            E1[:, :, i] = err
+        W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
+    return Q
+
+
+def _tri_inv(lower: np.ndarray) -> np.ndarray:
+    inv, info = dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info={info})")
+    return inv
+
+
+def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
+    """||(W - Wq) X||_F / ||W X||_F from H = X X^T, rows (G, R, D)."""
+    d = W - Wq
+    num = float(np.sum((d @ H) * d))
+    den = float(np.sum((W @ H) * W))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> list[Layer]:
+    """Conv (2-D, explicit pads) and MatMul/Gemm (constant B) nodes whose weight Q reads through a
+    symmetric int8 DequantizeLinear, matched by node name to the float model that was quantized."""
+    fg = to_graph(float_model)
+    fnodes = {n.name: n for n in fg.nodes}
+    layers = []
+    for n in qg.nodes:
+        if n.op not in ("Conv", "Gemm", "MatMul") or n.name not in fnodes or len(n.inputs) < 2:
+            continue
+        fn = fnodes[n.name]
+        t = n.inputs[1]
+        if not t.inputs or t.inputs[0].op != "DequantizeLinear":
+            continue
+        dq = t.inputs[0]
+        wq, sc, zp = dq.inputs[0], dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
+        if not isinstance(wq, gs.Constant) or not isinstance(sc, gs.Constant) or not isinstance(fn.inputs[1], gs.Constant):
+            continue
+        if np.asarray(wq.values).dtype != np.int8 or (zp is not None and np.any(np.asarray(zp.values) != 0)):
+            res.skipped[n.name] = "weights are not symmetric int8"
+            continue
+        if len(wq.outputs) != 1 or len(t.outputs) != 1:
+            res.skipped[n.name] = "quantized weight shared with another node"
+            continue
+        w = np.asarray(fn.inputs[1].values)
+        scale = np.asarray(sc.values, np.float64).reshape(-1)
+        if n.op == "Conv":
+            if w.ndim != 4 or fn.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                res.skipped[n.name] = "only 2-D convs with explicit pads"
+                continue
+            if scale.size not in (1, w.shape[0]) or dq.attrs.get("axis", 1) not in (0, -4) and scale.size > 1:
+                res.skipped[n.name] = "weight scale is not per output channel"
+                continue
+            layers.append(Layer(n.name, "Conv", fn.inputs[0].name, w, np.broadcast_to(scale, (w.shape[0],)).copy(), wq,
+                                dict(fn.attrs), int(fn.attrs.get("group", 1))))
+        else:
+            if n.op == "Gemm" and (fn.attrs.get("transA", 0) or float(fn.attrs.get("alpha", 1.0)) != 1.0):
+                res.skipped[n.name] = "Gemm with transA or alpha != 1"
+                continue
+            trans_b = bool(fn.attrs.get("transB", 0)) if n.op == "Gemm" else False
+            if w.ndim != 2:
+                res.skipped[n.name] = "weight is not a matrix"
+                continue
+            rows = w.shape[0] if trans_b else w.shape[1]
+            axis = dq.attrs.get("axis", 1)
+            if scale.size > 1 and (axis % 2) != (0 if trans_b else 1):
+                res.skipped[n.name] = "weight scale is not per output column"
+                continue
+            attrs = {"transB": trans_b}
+            layers.append(Layer(n.name, n.op, fn.inputs[0].name, w, np.broadcast_to(scale, (rows,)).copy(), wq, attrs))
+    return layers
+
+
+def _conv_gram(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Sum over the batch of X X^T for the im2col columns X (G, D, P) of a conv input, at most
+    `positions` output positions per image (the same random ones for every image of the batch)."""
+    kh, kw = layer.w.shape[2:]
+    pads = list(layer.attrs.get("pads", [0, 0, 0, 0]))
+    sh, sw = layer.attrs.get("strides", [1, 1])
+    dh, dw = layer.attrs.get("dilations", [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    n, c = x.shape[:2]
+    total = oh * ow
+    pick = np.sort(rng.choice(total, positions, replace=False)) if total > positions else np.arange(total)
+    pi, pj = pick // ow, pick % ow
+    g = layer.groups
+    gram = 0.0
+    for k in range(n):
+        xk = xp[k]
+        cols = np.empty((c, kh * kw, pick.size), np.float64)
+        for a in range(kh):
+            for b in range(kw):
+                cols[:, a * kw + b, :] = xk[:, pi * sh + a * dh, pj * sw + b * dw]
+        X = cols.reshape(g, (c // g) * kh * kw, pick.size)
+        gram = gram + (X[0] @ X[0].T)[None] if g == 1 else gram + X @ np.swapaxes(X, 1, 2)
+    return gram, n * pick.size
+
+
+def accumulate_grams(float_model: onnx.ModelProto, layers: list[Layer], data: DataSet, positions: int,
+                     threads: int = 0, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    tensors = sorted({l.x for l in layers})
+    batch_rows = max(8, min(len(data), 64))  # Gram GEMMs over more rows at once: fewer passes over D x D
+    for batch in stream_tensors(float_model, tensors, data, batch=batch_rows, threads=threads):
+        for l in layers:
+            x = np.asarray(batch[l.x])
+            if l.op == "Conv":
+                g, count = _conv_gram(x, l, positions, rng)
+            else:
+                rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])  # (P, K)
+                g, count = (rows.T @ rows)[None], rows.shape[0]  # 2-D GEMM: batched matmul skips BLAS
+            l.gram = g if l.gram is None else l.gram + g
+            l.count += count
+
+
+def _weight_rows(l: Layer) -> np.ndarray:
+    """The weight as (G, R, D): rows are output channels, columns the inputs each row reads."""
+    if l.op == "Conv":
+        f = l.w.shape[0]
+        return l.w.reshape(l.groups, f // l.groups, -1)
+    return (l.w if l.attrs["transB"] else l.w.T)[None]
+
+
+def _int_weight(l: Layer, q_rows: np.ndarray) -> np.ndarray:
+    if l.op == "Conv":
+        return q_rows.reshape(l.w.shape)
+    q = q_rows[0]
+    return q if l.attrs["transB"] else q.T
+
+
+def apply_gptq(float_model: onnx.ModelProto, q: onnx.ModelProto, data: DataSet, *, damp: float = 0.01,
+               positions: int = 256, threads: int = 0, seed: int = 0) -> tuple[onnx.ModelProto, GptqResult]:
+    """A copy of the QDQ model `q` whose int8 weights are GPTQ's instead of round-to-nearest.
+    A layer keeps round-to-nearest when GPTQ does not lower its output error on H."""
+    with threadpool_limits(1):  # many small factorizations: BLAS threads only add contention on 2 cores
+        return _apply_gptq(float_model, q, data, damp, positions, threads, seed)
+
+
+def _apply_gptq(float_model, q, data, damp, positions, threads, seed):
+    t0 = time.perf_counter()
+    res = GptqResult()
+    qg = to_graph(q)
+    layers = find_layers(float_model, qg, res)
+    if not layers:
+        return q, res
+    for l in layers:
+        if _weight_rows(l).shape[2] > MAX_COLUMNS:
+            res.skipped[l.name] = f"{_weight_rows(l).shape[2]} inputs per output: more than GPTQ's {MAX_COLUMNS}"
+    layers = [l for l in layers if l.name not in res.skipped]
+    if not layers:
+        return q, res
+    accumulate_grams(float_model, layers, data, positions, threads, seed)
+    for l in layers:
+        W = _weight_rows(l)
+        G, R, _ = W.shape
+        s = l.scale.reshape(G, R)
+        H = l.gram / max(l.count, 1)
+        rtn = np.clip(np.round(W / s[..., None]), -127, 127)
+        qi = gptq_quantize(W, s, H, damp)
+        e_rtn = output_error(W, rtn * s[..., None], H)
+        e_gptq = output_error(W, qi * s[..., None], H)
+        res.rel_err_rtn[l.name], res.rel_err_gptq[l.name] = e_rtn, e_gptq
+        if e_gptq >= e_rtn:
+            res.skipped[l.name] = "GPTQ did not lower the layer's output error"
+            continue
+        l.wq.values = _int_weight(l, qi).astype(np.int8)
+        res.layers.append(l.name)
+    res.seconds = time.perf_counter() - t0
+    return to_model(qg, like=q), res
+
+
+def transplant(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
+    """`dst` (a re-quantization of the same float weights, e.g. after bias correction) with the
+    int8 weights of `src` wherever a node of the same name has a weight of the same shape and
+    scales: re-quantizing through onnxruntime would round to nearest again."""
+    def weights(g: gs.Graph) -> dict[str, tuple[gs.Constant, np.ndarray]]:
+        out = {}
+        for n in g.nodes:
+            if n.op in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1 and n.inputs[1].inputs \
+                    and n.inputs[1].inputs[0].op == "DequantizeLinear":
+                dq = n.inputs[1].inputs[0]
+                if isinstance(dq.inputs[0], gs.Constant) and isinstance(dq.inputs[1], gs.Constant):
+                    out[n.name] = (dq.inputs[0], np.asarray(dq.inputs[1].values))
+        return out
+
+    have = weights(to_graph(src))
+    dg = to_graph(dst)
+    changed = 0
+    for name, (const, scale) in weights(dg).items():
+        if name in have:
+            sconst, sscale = have[name]
+            if sconst.values.shape == const.values.shape and np.array_equal(sscale, scale):
+                const.values = np.array(sconst.values)
+                changed += 1
+    return to_model(dg, like=dst) if changed else dst

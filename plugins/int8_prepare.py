@@ -1,0 +1,171 @@
+"""Make a float graph quantizable by onnxruntime.quantization before it sees it.
+
+onnxruntime's quantizer assumes the common forms and fails with internal messages on the rest.
+Each rewrite here is exact (the float function is unchanged); what cannot be made quantizable is
+kept in float with a reason, so the user never sees onnxruntime's raw exception text.
+
+* Gemm's C: onnxruntime quantizes C as a per-channel int32 bias and needs it 1-D of length N.
+  Gemm computes alpha * A' B' + beta * C with C unidirectionally broadcast to (M, N) (ONNX Gemm
+  spec), so a scalar, (N,), (1, N) or (1, 1) C is the 1-D bias beta * C broadcast to (N,); any
+  other C ((M, N), (M, 1)) becomes Gemm(A, B) followed by Add(Y, beta * C).
+* ConvTranspose with group > 1: onnxruntime's per-channel weight scales for ConvTranspose assume
+  one group (axis 1 of (C, F/g, k, k) is not the output channel), so the node stays in float.
+* A weight computed at run time (a graph input or an activation) on Conv/ConvTranspose/Gemm
+  stays in float: there is no constant to quantize ahead of time.
+* float16 models: onnxruntime quantizes float32 graphs only. Every float16 initializer is cast to
+  float32 (exact), Cast(to=float16) inside the graph becomes Cast(to=float32), and float16 graph
+  inputs/outputs keep their type through a Cast at the boundary, so the quantized model takes and
+  returns what the original did. The int8 arithmetic is what it would be on the float32 model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from surgeon.model import to_graph, to_model
+from surgeon.rewrite import constant_value, input_or_none
+
+log = logging.getLogger(__name__)
+
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class Prepared:
+    model: onnx.ModelProto
+    keep_float: dict[str, str] = field(default_factory=dict)  # node name -> why it stays in float
+    notes: dict[str, list[str]] = field(default_factory=dict)  # what was rewritten, by kind
+    float16: bool = False
+
+
+def prepare_for_ort(model: onnx.ModelProto) -> Prepared:
+    """Exact rewrites so onnxruntime's quantizer accepts every node it is given."""
+    graph = to_graph(model)
+    res = Prepared(model)
+    res.float16 = _float16_to_float32(graph, res)
+    for node in list(graph.nodes):
+        if node.op == "Gemm":
+            _gemm_bias_1d(graph, node, res)
+        elif node.op == "ConvTranspose" and node.attrs.get("group", 1) != 1:
+            res.keep_float[node.name] = (f"grouped ConvTranspose (group={node.attrs['group']}): onnxruntime's "
+                                         "per-channel weight quantization supports group=1 only")
+        if node.op in WEIGHTED:
+            _own_weight(graph, node, res)
+        if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 1:
+            w = node.inputs[1]
+            if constant_value(w) is None:
+                where = "a graph input" if w in graph.inputs else "computed at run time"
+                res.keep_float[node.name] = f"weight '{w.name}' is {where}, not a constant: nothing to quantize ahead"
+    res.model = to_model(graph, like=model)
+    return res
+
+
+def _gemm_bias_1d(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
+    c_t = input_or_none(node, 2)
+    if c_t is None:
+        return
+    c = constant_value(c_t)
+    beta = float(node.attrs.get("beta", 1.0))
+    n_out = _gemm_n(node)
+    if c is not None and n_out is not None and c.size in (1, n_out) and (c.ndim < 2 or c.shape[0] == 1) \
+            and (c.ndim == 0 or c.shape[-1] in (1, n_out)):
+        if c.ndim == 1 and beta == 1.0 and c.shape[0] == n_out:
+            return  # already the form onnxruntime expects
+        bias = np.broadcast_to(np.asarray(c, np.float64).reshape(-1) * beta, (n_out,)).astype(c.dtype)
+        node.inputs[2] = gs.Constant(_unique(graph, f"{node.name}/int8/bias"), np.ascontiguousarray(bias))
+        node.attrs["beta"] = 1.0
+        res.notes.setdefault("gemm_bias_1d", []).append(node.name)
+        return
+    # C varies along M (or is computed): Gemm without C, then Add(Y, beta * C)
+    y = node.outputs[0]
+    mid = gs.Variable(_unique(graph, f"{node.name}/int8/ab"), dtype=y.dtype)
+    if c is not None:
+        c_in = gs.Constant(_unique(graph, f"{node.name}/int8/c"), np.ascontiguousarray((c * beta).astype(c.dtype)))
+    elif beta == 1.0:
+        c_in = c_t
+    else:
+        beta_c = gs.Constant(_unique(graph, f"{node.name}/int8/beta"), np.asarray(beta, dtype=np.float32))
+        c_in = gs.Variable(_unique(graph, f"{node.name}/int8/beta_c"), dtype=c_t.dtype)
+        graph.nodes.append(gs.Node("Mul", _unique(graph, f"{node.name}/int8/scale_c"), inputs=[c_t, beta_c],
+                                   outputs=[c_in]))
+    node.inputs.pop(2)
+    node.attrs.pop("beta", None)
+    node.outputs[0] = mid
+    graph.nodes.append(gs.Node("Add", _unique(graph, f"{node.name}/int8/add_c"), inputs=[mid, c_in], outputs=[y]))
+    res.notes.setdefault("gemm_bias_as_add", []).append(node.name)
+
+
+def _own_weight(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
+    """A constant weight that other nodes also read gets a private copy for this node: onnxruntime
+    would otherwise hand its dequantized (rounded) values to every reader, and one set of
+    per-channel scales would have to serve two layers."""
+    for k, t in enumerate(list(node.inputs[:2])):
+        value = constant_value(t)
+        if value is None or value.ndim < 2 or len({id(n) for n in t.outputs}) < 2:
+            continue
+        node.inputs[k] = gs.Constant(_unique(graph, f"{node.name}/int8/weight"), np.array(value))
+        res.notes.setdefault("private_weight_copy", []).append(node.name)
+
+
+def _gemm_n(node: gs.Node) -> int | None:
+    """N of Gemm's (M, N) output, from the constant B when there is one."""
+    b = constant_value(node.inputs[1])
+    if b is None or b.ndim != 2:
+        return None
+    return int(b.shape[0] if node.attrs.get("transB", 0) else b.shape[1])
+
+
+def _float16_to_float32(graph: gs.Graph, res: Prepared) -> bool:
+    f16 = np.dtype(np.float16)
+    touched = False
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and np.asarray(t.values).dtype == f16:
+            t.values = np.asarray(t.values).astype(np.float32)
+            touched = True
+        elif isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype) == f16 \
+                and t not in graph.inputs and t not in graph.outputs:
+            t.dtype = np.float32
+            touched = True
+    for node in graph.nodes:
+        if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT16:
+            node.attrs["to"] = onnx.TensorProto.FLOAT
+            touched = True
+    for i, t in enumerate(list(graph.inputs)):
+        if t.dtype is not None and np.dtype(t.dtype) == f16:
+            inner = gs.Variable(_unique(graph, f"{t.name}/int8/float32"), dtype=np.float32, shape=t.shape)
+            for consumer in list(t.outputs):
+                for k, x in enumerate(list(consumer.inputs)):
+                    if x is t:
+                        consumer.inputs[k] = inner
+            graph.nodes.insert(0, gs.Node("Cast", _unique(graph, f"{t.name}/int8/to_float32"),
+                                          attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[inner]))
+            touched = True
+    for t in list(graph.outputs):
+        if t.dtype is not None and np.dtype(t.dtype) == f16:
+            inner = gs.Variable(_unique(graph, f"{t.name}/int8/float32"), dtype=np.float32, shape=t.shape)
+            for producer in list(t.inputs):
+                for k, x in enumerate(list(producer.outputs)):
+                    if x is t:
+                        producer.outputs[k] = inner
+            graph.nodes.append(gs.Node("Cast", _unique(graph, f"{t.name}/int8/to_float16"),
+                                       attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[inner], outputs=[t]))
+            touched = True
+    if touched:
+        res.notes["float16"] = ["float16 weights and activations computed in float32 for quantization; "
+                                "float16 inputs/outputs kept through Cast at the graph boundary"]
+    return touched
+
+
+def _unique(graph: gs.Graph, name: str) -> str:
+    names = graph.__dict__.setdefault("_int8_names", {n.name for n in graph.nodes} | set(graph.tensors()))
+    k, out = 1, name
+    while out in names:
+        out = f"{name}_{k}"
+        k += 1
+    names.add(out)
+    return out

@@ -1,0 +1,453 @@
+"""Plugin `prune`: magnitude (unstructured) and structured (channel) pruning.
+
+magnitude: W[|W| <= t] = 0, with t the k-th smallest |w|, k = round(ratio * n), per weight
+(`scope=layer`) or over all selected weights at once (`scope=global`; with `normalize`, each
+weight is compared as |w| / rms(W), so that layers of different scales lose similar shares).
+The model keeps its shapes: dense kernels run no faster, only the zipped file shrinks.
+
+structured: whole output channels of Conv / ConvTranspose and neurons of Gemm / MatMul are
+removed with everything that depended on them (surgeon/channel_groups.py builds the dependency
+groups). Per group of coupled layers, each channel ("slot") gets a score and the lowest go:
+
+* l1: sum over the group's layers of sum |W[j]|; l2: sqrt(sum over the group of sum W[j]^2)
+  (W[j] is the slice that produces channel j, depthwise convs included);
+* bn: sum of |gamma[j]| of the BatchNormalization after each layer (network slimming); groups
+  without one (BN folded) fall back to l2, and the report says so;
+* activation: the calibration data is run through the model and, at every tensor where the
+  channel is consumed, APoZ = P(x == 0) and the mean |x| are measured; the score is the mean
+  |x| (a channel that never activates scores 0 and goes first), APoZ is reported beside it.
+
+How many go: `ratio` of a group's channels (per-layer ratios from a recipe or plan override;
+a group takes the smallest ratio of its layers), never below `min_channels`, and the count
+kept is rounded up to a multiple of `multiple`. `threshold=outliers` removes instead the
+channels scoring below mean - 2 std of their group; `threshold=dead` only those whose
+activation was exactly zero on every calibration sample (removing those changes no output).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from surgeon.calibration import synthesize
+from surgeon.channel_groups import Analysis, Group, analyze, head_of, prune_channels, weight_out_axis
+from surgeon.model import to_graph, to_model
+from surgeon.plugin import Context, LayerReport, ModelPlugin
+from surgeon.rewrite import constant_value
+from surgeon.validate import stream_tensors
+
+log = logging.getLogger(__name__)
+
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# onnxruntime's CPU conv (MLAS NCHWc) blocks channels by 16 on AVX-512 machines; measured in
+# docs/prune.md: conv latency steps at multiples of 16, so 16 is the default.
+DEFAULT_MULTIPLE = 16
+DENSE_NOTE = ("magnitude pruning only writes zeros into dense weights: onnxruntime's dense kernels run "
+              "no faster with them (the validation's latency shows it); the file zips smaller")
+
+
+@dataclass
+class PruneOptions:
+    method: Literal["structured", "magnitude"] = field(default="structured", metadata={
+        "help": "structured removes whole channels (smaller and faster); magnitude zeroes small weights "
+                "(zips smaller, runs no faster)"})
+    ratio: float = field(default=0.25, metadata={
+        "help": "fraction of weights (magnitude) or of each group's channels (structured) to remove, 0 <= r < 1"})
+    scope: Literal["layer", "global"] = field(default="layer", metadata={
+        "help": "magnitude: the ratio per weight, or over all selected weights at once"})
+    normalize: bool = field(default=False, metadata={
+        "help": "magnitude, scope=global: compare |w| / rms(W) so every layer is on one scale"})
+    criterion: Literal["l1", "l2", "bn", "activation"] = field(default="l1", metadata={
+        "help": "structured: channel score (weight L1/L2 norm, BN |gamma|, or activation on the calibration data)"})
+    threshold: Literal["ratio", "outliers", "dead"] = field(default="ratio", metadata={
+        "help": "structured: remove the ratio, or channels below mean - 2 std of their group, or only "
+                "never-activating ones (needs criterion=activation)"})
+    min_channels: int = field(default=1, metadata={"help": "structured: channels every group keeps at least"})
+    multiple: int = field(default=DEFAULT_MULTIPLE, metadata={
+        "help": "structured: keep channel counts at a multiple of this (16 measured fastest for onnxruntime "
+                "CPU convs here; 1 disables)"})
+    compensate: Literal["none", "mean"] = field(default="none", metadata={
+        "help": "structured: 'mean' replaces each removed channel by its mean on the calibration data (folded "
+                "into the next layer's bias) instead of zero; 'none' keeps pruned == masked exactly"})
+    samples: int = field(default=64, metadata={"help": "activation / compensate: calibration samples to run at most"})
+    batch: int = field(default=8, metadata={"help": "activation / compensate: batch size for the calibration run"})
+
+    def check(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1) (got {self.ratio})")
+        for name, lo, hi in (("min_channels", 1, 1 << 20), ("multiple", 1, 4096), ("samples", 1, 1 << 20),
+                             ("batch", 1, 4096)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}] (got {v})")
+        if self.threshold == "dead" and self.criterion != "activation":
+            raise ValueError("threshold=dead needs criterion=activation (dead means never activated on the data)")
+        if self.method == "magnitude" and (self.threshold != "ratio" or self.criterion != "l1"
+                                           or self.compensate != "none"):
+            raise ValueError("criterion, threshold and compensate apply to method=structured only")
+
+
+class Prune(ModelPlugin):
+    """Zeroes small weights (magnitude) or removes whole channels and what depends on them (structured)."""
+
+    name = "prune"
+    summary = "magnitude pruning (zeros) or structured channel pruning (smaller, faster) with dependency groups"
+    Options = PruneOptions
+
+    def uses_data(self, opts: PruneOptions) -> bool:
+        """Only the activation statistics look at the data; weight criteria and magnitude do not."""
+        return opts.method == "structured" and (opts.criterion == "activation" or opts.threshold == "dead"
+                                                or opts.compensate == "mean")
+
+    def run(self, model: onnx.ModelProto, ctx: Context, opts: PruneOptions,
+            layers: Callable[[str], bool]) -> tuple[onnx.ModelProto, list[LayerReport], dict[str, Any]]:
+        if opts.method == "magnitude":
+            return magnitude(model, ctx, opts, layers)
+        return structured(model, ctx, opts, layers)
+
+
+def _wanted(ctx: Context, layers: Callable[[str], bool], name: str) -> str:
+    """Why a layer is left alone by the user's choice, or '' when it is selected."""
+    if name in ctx.skip_layers:
+        return "left alone by the recipe"
+    if not layers(name):
+        return "not matched by --layers"
+    return ""
+
+
+# --- magnitude ----------------------------------------------------------------------------------
+
+def zipped_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialized model in a deflated zip (fixed timestamp: the same model, the same size)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        z.writestr(zipfile.ZipInfo("model.onnx", date_time=(1980, 1, 1, 0, 0, 0)),
+                   model.SerializeToString(deterministic=True), compress_type=zipfile.ZIP_DEFLATED)
+    return len(buf.getvalue())
+
+
+def _weight_index(node: gs.Node) -> int | None:
+    if node.op == "MatMul":
+        for i in (1, 0):
+            if constant_value(node.inputs[i]) is not None and node.inputs[1 - i].name:
+                return i
+        return None
+    return 1 if len(node.inputs) > 1 and constant_value(node.inputs[1]) is not None else None
+
+
+def magnitude(model, ctx: Context, opts: PruneOptions, layers):
+    graph = to_graph(model)
+    reports: list[LayerReport] = []
+    weights: dict[str, tuple[gs.Constant, list[gs.Node], Any]] = {}  # a tied weight is pruned once
+    for node in graph.nodes:
+        if node.op not in WEIGHTED:
+            continue
+        idx = _weight_index(node)
+        why = _wanted(ctx, layers, node.name)
+        if idx is None:
+            reports.append(LayerReport(node.name, node.op, "skipped", "weight is not constant"))
+            continue
+        t = node.inputs[idx]
+        if not np.issubdtype(np.asarray(t.values).dtype, np.floating):
+            why = why or f"weight is {np.asarray(t.values).dtype}, not float"
+        if why:
+            reports.append(LayerReport(node.name, node.op, "skipped", why))
+            continue
+        if t.name in weights:
+            weights[t.name][1].append(node)
+        else:
+            weights[t.name] = (t, [node], ctx.options_for(node.name, opts))
+    # which |w| fall: per weight, or by one threshold over the pool
+    masks: dict[str, np.ndarray] = {}
+    pool = [(name, t) for name, (t, users, o) in weights.items()
+            if opts.scope == "global" and o is opts]
+    for name, (t, users, o) in weights.items():
+        if not (opts.scope == "global" and o is opts):
+            masks[name] = _smallest(np.abs(np.asarray(t.values, np.float64)).ravel(), o.ratio)
+    if pool:
+        mags = []
+        for _, t in pool:
+            w = np.abs(np.asarray(t.values, np.float64)).ravel()
+            if opts.normalize:
+                rms = math.sqrt(float(np.mean(w * w))) or 1.0
+                w = w / rms
+            mags.append(w)
+        allmask = _smallest(np.concatenate(mags), opts.ratio)
+        start = 0
+        for (name, _), m in zip(pool, mags):
+            masks[name] = allmask[start:start + m.size]
+            start += m.size
+    total = zeros = 0
+    for name, (t, users, o) in weights.items():
+        w = np.array(t.values)
+        before = int(np.count_nonzero(w))
+        w.ravel()[masks[name]] = 0
+        t.values = w
+        after = int(np.count_nonzero(w))
+        total += w.size
+        zeros += w.size - after
+        for node in users:
+            details = {"sparsity": round(1 - after / w.size, 6), "params_before": before, "params_after": after}
+            if len(users) > 1:
+                details["tied_with"] = [u.name for u in users if u is not node]
+            reports.append(LayerReport(node.name, node.op, "rewritten", "", details))
+    out = to_model(graph, like=model)
+    zb, za = zipped_size(model), zipped_size(out)
+    extras = {"method": "magnitude", "scope": opts.scope, "sparsity": zeros / total if total else 0.0,
+              "zipped_bytes": {"before": zb, "after": za},
+              "note": DENSE_NOTE,
+              "warnings": [f"{DENSE_NOTE}: zipped {zb / 2**20:.2f} MiB -> {za / 2**20:.2f} MiB, "
+                           f"{zeros / max(total, 1):.1%} of the pruned weights are zero"]}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    reports.sort(key=lambda r: order.get(r.layer, 1 << 30))
+    return out, reports, extras
+
+
+def _smallest(mag: np.ndarray, ratio: float) -> np.ndarray:
+    """Boolean mask of the round(ratio * n) smallest entries (ties by position: deterministic)."""
+    k = int(round(ratio * mag.size))
+    mask = np.zeros(mag.size, bool)
+    if k:
+        mask[np.argsort(mag, kind="stable")[:k]] = True
+    return mask
+
+
+# --- structured ---------------------------------------------------------------------------------
+
+@dataclass
+class SlotScores:
+    score: dict[int, float]
+    apoz: dict[int, float] | None = None
+    note: str = ""
+
+
+def structured(model, ctx: Context, opts: PruneOptions, layers):
+    graph = to_graph(model)
+    an = analyze(graph, ctx.shapes)
+    extras: dict[str, Any] = {"method": "structured", "criterion": opts.criterion, "threshold": opts.threshold,
+                              "groups": len(an.groups), "warnings": [], "notes": []}
+    reports: list[LayerReport] = [LayerReport(n, op, "skipped", why) for n, op, why in an.untraced]
+    chosen: dict[int, Group] = {}
+    left_alone: dict[str, str] = {}  # member -> why its group was not pruned by the user's choice
+    for g in an.groups:
+        why = next((w for w in (_wanted(ctx, layers, n) for n in g.layers) if w), "")
+        if why:
+            for m in g.members:
+                left_alone[m.name] = why if len(g.members) == 1 else f"group of {g.name}: {why}"
+            continue
+        chosen[id(g)] = g
+    acts = activation_stats(model, an, ctx, opts, extras) if opts.criterion == "activation" or \
+        opts.threshold == "dead" or opts.compensate == "mean" else None
+    removed: set[int] = set()
+    group_info: dict[int, dict[str, Any]] = {}
+    for g in an.groups:
+        if id(g) not in chosen:
+            continue
+        if len(g.fixed) == len(g.slots):  # nothing to choose from: not scored
+            group_info[id(g)] = {"group": g.name, "channels_before": len(g.slots), "channels_after": len(g.slots),
+                                 "fixed": len(g.fixed), "fixed_reason": next(iter(g.fixed.values())), "ratio": None}
+            continue
+        sc = score_group(g, an, opts, acts)
+        if sc.note:
+            extras["notes"].append(f"{g.name}: {sc.note}")
+        o = [ctx.options_for(n, opts) for n in g.layers] or [opts]
+        ratio = min(x.ratio for x in o)
+        floor = max(x.min_channels for x in o)
+        mult = o[0].multiple
+        gone = select(g, an, sc, ratio, floor, mult, opts.threshold)
+        removed |= gone
+        group_info[id(g)] = {"group": g.name, "channels_before": len(g.slots),
+                             "channels_after": len(g.slots) - len(gone), "ratio": ratio,
+                             "fixed": len(g.fixed)}
+        if g.fixed:
+            group_info[id(g)]["fixed_reason"] = next(iter(g.fixed.values()))
+        if sc.apoz is not None:
+            group_info[id(g)]["apoz_removed"] = (float(np.mean([sc.apoz[s] for s in gone])) if gone else None)
+    before = {m.name: _params(m.node) for m in an.members}
+    removed_channels = {m.name: [j for j, a in enumerate(m.atoms) if an.find(a) in removed] for m in an.members}
+    fill = acts["mean"] if opts.compensate == "mean" else None
+    unfilled = prune_channels(graph, an, removed, ctx.opset, fill)
+    if unfilled:
+        extras["notes"].append("removed channels read by " + ", ".join(sorted(set(unfilled))) +
+                               " were not mean-compensated (ConvTranspose): they are zero there")
+    for g in an.groups:
+        info = group_info.get(id(g), {"group": g.name})
+        for m in g.members:
+            after = _params(m.node)
+            d = {**info, "params_before": before[m.name], "params_after": after,
+                 "channels": f"{len(m.atoms)}→{len(m.atoms) - len(removed_channels[m.name])}",
+                 "removed_channels": removed_channels[m.name]}
+            if m.kind == "depthwise":
+                d["follows"] = "its input (depthwise)"
+            if m.name in left_alone:
+                if after != before[m.name]:  # its outputs stay, but it reads fewer channels
+                    d["inputs_only"] = left_alone[m.name]
+                    reports.append(LayerReport(m.name, m.node.op, "rewritten", "", d))
+                else:
+                    reports.append(LayerReport(m.name, m.node.op, "skipped", left_alone[m.name]))
+            elif after != before[m.name]:
+                reports.append(LayerReport(m.name, m.node.op, "rewritten", "", d))
+            elif len(g.fixed) == len(g.slots):
+                reports.append(LayerReport(m.name, m.node.op, "skipped", f"channels fixed: {info['fixed_reason']}", d))
+            else:
+                reports.append(LayerReport(m.name, m.node.op, "skipped",
+                                           _kept_reason(info, opts, ratio=info["ratio"]), d))
+    out = to_model(graph, like=model)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    reports.sort(key=lambda r: order.get(r.layer, 1 << 30))
+    extras["channels_removed"] = len(removed)
+    if not extras["warnings"]:
+        del extras["warnings"]
+    if not extras["notes"]:
+        del extras["notes"]
+    return out, reports, extras
+
+
+def _kept_reason(info: dict, opts: PruneOptions, ratio: float) -> str:
+    if opts.threshold == "dead":
+        return "no channel was dead on the calibration data"
+    if opts.threshold == "outliers":
+        return "no channel scored below mean - 2 std"
+    if ratio == 0:
+        return "ratio 0"
+    return (f"nothing to remove: {info['channels_before']} channels ({info['fixed']} fixed) at ratio {ratio}, "
+            f"min_channels {opts.min_channels}, multiple {opts.multiple}")
+
+
+def _params(node: gs.Node) -> int:
+    return int(sum(np.asarray(t.values).size for t in node.inputs if isinstance(t, gs.Constant)))
+
+
+def select(g: Group, an: Analysis, sc: SlotScores, ratio: float, floor: int, multiple: int,
+           threshold: str) -> set[int]:
+    """The slots of `g` to remove: lowest scores first, never fixed ones, keeping at least
+    `floor`, the count kept a multiple of `multiple` (rounded up), no Split part emptied."""
+    n = len(g.slots)
+    position = {s: i for i, s in enumerate(g.slots)}
+    free = [s for s in g.slots if s not in g.fixed]
+    order = sorted(free, key=lambda s: (sc.score[s], position[s]))
+    if threshold == "ratio":
+        want = int(math.floor(ratio * n + 1e-9))
+    elif threshold == "outliers":
+        vals = np.array([sc.score[s] for s in g.slots])
+        vals = vals[np.isfinite(vals)]
+        cut = vals.mean() - 2 * vals.std()
+        order = [s for s in order if sc.score[s] < cut]
+        want = len(order)
+    else:  # dead: never non-zero on the calibration data
+        order = [s for s in order if sc.apoz is not None and sc.apoz[s] == 1.0]
+        want = len(order)
+    keep = max(n - want, floor, 1)
+    if multiple > 1:
+        keep = min(n, -(-keep // multiple) * multiple)
+    want = min(n - keep, len(order))
+    # every member, Split part and Slice range keeps at least one channel
+    segs = [Counter(seg) for seg in an.segments if not position.keys().isdisjoint(seg)]
+    left = [sum(c.values()) for c in segs]
+    gone: set[int] = set()
+    for s in order:
+        if len(gone) >= want:
+            break
+        hits = [i for i, c in enumerate(segs) if s in c]
+        if any(left[i] - segs[i][s] < 1 for i in hits):
+            continue
+        for i in hits:
+            left[i] -= segs[i][s]
+        gone.add(s)
+    return gone
+
+
+def score_group(g: Group, an: Analysis, opts: PruneOptions, acts: dict | None) -> SlotScores:
+    find = an.find
+    if opts.criterion == "activation" or opts.threshold == "dead":
+        zeros, absum, count = acts["zeros"], acts["abs"], acts["count"]
+        score, apoz = {}, {}
+        for s in g.slots:
+            c = count.get(s, 0)
+            if c == 0:  # never consumed where we measure (all its consumers fixed it): keep it last
+                score[s], apoz[s] = math.inf, 0.0
+            else:
+                score[s], apoz[s] = absum[s] / c, zeros[s] / c
+        if opts.criterion == "activation":
+            return SlotScores(score, apoz)
+        base = score_group(g, an, PruneOptions(criterion=opts.criterion), None)
+        return SlotScores(base.score, apoz, base.note)
+    if opts.criterion == "bn":
+        gammas = {}
+        ok = True
+        for m in g.members:
+            bn = next((h for h in head_of(m.node, an.graph) if h.op == "BatchNormalization"), None)
+            if bn is None:
+                ok = False
+                break
+            gam = np.abs(np.asarray(constant_value(bn.inputs[1]), np.float64))
+            for j, a in enumerate(m.atoms):
+                gammas[find(a)] = gammas.get(find(a), 0.0) + float(gam[j])
+        if ok:
+            return SlotScores(gammas)
+        sc = score_group(g, an, PruneOptions(criterion="l2"), None)
+        sc.note = "no BatchNormalization after every layer of the group (folded?): scored by l2 instead"
+        return sc
+    p = 1 if opts.criterion == "l1" else 2
+    score: dict[int, float] = {s: 0.0 for s in g.slots}
+    for m in g.members:
+        w = np.asarray(constant_value(m.node.inputs[1]), np.float64)
+        w = np.moveaxis(w, weight_out_axis(m), 0).reshape(len(m.atoms), -1)
+        norms = np.sum(np.abs(w) ** p, axis=1)
+        for j, a in enumerate(m.atoms):
+            score[find(a)] += float(norms[j])
+    if p == 2:
+        score = {s: math.sqrt(v) for s, v in score.items()}
+    return SlotScores(score)
+
+
+def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: PruneOptions,
+                     extras: dict) -> dict[str, dict[int, float]]:
+    """Per slot, over the calibration data at every tensor where the slot is consumed: the number
+    of zero values, the sum of |x|, and the number of values looked at."""
+    data = ctx.data
+    if data is None or data.synthetic:
+        if data is None:
+            data = synthesize(model, samples=min(opts.samples, 32), seed=ctx.seed)
+        msg = ("activation statistics come from SYNTHESIZED random inputs: pass real calibration data "
+               "with --calib or --data for a meaningful activation criterion")
+        log.warning(msg)
+        extras["warnings"].append(msg)
+    if len(data) > opts.samples:
+        data = data.take(opts.samples)
+    zeros: dict[int, float] = {}
+    absum: dict[int, float] = {}
+    count: dict[int, float] = {}
+    sums: dict[str, np.ndarray] = {}  # per tensor and channel position: sum of x, for the mean
+    seen: dict[str, int] = {}
+    names = list(an.sinks)
+    for batch in stream_tensors(model, names, data, batch=opts.batch, threads=ctx.threads):
+        for name in names:
+            x = batch[name]
+            axis = x.ndim + an.sink_axes[name]
+            xm = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+            z = np.count_nonzero(xm == 0, axis=1)
+            a = np.abs(xm, dtype=np.float64).sum(axis=1)
+            sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
+            seen[name] = seen.get(name, 0) + xm.shape[1]
+            for p, s in enumerate(an.sinks[name]):
+                zeros[s] = zeros.get(s, 0.0) + float(z[p])
+                absum[s] = absum.get(s, 0.0) + float(a[p])
+                count[s] = count.get(s, 0.0) + xm.shape[1]
+    extras["activation_samples"] = len(data)
+    extras["activation_data"] = data.source
+    # the mean of each channel position over the samples and the tensor's other axes
+    mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
+    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean}
+
+
+PLUGINS = [Prune]

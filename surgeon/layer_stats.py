@@ -1,0 +1,257 @@
+"""What a layer sees on the calibration data: a bounded sample of its input rows or patches.
+
+Data-aware factorization (surgeon.lowrank: whitened SVD, data-aware Tucker-2) needs, per
+layer, the covariance of the rows a fully connected layer multiplies or of the patches a
+conv's kernel covers. Both come from a fixed-size random sample of those rows, drawn batch
+by batch while surgeon.validate.stream_tensors runs the model (one batch of activations in
+memory at a time), so memory per layer is at most `rows` x (c * prod(kernel)) floats whatever
+the data size.
+
+Sequential fitting: `SequentialSampler` runs the graph *as rewritten so far*, so a layer is
+fitted to the inputs the already-compressed layers before it produce (Zhang et al.: errors
+then do not compound). Running the model once per layer would cost one full inference per
+layer; instead the candidates are split into `passes` consecutive stages, and one run of the
+partially rewritten graph samples every layer of the next stage at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvWindow:
+    """Where a conv's kernel reads its input: kernel, strides, dilations, and explicit pads
+    (auto_pad resolved against the actual input size, ONNX Conv spec)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None  # begin..., end...; None: resolve from auto_pad
+    auto_pad: str = "NOTSET"
+
+    @classmethod
+    def of(cls, node: gs.Node, kernel: tuple[int, ...]) -> "ConvWindow":
+        nd = len(kernel)
+        a = node.attrs
+        auto = a.get("auto_pad", "NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        pads = tuple(a["pads"]) if "pads" in a and auto in ("NOTSET", "") else None
+        if pads is None and auto in ("NOTSET", "", "VALID"):
+            pads = (0,) * (2 * nd)
+        return cls(tuple(kernel), tuple(a.get("strides", [1] * nd)), tuple(a.get("dilations", [1] * nd)),
+                   pads, auto)
+
+    def resolve(self, size: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(pads_begin, pads_end, output size) for an input of spatial `size`."""
+        nd = len(size)
+        if self.pads is not None:
+            begin, end = self.pads[:nd], self.pads[nd:]
+        else:  # SAME_UPPER / SAME_LOWER: output = ceil(in / stride), extra pad at the end (upper)
+            begin, end = [], []
+            for i, n in enumerate(size):
+                extent = (self.kernel[i] - 1) * self.dilations[i] + 1
+                total = max(0, (math.ceil(n / self.strides[i]) - 1) * self.strides[i] + extent - n)
+                small, big = total // 2, total - total // 2
+                begin.append(small if self.auto_pad == "SAME_UPPER" else big)
+                end.append(big if self.auto_pad == "SAME_UPPER" else small)
+        out = tuple((size[i] + begin[i] + end[i] - ((self.kernel[i] - 1) * self.dilations[i] + 1))
+                    // self.strides[i] + 1 for i in range(nd))
+        return tuple(begin), tuple(end), out
+
+
+@dataclass
+class Request:
+    """One layer's sample: the rows of `tensor` (window None: a fully connected input, last
+    axis = features) or the kernel patches of a conv input (N, C, *spatial)."""
+
+    layer: str
+    tensor: str
+    window: ConvWindow | None = None
+
+
+@dataclass
+class Sample:
+    rows: np.ndarray               # (n, d) float32: what the layer sees in the graph rewritten so far
+    target: np.ndarray | None      # the same positions in the original model (None: identical)
+    seen: int                      # how many rows / positions the data offered
+    images: int                    # calibration samples run through the model
+
+
+def patches_at(x: np.ndarray, window: ConvWindow, picks: np.ndarray) -> np.ndarray:
+    """im2col for a few output positions only: x (N, C, *spatial), `picks` flat indices into
+    (N, *out) -> (len(picks), C * K) laid out like w.reshape(f, -1) (channel-major). Reads
+    outside the input are the conv's zero padding (no padded copy of x is made)."""
+    nd = x.ndim - 2
+    size = x.shape[2:]
+    begin, _, out = window.resolve(size)
+    idx = np.unravel_index(picks, (x.shape[0],) + out)
+    b, pos = idx[0], idx[1:]
+    offsets = np.stack(np.meshgrid(*[np.arange(k) for k in window.kernel], indexing="ij"), -1).reshape(-1, nd)
+    xt = np.ascontiguousarray(np.moveaxis(x, 1, -1))  # channels last: each gather reads whole rows
+    cols = []
+    for off in offsets:  # K gathers of (n, C)
+        where = [pos[i] * window.strides[i] + off[i] * window.dilations[i] - begin[i] for i in range(nd)]
+        inside = np.logical_and.reduce([(w >= 0) & (w < size[i]) for i, w in enumerate(where)])
+        if inside.all():
+            cols.append(xt[(b, *where)])
+        else:
+            clipped = tuple(np.clip(w, 0, size[i] - 1) for i, w in enumerate(where))
+            cols.append(xt[(b, *clipped)] * inside[:, None])
+    return np.stack(cols, axis=-1).reshape(len(picks), -1)
+
+
+def positions(x: np.ndarray, window: ConvWindow | None) -> int:
+    if window is None:
+        return int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
+    _, _, out = window.resolve(x.shape[2:])
+    return int(x.shape[0] * math.prod(out))
+
+
+def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np.ndarray:
+    if window is None:
+        return x.reshape(-1, x.shape[-1])[picks]
+    return patches_at(x, window, picks)
+
+
+def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = 8,
+            threads: int = 0, reference=None) -> dict[str, Sample]:
+    """Run `model` over `data` once and sample, for every request, at most `rows` rows (about
+    rows / batches from each batch, uniformly without replacement, seeded by layer name).
+    With a `reference` model (the original), it runs in lockstep and the same positions are
+    taken from it too, so a fit can aim at the original outputs."""
+    from surgeon.validate import stream_tensors
+
+    names = [r.tensor for r in requests]
+    model = upstream_of(model, names)
+    reference = upstream_of(reference, names) if reference is not None else None
+
+    step = getattr(data, "batch", None) or batch
+    n_batches = max(1, math.ceil(len(data) / step))
+    quota = max(1, math.ceil(rows / n_batches))
+    rngs = {r.layer: np.random.default_rng([seed, zlib.crc32(r.layer.encode())]) for r in requests}
+    parts: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
+    targets: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
+    seen = dict.fromkeys(parts, 0)
+    stream = stream_tensors(model, names, data, batch=batch, threads=threads)
+    ref = stream_tensors(reference, names, data, batch=batch, threads=threads) if reference is not None else None
+    for values in stream:
+        ref_values = next(ref) if ref is not None else None
+        for r in requests:
+            x = np.asarray(values[r.tensor])
+            total = positions(x, r.window)
+            picks = np.sort(rngs[r.layer].choice(total, size=min(quota, total), replace=False))
+            parts[r.layer].append(take_rows(x, r.window, picks).astype(np.float32))
+            if ref_values is not None:
+                targets[r.layer].append(take_rows(np.asarray(ref_values[r.tensor]), r.window, picks).astype(np.float32))
+            seen[r.layer] += total
+    out = {}
+    for k, v in parts.items():
+        x = np.concatenate(v)[:rows] if v else np.zeros((0, 0), np.float32)
+        t = np.concatenate(targets[k])[:rows] if targets[k] else None
+        out[k] = Sample(x, t, seen[k], len(data))
+    return out
+
+
+def upstream_of(model, tensors: list[str]):
+    """The part of `model` that computes `tensors` (they become its outputs): a stage early in
+    the network runs only the layers before it."""
+    from surgeon.model import to_graph, to_model
+
+    graph = to_graph(model)
+    have = graph.tensors()
+    graph.outputs = [have[t] for t in dict.fromkeys(tensors) if t in have]
+    return to_model(graph, like=model)
+
+
+@dataclass
+class SequentialSampler:
+    """Samples for the candidates of one run, collected stage by stage on the live graph.
+
+    `order` is the candidates in graph order; stage s holds order[bounds[s]:bounds[s+1]].
+    The first time a layer of a stage is asked for, the graph as rewritten so far is exported
+    and run once, sampling the layers of that stage still to come."""
+
+    order: list[str]
+    passes: int
+    rows: int
+    seed: int = 0
+    threads: int = 0
+    original: object = None  # the model before any rewrite (ModelProto), the fits' target
+    samples: dict[str, Sample] = field(default_factory=dict)
+    runs: int = 0
+
+    def stage_of(self, layer: str) -> list[str]:
+        stages = [list(s) for s in np.array_split(np.array(self.order, dtype=object), max(1, min(self.passes,
+                                                                                                   len(self.order))))]
+        for s in stages:
+            if layer in s:
+                return s[s.index(layer):]
+        return [layer]
+
+    def get(self, graph: gs.Graph, layer: str, data, request_for: Callable[[gs.Node], Request | None],
+            wants: Callable[[str], bool], changed: bool) -> Sample | None:
+        """`changed`: some layer was rewritten already, so the live graph is not the original."""
+        if layer in self.samples:
+            return self.samples.pop(layer)
+        from surgeon.model import to_model
+
+        nodes = {n.name: n for n in graph.nodes}
+        requests = []
+        for name in self.stage_of(layer):
+            if name in nodes and (name == layer or wants(name)):
+                req = request_for(nodes[name])
+                if req is not None:
+                    requests.append(req)
+        if not requests:
+            return None
+        model = to_model(graph.copy()) if changed or self.original is None else self.original
+        self.runs += 1
+        log.debug("layer statistics pass %d on the rewritten graph: %d layers", self.runs, len(requests))
+        self.samples.update(collect(model, requests, data, rows=self.rows, seed=self.seed, threads=self.threads,
+                                    reference=self.original if changed else None))
+        return self.samples.pop(layer, None)
+
+
+def sampler_for(graph: gs.Graph, ctx, tag: str, passes: int, rows: int) -> SequentialSampler:
+    """The run's sampler, kept on the graph (one per plugin run): candidates in graph order."""
+    from surgeon.model import to_model
+
+    key = f"_surgeon_{tag}_sampler"
+    s = graph.__dict__.get(key)
+    if s is None:
+        order = [n.name for n in graph.nodes if n.name in ctx.selected]
+        s = SequentialSampler(order, passes, rows, ctx.seed, ctx.threads, original=to_model(graph.copy()))
+        graph.__dict__[key] = s
+    return s
+
+
+def layer_sample(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.Node], Request | None],
+                 tag: str) -> Sample | None:
+    """The sample for one candidate (fit=data), collected on the graph as rewritten so far."""
+    sampler = sampler_for(graph, ctx, tag, opts.passes, opts.rows)
+    data = ctx.data.take(min(opts.samples, len(ctx.data)))
+    wants = lambda name: getattr(ctx.options_for(name, opts), "fit", "weights") == "data"
+    changed = any(v == "rewritten" for v in ctx.outcomes.values())
+    return sampler.get(graph, layer, data, request_for, wants, changed)
+
+
+def conv_request(node: gs.Node, kernel: tuple[int, ...]) -> Request:
+    return Request(node.name, node.inputs[0].name, ConvWindow.of(node, kernel))
+
+
+def fc_request(node: gs.Node) -> Request:
+    return Request(node.name, node.inputs[0].name, None)
+
+
+__all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_sample", "patches_at", "SequentialSampler", "sampler_for",
+           "conv_request", "fc_request"]

@@ -1,0 +1,532 @@
+"""`surgeon plan`: per-layer ratios with the largest measured latency reduction within a budget.
+
+1. Curves (surgeon.sweep.per_layer): each candidate layer alone at each ratio of a grid, the
+   rest untouched: its drift d_l(r), agreement and accuracy on the evaluation rows, and the
+   milliseconds it saves, s_l(r), timed alone against the original node at its real shape
+   (the latency guard's measurement; for a whole-model plugin, A/B of the whole model with
+   only that layer changed). Settings that save no time are dropped.
+2. Greedy path: from the untouched model, repeatedly take the move (one layer to a stronger
+   setting) with the smallest drift cost per millisecond saved, (d_l(r') - d_l(r)) /
+   (s_l(r') - s_l(r)), until every layer is at its strongest useful setting (or the
+   `--target` on predicted MACs or latency is reached). Predicted effects add up layer by
+   layer: drift sum_l d_l, disagreement sum_l (1 - agreement_l), accuracy loss likewise.
+3. Cut: the longest prefix of the path whose predicted effects stay within the budget.
+4. Correction, measured end to end: the cut is verified on the evaluation rows. While it
+   fails, the chosen layer with the highest drift per millisecond saved backs off one step.
+   When it passes, longer prefixes are verified (a search over the path, a few at a time
+   with the backend's workers), keeping the longest that passes; then single moves from
+   there, cheapest first, each verified end to end (a move that fails is not tried again,
+   nor anything stronger for that layer), until `max_verifications` rounds are spent.
+5. The final plan is built through the pipeline exactly as `surgeon apply --recipe` builds it
+   and validated end to end (drift, agreement, accuracy, interleaved A/B latency); each
+   chosen layer's measured effect in the final model is the drift/agreement change when that
+   layer alone is put back (leave-one-out).
+
+The plan is scored on the evaluation rows it was chosen on (like a gate would be): a
+separate hold-out set, passed to `surgeon gate`, says how well it generalizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from surgeon import pipeline, recipe as _recipe
+from surgeon.budgets import Budgets
+from surgeon.calibration import DataSplit
+from surgeon.errors import UsageError
+from surgeon.sweep import (RATIO_REMOVES, Setup, SweepOptions, check_ratios, compression_order, layer_pattern,
+                           measure_ab, per_layer, setup)
+from surgeon.sweep_backends import Config, make_backend
+from surgeon.plugin import option_fields, registry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+BUDGET_FORMS = {("agreement", ">="): "min_agreement", ("drift", "<="): "max_drift", ("accuracy", ">="): "min_accuracy"}
+DEFAULT_RATIOS = {"keep": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75], "remove": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]}
+
+
+def parse_budget(text: str) -> Budgets:
+    """`agreement>=0.99`, `drift<=0.05`, `accuracy>=0.95`; several joined by commas."""
+    values: dict[str, float] = {}
+    for part in re.split(r"\s*(?:,|\band\b)\s*", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=)\s*([0-9.eE+-]+)\s*(%?)\s*", part)
+        name = BUDGET_FORMS.get((m.group(1), m.group(2))) if m else None
+        if name is None:
+            raise UsageError(f"bad --budget {part!r}: use agreement>=A, drift<=D or accuracy>=A "
+                             "(fractions, e.g. agreement>=0.99), joined by commas")
+        try:
+            v = float(m.group(3)) / (100 if m.group(4) else 1)
+        except ValueError:
+            raise UsageError(f"bad --budget {part!r}: {m.group(3)!r} is not a number") from None
+        if name in values:
+            raise UsageError(f"--budget sets {m.group(1)} twice")
+        values[name] = v
+    if not values:
+        raise UsageError("--budget is empty; e.g. agreement>=0.99")
+    return Budgets.from_mapping(values, where="--budget")
+
+
+def parse_target(text: str | None) -> tuple[str, float] | None:
+    """`macs=0.5` or `latency=0.6`: the fraction of the original to reach (then stop compressing)."""
+    if not text:
+        return None
+    what, sep, value = text.partition("=")
+    what = what.strip()
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not sep or what not in ("macs", "latency") or not (0 < v < 1):
+        raise UsageError(f"bad --target {text!r}: use macs=F or latency=F with F in (0, 1), the fraction of "
+                         "the original to reach")
+    return what, v
+
+
+@dataclass
+class PlanOptions:
+    plugin: str
+    budgets: Budgets
+    ratios: list[float] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: str | None = None
+    target: tuple[str, float] | None = None
+    workers: int = 1
+    backend: str = "processes"
+    address: str | None = None
+    latency_local: bool = False
+    max_verifications: int = 12
+    latency_budget_s: float = 3.0
+    compare_uniform: bool = False
+    attribution: bool = True  # leave-one-out effect of each chosen layer in the final model
+
+
+@dataclass
+class Option:
+    """One setting of one layer, measured alone."""
+
+    ratio: float
+    drift: float
+    disagreement: float
+    accuracy_loss: float
+    saved_ms: float
+    macs_saved: int
+    ranks: str
+
+
+@dataclass
+class PlanResult:
+    model: str
+    plugin: str
+    budgets: dict[str, float]
+    target: tuple[str, float] | None
+    choices: list[dict[str, Any]]
+    predicted: dict[str, Any]
+    verifications: list[dict[str, Any]]
+    final: dict[str, Any]
+    checks: list[dict[str, Any]]
+    status: str
+    recipe: _recipe.Recipe
+    curves: list[dict[str, Any]]
+    timings: list[dict[str, Any]]
+    original: dict[str, Any]
+    uniform: list[dict[str, Any]] = field(default_factory=list)
+    best_uniform: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    pipeline_result: Any = None
+
+    def recipe_text(self) -> str:
+        lines = [f"surgeon plan: {self.plugin} on {Path(self.model).name}, budget "
+                 + ", ".join(f"{k} {v:g}" for k, v in self.budgets.items()),
+                 f"status: {self.status}; apply with: surgeon apply MODEL --recipe THIS_FILE --data ... (same data)"]
+        for c in self.choices:
+            lines.append(f"{c['layer']}: ratio {c['ratio']:g} (ranks {c['ranks'] or '-'}), predicted drift "
+                         f"{c['predicted_drift']:.4g}, saves {c['predicted_saved_ms']:.4g} ms alone")
+        return _recipe.dumps(self.recipe, header="\n".join(lines))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "plugin": self.plugin, "budgets": self.budgets, "target": self.target,
+                "status": self.status, "choices": self.choices, "predicted": self.predicted,
+                "verifications": self.verifications, "final": self.final, "checks": self.checks,
+                "original": self.original, "uniform": self.uniform, "best_uniform": self.best_uniform,
+                "recipe": self.recipe.to_toml(), "curves": self.curves, "timings": self.timings,
+                "data": self.data, "notes": self.notes}
+
+
+class _Budget:
+    """The budget as allowed losses, and a prediction's use of it (1.0 = exactly at the budget)."""
+
+    def __init__(self, b: Budgets, original_accuracy: float | None) -> None:
+        self.limits: dict[str, float] = {}
+        if b.max_drift is not None:
+            self.limits["drift"] = b.max_drift
+        if b.min_agreement is not None:
+            self.limits["disagreement"] = max(1.0 - b.min_agreement, 0.0)
+        if b.min_accuracy is not None:
+            if original_accuracy is None:
+                raise UsageError("an accuracy budget needs labels in the --data file")
+            self.limits["accuracy_loss"] = max(original_accuracy - b.min_accuracy, 0.0)
+
+    def use(self, pred: dict[str, float]) -> float:
+        out = 0.0
+        for k, lim in self.limits.items():
+            out = max(out, pred[k] / lim if lim > 0 else (math.inf if pred[k] > 1e-12 else 0.0))
+        return out
+
+    @staticmethod
+    def meets(b: Budgets, row: dict[str, Any]) -> bool:
+        if row.get("error") or row.get("drift") is None:
+            return False
+        if b.max_drift is not None and not row["drift"] <= b.max_drift:
+            return False
+        if b.min_agreement is not None and not (row.get("agreement") is not None and row["agreement"] >= b.min_agreement):
+            return False
+        if b.min_accuracy is not None and not (row.get("accuracy") is not None and row["accuracy"] >= b.min_accuracy):
+            return False
+        return True
+
+
+def make_plan(model: str | Path | onnx.ModelProto, popts: PlanOptions, run_opts: pipeline.RunOptions | None = None,
+              progress: Progress | None = None, *, split: DataSplit | None = None) -> PlanResult:
+    """Search per-layer settings (see the module docstring); writes nothing."""
+    run_opts = run_opts or pipeline.RunOptions()
+    tick = progress or (lambda what, done, total: None)
+    plug = registry().get(popts.plugin)
+    if "ratio" not in {f.name for f in option_fields(plug)}:
+        raise UsageError(f"plugin '{plug.name}' has no per-layer ratio to plan; plan works with tucker, svd and prune")
+    b = popts.budgets
+    if b.max_drift is None and b.min_agreement is None and b.min_accuracy is None:
+        raise UsageError("--budget is required: agreement>=A, drift<=D or accuracy>=A")
+    ratios = popts.ratios or DEFAULT_RATIOS["remove" if plug.name in RATIO_REMOVES else "keep"]
+    check_ratios(plug.name, ratios)
+    if popts.max_verifications < 1:
+        raise UsageError(f"--max-verifications must be >= 1, got {popts.max_verifications}")
+    parallel = popts.workers > 1 or popts.backend == "ray"
+    threads = 1 if parallel else run_opts.threads
+    backend = make_backend(popts.backend, popts.workers, popts.address, popts.latency_local)
+    tick("loading", 0, 1)
+    st = setup(model, plug.name, popts.options, run_opts, eval_threads=threads, parallel=parallel, split=split)
+    if b.min_accuracy is not None and st.original_metrics["accuracy"] is None:
+        raise UsageError("an accuracy budget needs labels in the --data file")
+    sopts = SweepOptions(plug.name, ratios, popts.options, popts.layers, per_layer=True, workers=popts.workers,
+                         backend=popts.backend)
+    budget = _Budget(b, st.original_metrics["accuracy"])
+    notes: list[str] = []
+    with backend:
+        backend.start(st.payload)
+        curves, timings = per_layer(st, backend, sopts, run_opts, tick)
+        options = _options(st, curves, timings, ratios)
+        tick("timing the original (alone)", 0, 1)
+        lat, _ = backend.timed(measure_ab, st.payload.model, st.payload.model, st.split.eval.first_batch(run_opts.batch),
+                               run_opts.threads, 1.0)
+        base_ms = lat["original_ms"]
+        path = _greedy_path(options, popts.target, st, base_ms)
+        cut = _predicted_cut(path, budget, options)
+        verifications: list[dict[str, Any]] = []
+
+        def verify(states: list[dict[str, float]], why: str) -> list[dict[str, Any]]:
+            configs = [_config(st, s, f"{why} {i}") for i, s in enumerate(states)]
+            rows = backend.map(configs, tick, f"verifying end to end ({why})")
+            for s, row in zip(states, rows):
+                row["plan"] = dict(s)
+                row["meets"] = _Budget.meets(b, row)
+                row["why"] = why
+                verifications.append({k: v for k, v in row.items() if k not in ("layers",)})
+            return rows
+
+        state, passed = _correct(path, cut, verify, options, popts, max(1, popts.workers))
+        if not passed:
+            notes.append("no plan met the budget end to end, not even one layer; the plan leaves the model as it is")
+        uniform_rows: list[dict[str, Any]] = []
+        if popts.compare_uniform:
+            cfgs = [Config(f"uniform {r:g}", {**st.base, "ratio": r}, popts.layers) for r in ratios]
+            uniform_rows = backend.map(cfgs, tick, "uniform ratios")
+            for r, row in zip(ratios, uniform_rows):
+                row.update(ratio=r, meets=_Budget.meets(b, row))
+        attribution = _attribution(st, state, backend, tick) if popts.attribution and state else {}
+
+    rec = to_recipe(st, state, b)
+    tick("final check", 0, 1)
+    final_opts = pipeline.RunOptions(**{**run_opts.__dict__, "validate": True, "latency": True, "step_metrics": False})
+    if split is None:
+        final = pipeline.run(st.original, rec.steps, final_opts, b, progress=None)
+    else:
+        final = _run_with_split(st, rec, final_opts, b, split)
+    tick("final check", 1, 1)
+    best_uniform = None
+    if uniform_rows:
+        best_uniform = _best_uniform(st, uniform_rows, run_opts, popts, tick)
+    choices = _choices(options, state, attribution)
+    predicted = _predict(options, state)
+    if base_ms:
+        predicted["latency_ms_original"] = base_ms
+        predicted["latency_ratio"] = (base_ms - predicted["saved_ms"]) / base_ms
+    v = final.validation or {}
+    final_doc = {"validation": v, "params": final.steps[0].surgery.after.total_params,
+                 "macs": final.steps[0].surgery.after.total_macs, "rewritten": [l.layer for l in final.steps[0].surgery.rewritten]}
+    return PlanResult(st.source, plug.name, b.to_json(), popts.target, choices, predicted, verifications, final_doc,
+                      [c.to_json() for c in final.outcome.checks], final.status, rec,
+                      _rows(curves), timings, st.original_metrics, [_slim(r) for r in uniform_rows], best_uniform,
+                      st.split.to_json(), notes + final.warnings, final)
+
+
+def _run_with_split(st: Setup, rec: _recipe.Recipe, opts: pipeline.RunOptions, b: Budgets, split: DataSplit):
+    """pipeline.run for data given as arrays (benchmarks): the same steps, validation and budgets."""
+    from surgeon import budgets as _budgets
+    from surgeon import engine
+    from surgeon.pipeline import Outcome, PipelineResult, StepReport, _validate, reproduce_info
+    step = rec.steps[0]
+    names = [n.name for n in st.prepared.graph.node]
+    per, skip = step.layer_options(names)
+    res = engine.apply(st.prepared, st.plugin, dict(step.options), layers=step.select, per_layer=per, skip=skip,
+                       data=split.calib, input_shapes=st.shapes, threads=opts.threads, seed=opts.seed, prepared=True)
+    outcome = Outcome()
+    validation, outcome.validation_skipped = _validate(st.original, res.model, split, opts, lambda *a: None, st.source)
+    outcome.checks = _budgets.evaluate(b, validation, res.model.ByteSize()) if validation else []
+    return PipelineResult(st.source, st.original, res.model, [StepReport(step, res)], split, b, validation, outcome,
+                          reproduce_info(st.original, rec.steps, opts, split))
+
+
+# --- the search ------------------------------------------------------------------------------------
+
+def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, Any]], ratios: list[float]
+             ) -> dict[str, list[Option]]:
+    """Per layer, its useful settings from mildest to strongest: measured alone, saving time."""
+    saved = {(t["layer"], t["ratio"]): t for t in timings}
+    orig_acc = st.original_metrics["accuracy"]
+    order = compression_order(st.plugin.name, ratios)
+    out: dict[str, list[Option]] = {}
+    for row in curves:
+        out.setdefault(row["layer"], [])
+    for name in out:
+        for r in order:
+            row = next((c for c in curves if c["layer"] == name and c["ratio"] == r), None)
+            t = saved.get((name, r))
+            if row is None or not row.get("applied") or row.get("error") or t is None or t["saved_ms"] <= 0:
+                continue
+            if t.get("verdict") == "slower":
+                continue
+            d = (row.get("layers") or {}).get(name, {})
+            macs_saved = (st.original_metrics["macs"] - row["macs"]) if row.get("macs") is not None and \
+                st.original_metrics["macs"] is not None else 0
+            ranks = f"{d['R1']},{d['R2']}" if "R1" in d else str(d.get("rank", d.get("channels_after", "")))
+            out[name].append(Option(r, row["drift"], 1.0 - (row["agreement"] if row.get("agreement") is not None else 1.0),
+                                    (orig_acc - row["accuracy"]) if orig_acc is not None and row.get("accuracy") is not None
+                                    else 0.0, t["saved_ms"], macs_saved, ranks))
+    return {k: v for k, v in out.items() if v}
+
+
+def _predict(options: dict[str, list[Option]], state: dict[str, float]) -> dict[str, Any]:
+    chosen = [next(o for o in options[n] if o.ratio == r) for n, r in state.items()]
+    return {"drift": sum(o.drift for o in chosen), "disagreement": sum(o.disagreement for o in chosen),
+            "accuracy_loss": sum(o.accuracy_loss for o in chosen), "saved_ms": sum(o.saved_ms for o in chosen),
+            "macs_saved": sum(o.macs_saved for o in chosen)}
+
+
+def _greedy_path(options: dict[str, list[Option]], target: tuple[str, float] | None, st: Setup,
+                 base_ms: float | None) -> list[dict[str, float]]:
+    """States from untouched to strongest, one move at a time by drift cost per ms saved."""
+    state: dict[str, float] = {}
+    level: dict[str, int] = {n: -1 for n in options}
+    path = [dict(state)]
+    while True:
+        best = None
+        for name, opts in options.items():
+            cur = opts[level[name]] if level[name] >= 0 else None
+            for j in range(level[name] + 1, len(opts)):
+                o = opts[j]
+                gain = o.saved_ms - (cur.saved_ms if cur else 0.0)
+                if gain <= 0:
+                    continue
+                cost = o.drift - (cur.drift if cur else 0.0)
+                score = cost / gain
+                if best is None or score < best[0]:
+                    best = (score, name, j)
+        if best is None:
+            break
+        _, name, j = best
+        level[name] = j
+        state[name] = options[name][j].ratio
+        path.append(dict(state))
+        if target is not None and _reached(options, state, target, st, base_ms):
+            break
+    return path
+
+
+def _reached(options, state, target, st: Setup, base_ms: float | None) -> bool:
+    what, frac = target
+    p = _predict(options, state)
+    if what == "macs":
+        macs = st.original_metrics["macs"]
+        return bool(macs) and (macs - p["macs_saved"]) / macs <= frac
+    if base_ms:
+        return (base_ms - p["saved_ms"]) / base_ms <= frac
+    return False
+
+
+def _predicted_cut(path: list[dict[str, float]], budget: _Budget, options: dict[str, list[Option]]) -> int:
+    """The last state of the path, from the start, whose predicted effects fit the budget."""
+    cut = 0
+    for k in range(1, len(path)):
+        if budget.use(_predict(options, path[k])) > 1.0:
+            break
+        cut = k
+    return cut
+
+
+def _correct(path, cut, verify, options, popts: PlanOptions, width: int) -> tuple[dict[str, float], bool]:
+    """Verify end to end: back off the worst layers while the plan fails; search longer
+    prefixes of the path while it passes; then refine with single verified moves. At most
+    `popts.max_verifications` rounds (each verifies up to `width` plans in parallel)."""
+    rounds = 0
+    state = dict(path[cut])
+    # back off from the cut until a plan passes
+    rows = verify([state], "cut") if state else [{"meets": True}]
+    rounds += 1
+    while not rows[0]["meets"] and state and rounds < popts.max_verifications:
+        worst = max(state, key=lambda n: _cost_per_ms(options, n, state[n]))
+        opts = options[worst]
+        j = next(i for i, o in enumerate(opts) if o.ratio == state[worst])
+        if j == 0:
+            del state[worst]
+        else:
+            state[worst] = opts[j - 1].ratio
+        rows = verify([state], "back off") if state else [{"meets": True}]
+        rounds += 1
+    if not rows[0]["meets"]:
+        return {}, False
+    if state == path[cut]:
+        # the cut passed: look further along the path for the longest prefix that still passes
+        lo, hi = cut, len(path) - 1
+        while lo < hi and rounds < popts.max_verifications:
+            k = max(1, min(width, hi - lo))
+            probes = sorted({lo + max(1, round((hi - lo) * (i + 1) / (k + 1))) for i in range(k)})
+            probes = [p for p in probes if lo < p <= hi] or [hi]
+            rows = verify([path[p] for p in probes], "extend")
+            rounds += 1
+            passing = [p for p, r in zip(probes, rows) if r["meets"]]
+            failing = [p for p, r in zip(probes, rows) if not r["meets"]]
+            if passing:
+                lo = max(passing)
+                state = dict(path[lo])
+            hi = min([p - 1 for p in failing if p > lo], default=hi)
+            if not failing and lo == hi:
+                break
+    # verified greedy: single moves from the best passing plan, cheapest drift per ms first;
+    # a move that fails end to end is banned (with everything stronger for that layer)
+    banned: dict[str, float] = {}  # layer -> the mildest ratio that failed
+    while rounds < popts.max_verifications:
+        moves = _moves(options, state, banned)[:width]
+        if not moves:
+            break
+        trials = [{**state, name: o.ratio} for _, name, o in moves]
+        rows = verify(trials, "refine")
+        rounds += 1
+        ok = [(o.saved_ms, t) for (_, name, o), t, r in zip(moves, trials, rows) if r["meets"]]
+        for (_, name, o), r in zip(moves, rows):
+            if not r["meets"]:
+                banned[name] = o.ratio
+        if ok:
+            state = max(ok, key=lambda x: x[0])[1]
+    return state, True
+
+
+def _moves(options, state: dict[str, float], banned: dict[str, float]) -> list[tuple[float, str, "Option"]]:
+    """Every one-layer move to a stronger setting that saves more time, by drift cost per ms."""
+    out = []
+    for name, opts in options.items():
+        cur = next((o for o in opts if o.ratio == state.get(name)), None)
+        start = opts.index(cur) + 1 if cur is not None else 0
+        stop = len(opts)
+        if name in banned:
+            stop = min(stop, next((i for i, o in enumerate(opts) if o.ratio == banned[name]), stop))
+        for o in opts[start:stop]:
+            gain = o.saved_ms - (cur.saved_ms if cur else 0.0)
+            if gain > 0:
+                out.append(((o.drift - (cur.drift if cur else 0.0)) / gain, name, o))
+    return sorted(out, key=lambda m: (m[0], m[1], m[2].ratio))
+
+
+def _cost_per_ms(options, name: str, ratio: float) -> float:
+    o = next(o for o in options[name] if o.ratio == ratio)
+    return o.drift / o.saved_ms if o.saved_ms > 0 else math.inf
+
+
+def _config(st: Setup, state: dict[str, float], key: str) -> Config:
+    select = "|".join(layer_pattern(n) for n in sorted(state)) if state else "^$"
+    return Config(key, dict(st.base), select, {n: {"ratio": r} for n, r in sorted(state.items())})
+
+
+def _attribution(st: Setup, state: dict[str, float], backend, tick) -> dict[str, dict[str, Any]]:
+    """Each chosen layer's effect in the final model: the plan with that layer put back."""
+    full = backend.map([_config(st, state, "plan")], tick, "attribution")[0]
+    names = sorted(state)
+    rest = [_config(st, {k: v for k, v in state.items() if k != n}, f"without {n}") for n in names]
+    rows = backend.map(rest, tick, "attribution (leave one out)")
+    out = {}
+    for n, row in zip(names, rows):
+        if full.get("drift") is None or row.get("drift") is None:
+            continue
+        out[n] = {"drift": full["drift"] - row["drift"],
+                  "agreement": (full["agreement"] - row["agreement"]) if full.get("agreement") is not None and
+                  row.get("agreement") is not None else None}
+    return out
+
+
+def to_recipe(st: Setup, state: dict[str, float], b: Budgets) -> _recipe.Recipe:
+    """The plan as a recipe: the chosen layers selected, each with its own ratio."""
+    names = sorted(state)
+    select = "|".join(layer_pattern(n) for n in names) if names else "^$"
+    overrides = [_recipe.LayerOverride(layer_pattern(n), {"ratio": state[n]}) for n in names]
+    return _recipe.Recipe([_recipe.Step(st.plugin.name, dict(st.base), select, overrides)], b.to_json())
+
+
+def _choices(options, state, attribution) -> list[dict[str, Any]]:
+    out = []
+    for n in sorted(state):
+        o = next(o for o in options[n] if o.ratio == state[n])
+        a = attribution.get(n, {})
+        out.append({"layer": n, "ratio": o.ratio, "ranks": o.ranks, "predicted_drift": o.drift,
+                    "predicted_agreement": 1.0 - o.disagreement, "predicted_saved_ms": o.saved_ms,
+                    "macs_saved": o.macs_saved, "measured_drift_delta": a.get("drift"),
+                    "measured_agreement_delta": a.get("agreement")})
+    return out
+
+
+def _best_uniform(st: Setup, rows, run_opts, popts: PlanOptions, tick) -> dict[str, Any] | None:
+    """Of the uniform ratios that meet the budget, the fastest: each timed A/B against the
+    original, one at a time (after every drift evaluation)."""
+    from surgeon.sweep_backends import Evaluator
+    ok = [r for r in rows if r["meets"] and r.get("rewritten")]
+    if not ok:
+        return None
+    evaluator = Evaluator(st.payload)
+    best = None
+    for i, r in enumerate(ok):
+        tick("timing the uniform ratios that meet the budget", i, len(ok))
+        model = evaluator.evaluate(Config(f"uniform {r['ratio']:g}", {**st.base, "ratio": r["ratio"]}, popts.layers,
+                                          keep_model=True))["model"]
+        r["latency"] = measure_ab(st.original.SerializeToString(), model, st.split.eval.first_batch(run_opts.batch),
+                                  run_opts.threads, popts.latency_budget_s)
+        if best is None or r["latency"]["ratio"] < best["latency"]["ratio"]:
+            best = r
+    return _slim(best)
+
+
+def _slim(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("model", "layers")}
+
+
+def _rows(curves):
+    return [_slim(r) for r in curves]

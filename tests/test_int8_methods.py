@@ -1,0 +1,160 @@
+"""int8 methods of issue 12, each on a small graph where it must help, checked against a reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import surgeon
+from surgeon.calibration import DataSet
+from surgeon.plugins import int8_explain as ie
+from surgeon.plugins import int8_gptq as gq
+from tests.models import checked, init, make_model, rel_l2, run, tensor
+
+
+# --- GPTQ -------------------------------------------------------------------------------------
+
+def obq_reference(W: np.ndarray, s: np.ndarray, H: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The OBQ/GPTQ update written the slow way (Frantar et al., eq. 2-3): quantize column j,
+    spread its error over the later columns with the inverse Hessian, then remove j from H^-1 by
+    Gaussian elimination. No Cholesky, no blocks."""
+    W = W.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    Hinv = np.linalg.inv(H)
+    Q = np.zeros_like(W)
+    for j in range(W.shape[1]):
+        q = np.clip(np.round(W[:, j] / s), -127, 127)
+        Q[:, j] = q
+        err = (W[:, j] - q * s) / Hinv[j, j]
+        W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
+        Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return Q
+
+
+def correlated_inputs(d: int, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 3))
+    return base @ rng.standard_normal((3, d)) + 0.05 * rng.standard_normal((n, d))  # nearly rank 3
+
+
+def test_gptq_matches_the_obq_reference_and_beats_rounding_to_nearest():
+    rng = np.random.default_rng(1)
+    d, r = 300, 6  # more than one 128-column block
+    X = correlated_inputs(d, 2000)
+    H = X.T @ X / len(X)
+    W = rng.standard_normal((r, d))
+    s = np.abs(W).max(axis=1) / 127 * 8  # coarse grid: round-to-nearest error is large
+    ours = gq.gptq_quantize(W[None], s[None], H[None])[0]
+    np.testing.assert_array_equal(ours, obq_reference(W, s, H))
+    rtn = np.clip(np.round(W / s[:, None]), -127, 127)
+    e_rtn = gq.output_error(W[None], (rtn * s[:, None])[None], H[None])
+    e_gptq = gq.output_error(W[None], (ours * s[:, None])[None], H[None])
+    assert e_gptq < 0.5 * e_rtn
+
+
+def test_gptq_two_columns_by_hand():
+    """w = (0.6, 0.0), s = 1, H = [[1, 0.5], [0.5, 1]] (no damping): q1 = round(0.6) = 1 leaves
+    error -0.4; OBQ moves it onto w2 with H^-1[0,1] / H^-1[0,0] = -0.5: w2 = 0 + 0.4 * -0.5... i.e.
+    w2 -= (0.6 - 1) / Hinv00 * Hinv01 = 0.4 * (-0.5) = -0.2 -> round(-0.2) = 0. With w = (0.6, -0.4)
+    w2 becomes -0.6 -> -1, where round-to-nearest gives 0."""
+    H = np.array([[1.0, 0.5], [0.5, 1.0]])
+    for w2, expect in ((0.0, [1, 0]), (-0.4, [1, -1])):
+        W = np.array([[0.6, w2]])
+        q = gq.gptq_quantize(W[None], np.ones((1, 1)), H[None], damp=0.0)[0]
+        np.testing.assert_array_equal(q, [expect])
+
+
+def correlated_conv_model(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2
+    w[:, 0, 1, 1] += 4 * np.sign(rng.standard_normal(16)).astype(np.float32)  # one tap sets each row's scale
+    return make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                      [tensor("x", ["N", 8, 10, 10])], [tensor("y", ["N", 16, 10, 10])], [init("w", w)])
+
+
+def correlated_conv_data(n: int = 32, seed: int = 0) -> DataSet:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 2, 10, 10))
+    mix = rng.standard_normal((8, 2))
+    x = np.einsum("nchw,dc->ndhw", base, mix) + 0.05 * rng.standard_normal((n, 8, 10, 10))
+    return DataSet({"x": x.astype(np.float32)}, source="test")
+
+
+def test_gptq_lowers_the_drift_of_a_conv_with_correlated_inputs():
+    model = correlated_conv_model()
+    data = correlated_conv_data()
+    common = {"bias_correction": "off", "equalize": "off"}
+    near = surgeon.apply(model, "int8", {**common, "weight_rounding": "nearest"}, data=data)
+    gptq = surgeon.apply(model, "int8", {**common, "weight_rounding": "gptq"}, data=data)
+    out = checked(gptq.model)
+    assert gptq.extras["weight_rounding"]["layers"] == 1
+    x = data.inputs
+    d_near = rel_l2(run(model, x)[0], run(near.model, x)[0])
+    d_gptq = rel_l2(run(model, x)[0], run(out, x)[0])
+    assert gptq.extras["weight_rounding"]["median_layer_error_ratio"] < 0.7
+    assert d_gptq < 0.9 * d_near, (d_gptq, d_near)  # the rest is activation rounding, the same in both
+    # only the int8 values changed: same ops, same scales
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)
+    assert ops(near.model) == ops(out)
+
+
+def test_conv_gram_matches_an_explicit_im2col():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 3, 3))
+    layer = gq.Layer("c", "Conv", "x", w, np.ones(4), None, {"pads": [1, 0, 1, 2], "strides": [2, 1],
+                                                            "dilations": [1, 2]}, groups=2)
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    gram, count = gq._conv_gram(x, layer, 10_000, np.random.default_rng(0))
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 2))).astype(np.float64)  # pads: top, left, bottom, right
+    cols = []
+    for n in range(2):
+        for i in range(4):  # (9 - 2 - 1) // 2 + 1 output rows
+            for j in range(4):  # (8 - 4 - 1) // 1 + 1 output columns
+                patch = np.array([[xp[n, c, i * 2 + a, j + 2 * b] for a in range(3) for b in range(3)]
+                                  for c in range(4)])  # (C, 9)
+                cols.append(patch.reshape(2, 18))  # group g reads channels 2g, 2g+1
+    X = np.stack(cols, axis=-1)  # (G, D, P)
+    np.testing.assert_allclose(gram, X @ np.swapaxes(X, 1, 2), rtol=1e-10)
+    assert count == X.shape[2]
+
+
+# --- explain ----------------------------------------------------------------------------------
+
+def outlier_channel_model(seed: int = 0):
+    """x -> Conv1x1 -> h (channel 0 has a 50x larger range) -> Conv1x1 -> y."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((6, 4, 1, 1)).astype(np.float32) * 0.5
+    w1[0] *= 50.0
+    w2 = rng.standard_normal((5, 6, 1, 1)).astype(np.float32) * 0.5
+    w2[:, 0] /= 50.0  # the outlier channel matters as little as the others downstream
+    return make_model([helper.make_node("Conv", ["x", "w1"], ["h"], name="c1"),
+                       helper.make_node("Conv", ["h", "w2"], ["y"], name="c2")],
+                      [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 5, 6, 6])],
+                      [init("w1", w1), init("w2", w2)])
+
+
+def test_explain_finds_the_outlier_channel_and_one_tensor_drift_is_exact():
+    model = outlier_channel_model()
+    rng = np.random.default_rng(0)
+    data = DataSet({"x": rng.standard_normal((24, 4, 6, 6)).astype(np.float32)}, source="test")
+    res = surgeon.apply(model, "int8", {"explain": True, "weight_rounding": "nearest", "bias_correction": "off",
+                                        "equalize": "off"}, data=data)
+    ex = res.extras["explain"]
+    assert ex["rows"] == 24
+    assert ex["activations"][0]["tensor"] == "h"
+    assert ex["activations"][0]["channel_spread"] > 10  # one channel sets the scale
+    assert set(ex["drift"]) == {"int8", "weights_only", "activations_only"}
+    # by hand: y with only h quantized = Conv2(dq(q(h))) with h's scale and zero point from the QDQ model
+    acts, _ = ie.qdq_params(res.model)
+    scale, zp = (np.asarray(v, np.float64) for v in acts["h"])
+    w1 = onnx.numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)[:, :, 0, 0]
+    w2 = onnx.numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)[:, :, 0, 0]
+    x = data.inputs["x"].astype(np.float64)
+    h = np.einsum("fc,nchw->nfhw", w1, x)
+    hq = (np.clip(np.round(h / scale) + zp, 0, 255) - zp) * scale
+    y, yq = (np.einsum("fc,nchw->nfhw", w2, a) for a in (h, hq))
+    by_hand = np.linalg.norm(yq - y) / np.linalg.norm(y)
+    assert ex["activations"][0]["drift_alone"] == pytest.approx(by_hand, rel=2e-3)

@@ -1,0 +1,102 @@
+"""`surgeon plan`: budgets parsed strictly, a plan that meets its budget end to end, and a
+recipe that `surgeon apply --recipe` applies unchanged to the same model."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from surgeon import model as model_io, pipeline, plan, recipe
+from surgeon.budgets import Budgets
+from surgeon.cli import app
+from surgeon.errors import UsageError
+from tests.models import CNN, CNN_CALIB, CNN_TEST
+
+runner = CliRunner()
+
+
+def test_budget_and_target_parsing():
+    assert plan.parse_budget("agreement>=0.99") == Budgets(min_agreement=0.99)
+    assert plan.parse_budget("drift<=0.05, accuracy>=95%") == Budgets(max_drift=0.05, min_accuracy=0.95)
+    for bad in ("agreement<=0.99", "speed>=2", "agreement>=1.5", "drift<=0", "", "drift<=0.1,drift<=0.2"):
+        with pytest.raises(UsageError):
+            plan.parse_budget(bad)
+    assert plan.parse_target("macs=0.5") == ("macs", 0.5) and plan.parse_target(None) is None
+    for bad in ("macs=1.5", "speed=0.5", "latency", "latency=0"):
+        with pytest.raises(UsageError):
+            plan.parse_target(bad)
+
+
+def test_greedy_path_takes_the_cheapest_drift_per_ms_first():
+    O = plan.Option
+    options = {"a": [O(0.5, 0.10, 0, 0, 1.0, 0, ""), O(0.25, 0.50, 0, 0, 1.2, 0, "")],
+               "b": [O(0.5, 0.02, 0, 0, 0.5, 0, "")]}
+    path = plan._greedy_path(options, None, None, None)
+    # b costs 0.04/ms, a 0.1/ms, a's last step (0.4 more drift for 0.2 ms) 2.0/ms
+    assert path == [{}, {"b": 0.5}, {"b": 0.5, "a": 0.5}, {"b": 0.5, "a": 0.25}]
+    budget = plan._Budget(Budgets(max_drift=0.15), None)
+    assert plan._predicted_cut(path, budget, options) == 2
+
+
+def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
+    dest = tmp_path / "plan.toml"
+    r = runner.invoke(app, ["plan", str(CNN), "-p", "tucker", "--budget", "agreement>=0.99", "--ratios", "0.125,0.5",
+                            "-O", "fit=weights", "--data", str(CNN_TEST), "--calib", str(CNN_CALIB),
+                            "--max-verifications", "4", "-o", str(dest), "--json", str(tmp_path / "plan.json")])
+    assert r.exit_code == 0, r.output
+    assert "plan: tucker on digits_cnn.onnx" in r.stdout and "predicted" in r.stdout
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    assert doc["status"] == "pass" and doc["choices"]
+    v = doc["final"]["validation"]
+    assert v["top1_agreement"] >= 0.99 and v["latency"]["candidate"]["median_ms"] > 0
+    for c in doc["choices"]:  # every choice saves time alone, and says what it was predicted to cost
+        assert c["predicted_saved_ms"] > 0 and c["ratio"] in (0.125, 0.5) and c["measured_drift_delta"] is not None
+    rec = recipe.load(dest)  # a valid recipe, budget included
+    assert rec.gate == {"min_agreement": 0.99}
+    assert {o.match for o in rec.steps[0].overrides} == {f"^{c['layer']}$" for c in doc["choices"]}
+
+    # applied unchanged by `surgeon apply --recipe`, gated by the plan's own budget
+    out = tmp_path / "planned.onnx"
+    r = runner.invoke(app, ["apply", str(CNN), "--recipe", str(dest), "--data", str(CNN_TEST), "--calib",
+                            str(CNN_CALIB), "-o", str(out), "--json", str(tmp_path / "apply.json")])
+    assert r.exit_code == 0, r.output
+    applied = json.loads((tmp_path / "apply.json").read_text())
+    assert applied["validation"]["worst_rel_l2"] == pytest.approx(v["worst_rel_l2"], rel=1e-9)
+    assert applied["validation"]["top1_agreement"] == v["top1_agreement"]
+    rewritten = {l["layer"] for s in applied["steps"] for l in s["layers"] if l["status"] == "rewritten"}
+    assert rewritten == {c["layer"] for c in doc["choices"]}
+    ranks = {l["layer"]: f"{l['details']['R1']},{l['details']['R2']}" for s in applied["steps"] for l in s["layers"]
+             if l["status"] == "rewritten"}
+    assert ranks == {c["layer"]: c["ranks"] for c in doc["choices"]}
+
+
+def test_the_plan_model_is_the_recipe_model(tmp_path):
+    before = CNN.read_bytes()
+    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.2), [0.25, 0.5], {"fit": "weights"}, attribution=False,
+                             max_verifications=3)
+    opts = pipeline.RunOptions(data=CNN_TEST, calib=CNN_CALIB, latency=False)
+    res = plan.make_plan(CNN, popts, opts)
+    assert res.status == "pass" and res.final["validation"]["worst_rel_l2"] <= 0.2
+    (tmp_path / "p.toml").write_text(res.recipe_text())
+    again = pipeline.run(CNN, recipe.load(tmp_path / "p.toml").steps, pipeline.RunOptions(
+        data=CNN_TEST, calib=CNN_CALIB, latency=False))
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    model_io.save(res.pipeline_result.model, a)
+    model_io.save(again.model, b)
+    assert a.read_bytes() == b.read_bytes()
+    assert CNN.read_bytes() == before  # the input is never written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "agreement<=0.9"], "bad --budget"),
+    (["--budget", "agreement>=0.99", "--target", "macs=2"], "bad --target"),
+    (["--budget", "agreement>=0.99", "--max-verifications", "0"], "--max-verifications must be in 1..100"),
+    (["--budget", "agreement>=0.99", "-p", "int8"], "has no per-layer ratio"),
+])
+def test_plan_bad_input_exits_2(args, message, tmp_path):
+    argv = ["plan", str(CNN), "--data", str(CNN_TEST), "-o", str(tmp_path / "p.toml"), *args]
+    if "-p" not in args:
+        argv += ["-p", "tucker"]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and not (tmp_path / "p.toml").exists()
