@@ -16,12 +16,11 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from surgeon.calibration import DataSet
 from surgeon.model import scratch_cwd
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.validate import drift_metrics, looks_like_scores, run, session
+from surgeon.validate import drift_metrics, looks_like_scores, run, session, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +235,6 @@ def node_outputs(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]
     """Node name -> its first output tensor, for the nodes that exist in `model`."""
     wanted = set(names)
     return {n.name: n.output[0] for n in model.graph.node if n.name in wanted}
-
-
-def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    return m
 
 
 def paired_stats(float_model: onnx.ModelProto, quant_model: onnx.ModelProto | None, nodes: Iterable[str],

@@ -30,7 +30,6 @@ import contextlib
 import contextvars
 import hashlib
 import json
-import math
 import os
 import platform
 import time
