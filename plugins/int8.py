@@ -112,6 +112,7 @@ class QuantizeInt8(ModelPlugin):
     name = "int8"
     summary = "calibrated int8 quantization (onnxruntime) with BN folding, equalization, bias correction and fallback"
     Options = Int8Options
+    per_layer_options = ()  # onnxruntime quantizes with one configuration: per layer only `skip = true`
 
     def run(self, model: onnx.ModelProto, ctx: Context, opts: Int8Options,
             layers: Callable[[str], bool]) -> tuple[onnx.ModelProto, list[LayerReport], dict[str, Any]]:
@@ -155,7 +156,7 @@ def user_exclusions(model: onnx.ModelProto, opts: Int8Options, layers: Callable[
         elif n.op_type in opts.exclude:
             out[n.name] = f"excluded by --option exclude (op type {n.op_type})"
         elif not layers(n.name):
-            out[n.name] = "not matched by --layers"
+            out[n.name] = "not matched by --layers (or the step's select)"
     return out
 
 

@@ -120,7 +120,7 @@ def _wanted(ctx: Context, layers: Callable[[str], bool], name: str) -> str:
     if name in ctx.skip_layers:
         return "left alone by the recipe"
     if not layers(name):
-        return "not matched by --layers"
+        return "not matched by --layers (or the step's select)"
     return ""
 
 

@@ -57,7 +57,8 @@ class SvdOptions(RankOptions):
     """Rank options shared with tucker, plus an explicit rank and an escape from the savings check."""
 
     ratio: float | None = field(default=None, metadata={
-        "help": "rank = ratio x min(in, out) (0 < ratio <= 1); 0.25 when no rank option is given"})
+        "help": "rank = ratio x min(in, out) (0 < ratio <= 1); 0.25 when no rank option is given",
+        "default_text": "0.25 (no rank option)"})
     rank: int | None = field(default=None, metadata={
         "help": "the same rank for every layer (capped at min(in, out)); default: ratio 0.25"})
     allow_growth: bool = field(default=False, metadata={

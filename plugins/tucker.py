@@ -47,6 +47,9 @@ class TuckerOptions(lowrank.RankOptions):
     """Ranks: one of --ratio, --energy, --ranks R1,R2 or rank_method=vbmf; none given means
     ratio 0.5."""
 
+    ratio: float | None = field(default=None, metadata={
+        "help": "rank = ratio x channels (0 < ratio <= 1); 0.5 when no rank option is given",
+        "default_text": "0.5 (no rank option)"})
     ranks: tuple[int, int] | None = field(default=None, metadata={
         "help": "explicit ranks R1,R2 (input, output channels) for every selected layer"})
     rank_method: Literal["given", "vbmf"] = field(default="given", metadata={

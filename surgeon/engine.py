@@ -39,6 +39,9 @@ class SurgeryResult:
     extras: dict[str, Any] = field(default_factory=dict)
     # one line each about what could not be measured and what to pass (MACs, the latency guard)
     notes: list[str] = field(default_factory=list)
+    # every tensor's static shape in `model`: the next step of a chain starts from these
+    # instead of inferring them again
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -81,13 +84,15 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
           skip: set[str] | None = None, data: DataSet | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None, threads: int = 0, seed: int = 0,
           progress: Callable[[int, int, str], None] | None = None, prepared: bool = False,
-          before: Profile | None = None, guard_refresh: bool = False) -> SurgeryResult:
+          before: Profile | None = None, guard_refresh: bool = False,
+          shapes: dict[str, tuple[int, ...]] | None = None) -> SurgeryResult:
     """Run one plugin over a model and return the new model with its report.
 
     `options` are the plugin's options (strings are parsed); `per_layer` overrides them for
     named layers (e.g. ranks chosen by a sweep); `layers` is a regex on node names; `skip`
     names layers to leave alone (a recipe's `skip = true`). `prepared` says the model was
-    already folded (a chain folds once) and `before` reuses the previous step's profile.
+    already folded (a chain folds once), `before` reuses the previous step's profile and
+    `shapes` its tensor shapes (`SurgeryResult.shapes`), so a chain infers each model's once.
     The input model is not modified.
 
     Input shapes come from `input_shapes` (--shape), else from `data`; the rewrites need none.
@@ -97,6 +102,11 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     t0 = time.perf_counter()
     plug = default_registry().get(plugin) if isinstance(plugin, str) else plugin
     opts = plug.make_options(options)
+    allowed = plug.per_layer_options
+    for name, o in (per_layer or {}).items():
+        if allowed is not None and set(o) - set(allowed):
+            raise UsageError(f"plugin '{plug.name}' applies {', '.join(sorted(set(o) - set(allowed)))} to the whole "
+                             f"model, not to layer '{name}'")
     layer_opts = {name: plug.make_options(merge_options(plug, options or {}, o))
                   for name, o in (per_layer or {}).items()}
     skip = set(skip or ())
@@ -106,7 +116,7 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     source = model if prepared else prepare(model)
     # dynamic dims nobody gave stay unknown (None): rewrites need no shapes, measurements say so
     known = resolve_shapes(source, {**shapes_from_data(data), **(input_shapes or {})}, required=False)
-    ctx = Context(shapes=tensor_shapes(source, known, data=data), data=data, threads=threads, seed=seed,
+    ctx = Context(shapes=shapes if shapes is not None else tensor_shapes(source, known, data=data), data=data, threads=threads, seed=seed,
                   opset=_opset(source), progress=progress, layer_options=layer_opts, skip_layers=skip)
     before = before if before is not None else profile(source, known, data=data, shapes=ctx.shapes)
 
@@ -123,14 +133,15 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
         check_model(out, what=f"output of plugin '{plug.name}'")
     except ModelError as exc:  # the plugin's fault, not the input's: exit 1, not 2
         raise SurgeonError(str(exc)) from None
-    after = profile(out, known, data=data)
+    after_shapes = tensor_shapes(out, known, data=data)
+    after = profile(out, known, data=data, shapes=after_shapes)
     notes = [before.macs_note] if before.macs_note else []
     unguarded = [l.layer for l in reports if l.details.get("guard_skipped")]
     if unguarded:
         hint = shape_hint(source, known) or "their input shapes could not be resolved"
         notes.append(f"latency guard not applied to {len(unguarded)} layer(s), rewritten unguarded: {hint}")
     return SurgeryResult(out, plug.name, _options_dict(opts), reports, before, after,
-                         time.perf_counter() - t0, extras, notes)
+                         time.perf_counter() - t0, extras, notes, after_shapes)
 
 
 def merge_options(plug: Plugin, options: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +169,7 @@ def _apply_graph_plugin(plug: GraphPlugin, source: onnx.ModelProto, ctx: Context
         elif item.layer in ctx.skip_layers:
             reports.append(LayerReport(item.layer, item.node.op, "skipped", "skip = true in the recipe"))
         elif not wanted(item.layer):
-            reports.append(LayerReport(item.layer, item.node.op, "skipped", "not matched by --layers"))
+            reports.append(LayerReport(item.layer, item.node.op, "skipped", "not matched by --layers (or the step's select)"))
         else:
             candidates.append(item)
     ctx.selected = {c.layer for c in candidates}

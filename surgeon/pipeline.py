@@ -217,8 +217,8 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
     recipe_warnings = check_patterns(Recipe(steps, source="recipe"), [n.name for n in original.graph.node])
     warnings += [w.replace("recipe: ", "") for w in recipe_warnings]
 
-    current = engine.prepare(original)
-    before = None
+    current = engine.prepare(original)  # folded once for the whole chain
+    before, known_shapes = None, None  # each model state's shapes are inferred once
     reports: list[StepReport] = []
     eval_ref = None
     for i, (step, plug) in enumerate(resolved):
@@ -233,8 +233,8 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
         result = engine.apply(current, plug, options, layers=step.select, per_layer=per_layer, skip=skip,
                               data=split.calib, input_shapes=shapes, threads=opts.threads, seed=opts.seed,
                               progress=step_progress, prepared=True, before=before,
-                              guard_refresh=opts.guard_refresh)
-        current, before = result.model, result.after
+                              guard_refresh=opts.guard_refresh, shapes=known_shapes)
+        current, before, known_shapes = result.model, result.after, result.shapes
         rep = StepReport(step, result, size_bytes=result.model.ByteSize())
         if opts.validate and opts.step_metrics and split.eval is not None and len(resolved) > 1:
             eval_ref = _step_metrics(rep, original, split.eval, opts, eval_ref, tick, label)

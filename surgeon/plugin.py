@@ -138,6 +138,9 @@ class Plugin:
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type] = None  # a dataclass; fields' metadata["help"] documents them
+    # options a recipe may override per layer (None: all of them); a plugin whose options only
+    # make sense for the whole model says () and then takes only `skip = true` per layer
+    per_layer_options: ClassVar[tuple[str, ...] | None] = None
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         return parse_options(self, values or {})

@@ -174,6 +174,11 @@ def _parse_step(raw: Any, where: str, reg: Registry) -> Step:
         opts = {k: v for k, v in o.items() if k not in OVERRIDE_KEYS}
         if skip and opts:
             raise UsageError(f"{w}: 'skip = true' takes no options (got {', '.join(sorted(opts))})")
+        allowed = plug.per_layer_options
+        if allowed is not None and set(opts) - set(allowed):
+            raise UsageError(f"{w}: plugin '{plug.name}' applies {', '.join(sorted(set(opts) - set(allowed)))} to the "
+                             "whole model; per layer it takes " + (", ".join(allowed) + " or " if allowed else "")
+                             + "skip = true")
         _check_options(plug, {**options, **opts}, w, exclusive_over=options, override=opts)
         overrides.append(LayerOverride(o["match"], opts, skip))
     return Step(name, options, select, overrides)

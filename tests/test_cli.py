@@ -245,3 +245,11 @@ def test_unmet_plugin_budget_writes_nothing_and_exits_1(cnn_copy, monkeypatch):
     assert r.exit_code == 1, r.output
     assert (cnn_copy.parent / "cnn.tucker.rejected.onnx").exists() and not (cnn_copy.parent / "cnn.tucker.onnx").exists()
     assert "kept at" in r.stderr
+
+
+def test_plugins_show_effective_defaults():
+    """A None default that means "decided from other options" shows what it decides to."""
+    r = runner.invoke(app, ["plugins", "--json", "-"])
+    opts = {p["name"]: {o["name"]: o["default"] for o in p["options"]} for p in json.loads(r.stdout)["plugins"]}
+    assert opts["tucker"]["ratio"].startswith("0.5") and opts["svd"]["ratio"].startswith("0.25")
+    assert "None" not in r.stdout

@@ -55,6 +55,8 @@ max_drift = 0.05
     ('[[steps]]\nplugin = "tucker"\n[gate]\nmax_drfit = 1', "r.toml: [gate]: unknown budget(s) max_drfit; budgets: max_drift"),
     ('[[steps]]\nplugin = "tucker"\n[gate]\nmin_agreement = 99', "min_agreement = 99 is out of range; it must be a fraction in (0, 1]"),
     ('[gate]\nmax_drift = 0.1', "r.toml: no [[steps]]"),
+    ('[[steps]]\nplugin = "int8"\n[[steps.layers]]\nmatch = "c"\nper_channel = false',
+     "steps[0].layers[0]: plugin 'int8' applies per_channel to the whole model; per layer it takes skip = true"),
     ('[[stepz]]\nplugin = "tucker"', "unknown top-level key(s) stepz"),
 ])
 def test_recipe_errors_name_file_key_and_allowed(text, message):
@@ -139,3 +141,9 @@ def test_skip_reaches_a_whole_model_plugin(tmp_path):
     conv2 = next(n for n in q.graph.node if n.name == "conv2")
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     assert producers.get(conv2.input[1]) != "DequantizeLinear"  # float weight
+
+
+def test_whole_model_options_are_refused_per_layer_in_the_api():
+    import surgeon
+    with pytest.raises(UsageError, match="int8' applies per_channel to the whole model"):
+        surgeon.apply(surgeon.load(CNN), "int8", per_layer={"conv2": {"per_channel": False}})
