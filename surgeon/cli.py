@@ -745,8 +745,8 @@ def _print_plan(res) -> None:
              _fmt(c["measured_drift_delta"], "{:+.4f}"), _fmt(c["measured_agreement_delta"], "{:+.2%}")]
             for c in res.choices]
     out.print(report.table(f"plan: {res.plugin} on {Path(res.model).name}, {len(res.choices)} layer(s)",
-                           ["layer", "ratio", "ranks", "drift alone", "agreement alone", "ms saved alone",
-                            "drift in plan", "agreement in plan"], rows))
+                           ["layer", "ratio", "ranks", "drift alone", "top-1 alone", "ms saved alone",
+                            "drift in plan", "top-1 in plan"], rows))
     v = res.final.get("validation") or {}
     lat = v.get("latency") or {}
     p = res.predicted
