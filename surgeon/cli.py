@@ -644,11 +644,17 @@ def _sweep_tables(res) -> list:
                                    + ")", ["ratio", "params", "MACs", "ms (vs original)", "drift", "agreement",
                                           "accuracy"], rows))
     if res.per_layer:
+        all_rows = _sweep.layer_rows(res)
+        # a layer the plugin rewrote at no ratio (not a group's leader, or too small) has no curve
+        shown = {r["layer"] for r in all_rows if r["applied"]}
         rows = [[r["layer"], f"{r['ratio']:g}", r["ranks"] or ("not rewritten" if not r["applied"] else ""),
                  _fmt(r["drift"], "{:.4f}"), _fmt(r["agreement"], "{:.2%}"), _fmt(r["accuracy"], "{:.2%}"),
-                 _fmt(r["saved_ms"], "{:.4f}")] for r in _sweep.layer_rows(res)]
+                 _fmt(r["saved_ms"], "{:.4f}")] for r in all_rows if r["layer"] in shown]
+        hidden = len({r["layer"] for r in all_rows} - shown)
         tables.append(report.table(f"{res.plugin}: one layer at a time on {name}",
-                                   ["layer", "ratio", "ranks", "drift", "agreement", "accuracy", "ms saved alone"], rows))
+                                   ["layer", "ratio", "ranks", "drift", "agreement", "accuracy", "ms saved alone"], rows,
+                                   caption=f"{hidden} layer(s) rewritten at no ratio are left out (see the JSON)"
+                                   if hidden else None))
     if res.fallback:
         rows = [[r["float_node"], _fmt(r["drift"], "{:.4f}"), _fmt(r["drift_reduction"], "{:+.4f}"),
                  _fmt(r["agreement"], "{:.2%}"), _fmt(r["accuracy"], "{:.2%}")] for r in _sweep.fallback_rows(res)]

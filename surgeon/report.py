@@ -322,11 +322,12 @@ def validation_tables(v: dict[str, Any]) -> list[FitTable]:
     return tables
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    """A plain table for benchmarks and sweeps."""
-    t = Table(title=title)
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str | None = None) -> FitTable:
+    """A plain table for benchmarks and sweeps: the first column names the row (elided in the
+    middle when the console is narrow), the others keep their values whole."""
+    t = FitTable(title=title, caption=caption)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, "name" if i == 0 else "num")
     for r in rows:
         t.add_row(*[x if isinstance(x, str) else (f"{x:.4g}" if isinstance(x, float) else str(x)) for x in r])
     return t
