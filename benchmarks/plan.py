@@ -59,10 +59,10 @@ def random_split(model, rows: int = 8) -> DataSplit:
     return DataSplit(calib, ev, "seeded random inputs")
 
 
-def bench(name: str, model, split: DataSplit, budget: str, ratios: list[float], options: dict, workers: int,
-          layers: str | None, json_dir: str | None = None) -> dict:
+def bench(name: str, model, split: DataSplit, plugin: str, budget: str, ratios: list[float], options: dict,
+          workers: int, layers: str | None, json_dir: str | None = None) -> dict:
     t0 = time.perf_counter()
-    popts = plan.PlanOptions("tucker", plan.parse_budget(budget), ratios, options, layers, workers=workers,
+    popts = plan.PlanOptions(plugin, plan.parse_budget(budget), ratios, options, layers, workers=workers,
                              compare_uniform=True, attribution=False, latency_budget_s=4.0)
     last = [0.0]
 
@@ -80,7 +80,7 @@ def bench(name: str, model, split: DataSplit, budget: str, ratios: list[float], 
     v = res.final["validation"]
     lat = v["latency"]
     u = res.best_uniform
-    console.print(f"\n[bold]{name}[/]: tucker, budget {budget}, ratio grid {', '.join(f'{r:g}' for r in ratios)}, "
+    console.print(f"\n[bold]{name}[/]: {plugin} {_options(options)}, budget {budget}, ratio grid {', '.join(f'{r:g}' for r in ratios)}, "
                   f"{res.data['evaluation']['rows']} evaluation rows; {len(res.choices)} layer(s) in the plan; "
                   f"{secs:.0f} s in all")
     head = f"| {'model':<22} | {'MACs':>8} | {'ms (A/B)':>16} | {'latency removed':>15} | {'drift':>7} | {'agreement':>9} |"
@@ -107,9 +107,17 @@ def bench(name: str, model, split: DataSplit, budget: str, ratios: list[float], 
         console.print(f"the plan removes {removed_p / removed_u:.2f}x the latency the best uniform ratio removes "
                       "(target >= 1.5x)")
     for c in res.choices:
-        console.print(f"  {c['layer']}: ratio {c['ratio']:g} ranks {c['ranks']}, alone: drift {c['predicted_drift']:.4f}, "
+        console.print(f"  {c['layer']}: ratio {c['ratio']:g} ({c['ranks']}), alone: drift {c['predicted_drift']:.4f}, "
                       f"saves {c['predicted_saved_ms']:.3f} ms", highlight=False)
     return {"plan_removed": removed_p, "uniform_removed": removed_u}
+
+
+def _options(options: dict) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "(defaults)"
+
+
+def _kv(text: str) -> dict:
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
 
 
 def _pct(v) -> str:
@@ -120,11 +128,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="effnet,resnet50", help="comma-separated: effnet, resnet50, vgg19")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--effnet-plugin", default="prune", help="tucker, svd or prune")
+    ap.add_argument("--effnet-options", default="criterion=activation", help="plugin options key=v,key=v")
     ap.add_argument("--effnet-budget", default="agreement>=0.9")
+    ap.add_argument("--effnet-ratios", default="0.0625,0.125,0.25,0.5")
+    ap.add_argument("--zoo-plugin", default="prune", help="tucker, svd or prune")
+    ap.add_argument("--zoo-options", default="", help="plugin options key=v,key=v (tucker: fit=weights,pointwise=skip)")
     ap.add_argument("--zoo-budget", default="drift<=0.2")
-    ap.add_argument("--effnet-ratios", default="0.125,0.25,0.375",
-                    help="1x1 convs (most of EfficientNet's MACs) only save below ratio ~0.5")
-    ap.add_argument("--zoo-ratios", default="0.25,0.5")
+    ap.add_argument("--zoo-ratios", default="0.0625,0.125,0.25,0.5")
     ap.add_argument("--json-dir", default=None, help="also write each plan's full JSON report here")
     args = ap.parse_args()
     for name in args.models.split(","):
@@ -132,13 +143,14 @@ def main() -> None:
             if not EFFNET.exists() or not PHOTOS.exists():
                 console.print(f"skipping EfficientNet-Lite0: {EFFNET} or {PHOTOS} is absent (../shared)")
                 continue
-            bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_budget,
-                  [float(r) for r in args.effnet_ratios.split(",")], {}, args.workers, None, args.json_dir)
+            bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_plugin, args.effnet_budget,
+                  [float(r) for r in args.effnet_ratios.split(",")], _kv(args.effnet_options), args.workers, None,
+                  args.json_dir)
         elif name in ("vgg19", "resnet50"):
             m = zoo.load(name, seed=0)
-            bench(f"{name} (zoo, seeded weights)", m, random_split(m), args.zoo_budget,
-                  [float(r) for r in args.zoo_ratios.split(",")], {"fit": "weights", "pointwise": "skip"},
-                  args.workers, None, args.json_dir)
+            bench(f"{name} (zoo, seeded weights)", m, random_split(m), args.zoo_plugin, args.zoo_budget,
+                  [float(r) for r in args.zoo_ratios.split(",")], _kv(args.zoo_options), args.workers, None,
+                  args.json_dir)
         else:
             raise SystemExit(f"unknown model {name!r}; choose effnet, vgg19, resnet50")
 

@@ -5,7 +5,7 @@ import pytest
 import surgeon
 from surgeon import guard, model as model_io
 from surgeon.errors import UsageError
-from tests.fixtures.relu_clip_plugin import ReluToClip
+from tests.fixtures.relu_clip_plugin import GuardedClip, ReluToClip
 from tests.models import CNN, assert_close_outputs, checked, op_counts, random_feeds
 
 
@@ -68,16 +68,6 @@ def test_plugin_exception_is_reported_on_the_layer(cnn, monkeypatch):
 
 
 def test_guard_reverts_a_slower_rewrite(cnn, monkeypatch):
-    from dataclasses import dataclass
-
-    @dataclass
-    class Guarded:
-        floor: float = 0.0
-        guard: str = "latency"
-
-    class GuardedClip(ReluToClip):
-        Options = Guarded
-
     def fake_timing(node, chain, shape, opset, threads=0, budget_s=0.6, seed=0, shapes=None):
         return guard.GuardResult(1.0, 1.6 if node.name == "relu2" else 0.5)
 

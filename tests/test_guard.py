@@ -12,7 +12,7 @@ import pytest
 import surgeon
 from surgeon import guard, model as model_io
 from surgeon.validate import median_interval
-from tests.fixtures.relu_clip_plugin import ReluToClip
+from tests.fixtures.relu_clip_plugin import GuardedClip, ReluToClip
 from tests.models import CNN, checked
 
 
@@ -87,16 +87,6 @@ def test_interval_looks_only_at_doubling_sample_sizes():
 
 
 def test_engine_keeps_the_original_when_inconclusive(monkeypatch):
-    from dataclasses import dataclass
-
-    @dataclass
-    class Guarded:
-        floor: float = 0.0
-        guard: str = "latency"
-
-    class GuardedClip(ReluToClip):
-        Options = Guarded
-
     def noisy(node, chain, shape, *a, **k):
         return guard.GuardResult(1.0, 0.98, low=0.9, high=1.15, pairs=64, median_ratio=1.02)
 
