@@ -169,15 +169,34 @@ class GemmToSvd(GraphPlugin):
                                             f">= {n_in} x {n_out} = {before} (needs rank < "
                                             f"{before / (n_in + n_out):.1f})")
 
-        shift = None
+        shift, choice = None, None
         if fit == "data":
             c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
+            aw = alpha * w.astype(np.float64)
+            kind = "sequential" if sample.target is not None else "data"
+            if opts.select == "heldout":
+                weights = factorize(w, r)
+                choice = lowrank.choose_fit(
+                    aw, sample.rows, sample.target, sample.groups,
+                    lowrank.linear_trials(aw, sample.rows, sample.target, r, centered=centered, damp=opts.damp,
+                                          weights_approx=alpha * (weights.a @ weights.b), bias=c_row), c_row)
+                kind = choice.choice if choice is not None else kind
+            if kind == "data" and sample.target is not None:  # whitened on the rewritten graph's inputs
+                factors = lowrank.data_linear(aw, sample.rows, None, centered=centered, damp=opts.damp)
+            elif kind == "original":  # whitened on the original model's inputs
+                factors = lowrank.data_linear(aw, sample.target, None, centered=centered, damp=opts.damp)
+        if fit == "data" and kind != "weights":
             fitted = factors.fit(r, c_row)
             a, b = fitted.a.astype(w.dtype), fitted.b.astype(w.dtype)  # alpha is in W already
             shift = fitted.shift if centered else None
             f = Factors(fitted.a, fitted.b / alpha if alpha else fitted.b, factors.values)
+            out_error = fitted.out_error
         else:
-            f = factorize(w, r, factors)
+            if fit == "data":  # the weight fit won on held-out samples
+                f = weights
+                out_error = lowrank.output_error(aw, alpha * (f.a @ f.b), sample.rows, sample.target, 0.0, c_row)
+            else:
+                f = factorize(w, r, factors)
             a = f.a.astype(w.dtype)
             b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
 
@@ -214,8 +233,7 @@ class GemmToSvd(GraphPlugin):
         details = self._details(ctx, x, w, a, b, alpha, f.s, r, before, after)
         details["fit"] = fit
         if fit == "data":
-            details.update({"out_error": fitted.out_error, "calib_rows": len(sample.rows),
-                            "calib_samples": sample.images, "sequential": sample.target is not None})
+            details.update(layer_stats.report(sample, out_error, kind, choice))
         if note:
             details["fit_note"] = note
         log.debug("%s: rank %d of %d (%s fit), rel. error %.3g", node.name, r, n, fit, details["rel_error"])

@@ -168,14 +168,31 @@ class ConvToTucker(GraphPlugin):
         if saving is not None:
             return Skip(node.name, node.op, saving)
 
-        shift = None
+        shift, choice = None, None
         if fit == "data":
-            fitted = lowrank.data_tucker2(spec, r1, r2, _bias_values(cand.data["bias"], f))
-            core, o, i, shift = fitted.core, fitted.out_factor, fitted.in_factor, fitted.shift
-        elif opts.method == "hooi":
-            core, o, i = lowrank.hooi_channels(w, r1, r2, factors, iterations=opts.iterations)
+            bias_v = _bias_values(cand.data["bias"], f)
+            kind = "sequential" if sample.target is not None else "data"
+            if opts.select == "heldout":
+                weights = self._weight_tucker(w, r1, r2, opts)
+                choice = lowrank.choose_fit(
+                    w.reshape(f, -1).T, sample.rows, sample.target, sample.groups,
+                    lowrank.tucker_trials(w, sample.rows, sample.target, r1, r2, damp=opts.damp,
+                                          weights_approx=lowrank.tucker2_full(*weights), bias=bias_v), bias_v)
+                kind = choice.choice if choice is not None else kind
+            if kind == "weights":
+                core, o, i = weights
+                out_error = lowrank.output_error(w.reshape(f, -1).T, lowrank.tucker2_full(core, o, i).reshape(f, -1).T,
+                                                 sample.rows, sample.target, 0.0, bias_v)
+            else:
+                if kind == "data" and sample.target is not None:  # whitened on the rewritten graph's inputs
+                    spec = lowrank.data_channel_spectra(w, sample.rows, None, opts.damp)
+                elif kind == "original":  # whitened on the original model's inputs
+                    spec = lowrank.data_channel_spectra(w, sample.target, None, opts.damp)
+                fitted = lowrank.data_tucker2(spec, r1, r2, bias_v)
+                core, o, i, shift, out_error = (fitted.core, fitted.out_factor, fitted.in_factor, fitted.shift,
+                                                fitted.out_error)
         else:
-            core, o, i = lowrank.hosvd_channels(w, r1, r2, factors)
+            core, o, i = self._weight_tucker(w, r1, r2, opts, factors)
         approx = lowrank.tucker2_full(core, o, i)
         error = lowrank.relative_error(w, approx)
 
@@ -192,17 +209,27 @@ class ConvToTucker(GraphPlugin):
         if bias is not None:
             out_inputs.append(bias)
         chain.op("Conv", "out", out_inputs, {"kernel_shape": ones}, dtype=node.outputs[0].dtype)
-        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if fit == "data" else opts.method,
+        uses_data = fit == "data" and kind != "weights"
+        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if uses_data else opts.method,
                    "fit": fit, "rank_choice": opts.describe(),
                    "rel_error": error, "params_before": cost.params, "params_after": params_after,
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (K * c * f) / (c * r1 + K * r1 * r2 + r2 * f)}
         if fit == "data":
-            details.update(_data_details(sample, fitted.out_error))
+            details.update(layer_stats.report(sample, out_error, kind, choice))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         log.debug("%s: Tucker-2 ranks %d,%d (%s fit) error %.3g", node.name, r1, r2, fit, error)
         return Rewrite(chain.nodes, details)
+
+    @staticmethod
+    def _weight_tucker(w: np.ndarray, r1: int, r2: int, opts: TuckerOptions,
+                       factors: lowrank.ChannelFactors | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The weight-space Tucker-2 (fit=weights): HOSVD, or HOOI with method=hooi."""
+        factors = factors or lowrank.channel_factors(w)
+        if opts.method == "hooi":
+            return lowrank.hooi_channels(w, r1, r2, factors, iterations=opts.iterations)
+        return lowrank.hosvd_channels(w, r1, r2, factors)
 
     @staticmethod
     def _sample(graph: gs.Graph, node: gs.Node, ctx: Context, opts: TuckerOptions, kernel: tuple[int, ...]):
@@ -236,10 +263,27 @@ class ConvToTucker(GraphPlugin):
         saving = self._saves_nothing(cost, params_after, macs_after, f"rank {r}", opts)
         if saving is not None:
             return Skip(node.name, node.op, saving)
-        shift = None
+        shift, choice = None, None
         if fit == "data":
-            fitted = factors.fit(r, _bias_values(cand.data["bias"], f))  # x W ~ (x A) B
-            left, right, shift = fitted.b.T, fitted.a.T, fitted.shift      # a ~ B^T A^T
+            bias_v = _bias_values(cand.data["bias"], f)
+            kind = "sequential" if sample.target is not None else "data"
+            if opts.select == "heldout":
+                weights = lowrank.matrix_factors(a).pair(r)
+                choice = lowrank.choose_fit(
+                    a.T, sample.rows, sample.target, sample.groups,
+                    lowrank.linear_trials(a.T, sample.rows, sample.target, r, centered=True, damp=opts.damp,
+                                          weights_approx=(weights[0] @ weights[1]).T, bias=bias_v), bias_v)
+                kind = choice.choice if choice is not None else kind
+            if kind == "weights":
+                left, right = weights
+                out_error = lowrank.output_error(a.T, (left @ right).T, sample.rows, sample.target, 0.0, bias_v)
+            else:
+                if kind == "data" and sample.target is not None:
+                    factors = lowrank.data_linear(a.T, sample.rows, None, damp=opts.damp)
+                elif kind == "original":
+                    factors = lowrank.data_linear(a.T, sample.target, None, damp=opts.damp)
+                fitted = factors.fit(r, bias_v)                                  # x W ~ (x A) B
+                left, right, shift, out_error = fitted.b.T, fitted.a.T, fitted.shift, fitted.out_error  # a ~ B^T A^T
         else:
             left, right = factors.pair(r)
         error = lowrank.relative_error(a, left @ right)
@@ -259,7 +303,7 @@ class ConvToTucker(GraphPlugin):
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (c * f) / (r * (c + f))}
         if fit == "data":
-            details.update(_data_details(sample, fitted.out_error))
+            details.update(layer_stats.report(sample, out_error, kind, choice))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         return Rewrite(chain.nodes, details)
@@ -294,13 +338,6 @@ def _bias_values(bias: gs.Tensor | None, f: int) -> np.ndarray:
     """The bias as f floats (zeros when absent or computed at run time)."""
     value = constant_value(bias) if bias is not None else None
     return np.zeros(f) if value is None else np.broadcast_to(value.astype(np.float64).reshape(-1), (f,))
-
-
-def _data_details(sample, out_error: float) -> dict:
-    """The output-space error on the sampled calibration patches (y = W p + b per patch; the
-    figure the data-aware fit minimises, next to the weight-space rel_error) and the sample."""
-    return {"out_error": out_error, "calib_rows": len(sample.rows), "calib_samples": sample.images,
-            "sequential": sample.target is not None}
 
 
 class _Cost:

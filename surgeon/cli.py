@@ -652,8 +652,8 @@ def _sweep_tables(res) -> list:
                  _fmt(r["saved_ms"], "{:.4f}")] for r in all_rows if r["layer"] in shown]
         hidden = len({r["layer"] for r in all_rows} - shown)
         tables.append(report.table(f"{res.plugin}: one layer at a time on {name}",
-                                   ["layer", "ratio", "ranks", "drift", "agreement", "accuracy", "ms saved alone"], rows,
-                                   caption=f"{hidden} layer(s) rewritten at no ratio are left out (see the JSON)"
+                                   ["layer", "ratio", "ranks", "drift", "agreement", "accuracy", "ms saved\nalone"], rows,
+                                   first="wrap", group=True, caption=f"{hidden} layer(s) rewritten at no ratio are left out (see the JSON)"
                                    if hidden else None))
     if res.fallback:
         rows = [[r["float_node"], _fmt(r["drift"], "{:.4f}"), _fmt(r["drift_reduction"], "{:+.4f}"),
@@ -751,8 +751,8 @@ def _print_plan(res) -> None:
              _fmt(c["measured_drift_delta"], "{:+.4f}"), _fmt(c["measured_agreement_delta"], "{:+.2%}")]
             for c in res.choices]
     out.print(report.table(f"plan: {res.plugin} on {Path(res.model).name}, {len(res.choices)} layer(s)",
-                           ["layer", "ratio", "ranks", "drift alone", "top-1 alone", "ms saved alone",
-                            "drift in plan", "top-1 in plan"], rows))
+                           ["layer", "ratio", "ranks", "drift\nalone", "top-1\nalone", "ms saved\nalone",
+                            "drift\nin plan", "top-1\nin plan"], rows, first="wrap"))
     v = res.final.get("validation") or {}
     lat = v.get("latency") or {}
     p = res.predicted

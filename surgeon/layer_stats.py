@@ -85,6 +85,7 @@ class Sample:
     target: np.ndarray | None      # the same positions in the original model (None: identical)
     seen: int                      # how many rows / positions the data offered
     images: int                    # calibration samples run through the model
+    groups: np.ndarray | None = None  # (n,) which calibration sample each row came from
 
 
 def patches_at(x: np.ndarray, window: ConvWindow, picks: np.ndarray) -> np.ndarray:
@@ -117,6 +118,12 @@ def positions(x: np.ndarray, window: ConvWindow | None) -> int:
     return int(x.shape[0] * math.prod(out))
 
 
+def row_images(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np.ndarray:
+    """For each pick, the index along axis 0 (the sample within the batch) it comes from."""
+    per_sample = max(1, positions(x, window) // max(1, x.shape[0])) if x.ndim > 1 else max(1, positions(x, window))
+    return picks // per_sample
+
+
 def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np.ndarray:
     if window is None:
         return x.reshape(-1, x.shape[-1])[picks]
@@ -141,7 +148,9 @@ def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, b
     rngs = {r.layer: np.random.default_rng([seed, zlib.crc32(r.layer.encode())]) for r in requests}
     parts: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
     targets: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
+    groups: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
     seen = dict.fromkeys(parts, 0)
+    offset = 0  # calibration samples before this batch: rows are grouped by sample for held-out scoring
     stream = stream_tensors(model, names, data, batch=batch, threads=threads)
     ref = stream_tensors(reference, names, data, batch=batch, threads=threads) if reference is not None else None
     for values in stream:
@@ -151,14 +160,17 @@ def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, b
             total = positions(x, r.window)
             picks = np.sort(rngs[r.layer].choice(total, size=min(quota, total), replace=False))
             parts[r.layer].append(take_rows(x, r.window, picks).astype(np.float32))
+            groups[r.layer].append(offset + row_images(x, r.window, picks))
             if ref_values is not None:
                 targets[r.layer].append(take_rows(np.asarray(ref_values[r.tensor]), r.window, picks).astype(np.float32))
             seen[r.layer] += total
+        offset += max([np.shape(values[r.tensor])[0] for r in requests if np.ndim(values[r.tensor]) > 1] or [1])
     out = {}
     for k, v in parts.items():
         x = np.concatenate(v)[:rows] if v else np.zeros((0, 0), np.float32)
         t = np.concatenate(targets[k])[:rows] if targets[k] else None
-        out[k] = Sample(x, t, seen[k], len(data))
+        g = np.concatenate(groups[k])[:rows] if groups[k] else None
+        out[k] = Sample(x, t, seen[k], len(data), g)
     return out
 
 
@@ -245,6 +257,19 @@ def layer_sample(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[
     return sampler.get(graph, layer, data, request_for, wants, changed)
 
 
+def report(sample: Sample, out_error: float, kind: str, choice=None) -> dict:
+    """fit=data report fields of one layer: the output-space error on the sampled calibration
+    rows (y = W p + b per row: the figure the data-aware fit minimises, next to the weight-space
+    rel_error), the sample, which fit the layer got (`fit_choice`) and, when it was chosen on
+    held-out samples (a surgeon.lowrank.FitChoice), every candidate's held-out output error."""
+    d = {"out_error": out_error, "calib_rows": len(sample.rows), "calib_samples": sample.images,
+         "sequential": kind == "sequential", "fit_choice": kind}
+    if choice is not None:
+        d.update({"heldout_errors": choice.errors, "heldout_rows": choice.held_rows,
+                  "heldout_samples": choice.held_samples})
+    return d
+
+
 def conv_request(node: gs.Node, kernel: tuple[int, ...]) -> Request:
     return Request(node.name, node.inputs[0].name, ConvWindow.of(node, kernel))
 
@@ -254,4 +279,4 @@ def fc_request(node: gs.Node) -> Request:
 
 
 __all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_sample", "patches_at", "SequentialSampler", "sampler_for",
-           "conv_request", "fc_request"]
+           "conv_request", "fc_request", "report"]

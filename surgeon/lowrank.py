@@ -185,6 +185,10 @@ class RankOptions:
                 "rewritten (1: every layer on the original model's activations)"})
     damp: float = field(default=0.01, metadata={
         "help": "fit=data: added to the input covariance, as a fraction of its mean variance"})
+    select: Literal["heldout", "none"] = field(default="heldout", metadata={
+        "help": "fit=data: heldout = per layer, the fit (sequential refit, data-aware on the rewritten or "
+                "the original inputs, or weights) with the lowest output error on held-out calibration "
+                "samples; none = always the sequential data-aware fit"})
 
     def check_common(self, explicit: bool, method: str | None = None) -> None:
         chosen = [n for n, v in (("ratio", self.ratio), ("energy", self.energy)) if v is not None]
@@ -607,3 +611,110 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     y = spec.responses[:m] + spec.response_mean + bias
     error = _relative((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
     return DataTucker(core.reshape((r2, r1) + tuple(kernel)), o, b, shift, error)
+
+
+# --- the fit, chosen per layer by the output error on held-out calibration samples -------------
+#
+# Which fit keeps a layer's outputs best on data it was not fitted on depends on the layer: the
+# sequential refit (W* = argmin ||x~ W* - x W||, corrects upstream error) can overfit a sample
+# with fewer rows than inputs (EfficientNet-Lite0's 1152-channel 1x1 convs at 7x7, 16 images),
+# the whitened fit on the original activations ignores upstream error, and the weight fit uses
+# no data at all. So each candidate is fitted on 3/4 of the calibration samples and scored on the
+# rest, the layer gets the best one, refitted on all samples.
+
+# candidates, in the order that breaks ties
+FIT_CANDIDATES = ("sequential", "data", "original", "weights")
+
+
+def held_out(groups: np.ndarray | None, n: int) -> np.ndarray:
+    """Rows kept out of the trial fits: those of every 4th calibration sample (whole samples, so
+    the scored rows come from images the trials never saw; the last one when there are 2-3),
+    or every 4th row when all rows come from one sample."""
+    ids = np.unique(groups) if groups is not None and len(groups) == n else np.zeros(1)
+    if len(ids) < 2:
+        return np.arange(n) % 4 == 3
+    held = ids[np.arange(len(ids)) % 4 == 3] if len(ids) >= 4 else ids[-1:]
+    return np.isin(groups, held)
+
+
+@dataclass
+class FitChoice:
+    """The fit a layer gets and the held-out output error of every candidate tried."""
+
+    choice: str
+    errors: dict[str, float]
+    held_rows: int
+    held_samples: int
+
+
+Trial = "Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]"  # train mask -> (W' as x @ W', shift)
+
+
+def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, groups: np.ndarray | None,
+               trials: dict, bias: np.ndarray | float = 0.0) -> FitChoice | None:
+    """The candidate whose trial factors (fitted on the training rows) give the lowest output
+    error ||x~_h W' + shift - x_h W|| / ||x_h W + b|| on the held-out rows; None when the
+    sample is too small to split (then the caller keeps its default)."""
+    n = len(rows)
+    held = held_out(groups, n)
+    if held.sum() < 1 or (~held).sum() < 2:
+        return None
+    w = np.asarray(w, dtype=np.float64)
+    xh = np.asarray(rows[held], dtype=np.float64)
+    th = xh if target is None else np.asarray(target[held], dtype=np.float64)
+    y = th @ w
+    ref = y + bias
+    errors = {}
+    for name in FIT_CANDIDATES:
+        if name in trials:
+            approx, shift = trials[name](~held)
+            errors[name] = _relative(xh @ approx + shift - y, ref)
+    best = min(errors, key=lambda k: (errors[k], FIT_CANDIDATES.index(k)))
+    samples = len(np.unique(groups[held])) if groups is not None and len(groups) == n else 0
+    return FitChoice(best, errors, int(held.sum()), samples)
+
+
+def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, rank: int, *, centered: bool,
+                  damp: float, weights_approx: np.ndarray, bias: np.ndarray | float = 0.0) -> dict:
+    """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is a
+    target), data (whitened on x~), original (whitened on x, the inputs of the original model)
+    and weights (the given weight-space W', no data)."""
+    def linear(x, t):
+        def trial(train):
+            fit = data_linear(w, x[train], None if t is None else t[train], centered=centered, damp=damp).fit(rank, bias)
+            return fit.a @ fit.b, fit.shift
+        return trial
+
+    trials = {"data": linear(rows, None), "weights": lambda train: (weights_approx, 0.0)}
+    if target is not None:
+        trials.update(sequential=linear(rows, target), original=linear(target, None))
+    return trials
+
+
+def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1: int, r2: int, *, damp: float,
+                  weights_approx: np.ndarray, bias: np.ndarray | float = 0.0) -> dict:
+    """Trial Tucker-2 fits of a conv (patch rows, W' as (c*K x f)) for choose_fit, as
+    linear_trials: sequential, data, original, weights."""
+    f = w.shape[0]
+
+    def tucker(x, t):
+        def trial(train):
+            spec = data_channel_spectra(w, x[train], None if t is None else t[train], damp)
+            fit = data_tucker2(spec, r1, r2, bias)
+            return tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T, fit.shift
+        return trial
+
+    wa = np.asarray(weights_approx, dtype=np.float64).reshape(f, -1).T
+    trials = {"data": tucker(rows, None), "weights": lambda train: (wa, 0.0)}
+    if target is not None:
+        trials.update(sequential=tucker(rows, target), original=tucker(target, None))
+    return trials
+
+
+def output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray, target: np.ndarray | None,
+                 shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0) -> float:
+    """||x~ W' + shift - x W|| / ||x W + b|| on the first ERROR_ROWS sampled rows (W, W' as x @ W)."""
+    x = np.asarray(rows[:ERROR_ROWS], dtype=np.float64)
+    t = x if target is None else np.asarray(target[:ERROR_ROWS], dtype=np.float64)
+    y = t @ w
+    return _relative(x @ approx + shift - y, y + bias)

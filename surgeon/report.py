@@ -83,7 +83,8 @@ class FitTable:
         for i, (header, _, _, _) in enumerate(self.columns):
             cells = [Text.from_markup(self._cell(r[i], self.columns[i][1], split_arrows)).cell_len
                      for r, _ in self.rows if i < len(r)]
-            natural.append(max([Text.from_markup(header).cell_len, *[c for c in cells]]))
+            head = max(Text.from_markup(line).cell_len for line in header.split("\n"))  # a header may take two lines
+            natural.append(max([head, *[c for c in cells]]))
         return natural
 
     @staticmethod
@@ -322,14 +323,23 @@ def validation_tables(v: dict[str, Any]) -> list[FitTable]:
     return tables
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str | None = None) -> FitTable:
-    """A plain table for benchmarks and sweeps: the first column names the row (elided in the
-    middle when the console is narrow), the others keep their values whole."""
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str | None = None,
+          first: str = "name", group: bool = False) -> FitTable:
+    """A plain table for benchmarks and sweeps: the first column names the row (kind `first`:
+    "name" elides in the middle when the console is narrow, "wrap" folds it over lines so node
+    names that differ in the middle stay whole), the others keep their values whole. `group`:
+    consecutive rows with the same first cell form one section that names it once."""
     t = FitTable(title=title, caption=caption)
     for i, c in enumerate(columns):
-        t.add_column(c, "name" if i == 0 else "num")
+        t.add_column(c, first if i == 0 else "num")
+    previous = None
     for r in rows:
-        t.add_row(*[x if isinstance(x, str) else (f"{x:.4g}" if isinstance(x, float) else str(x)) for x in r])
+        cells = [x if isinstance(x, str) else (f"{x:.4g}" if isinstance(x, float) else str(x)) for x in r]
+        if group:
+            if previous is not None and cells[0] != previous:
+                t.add_section()
+            previous, cells[0] = cells[0], ("" if cells[0] == previous else cells[0])
+        t.add_row(*cells)
     return t
 
 

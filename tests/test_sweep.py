@@ -137,3 +137,18 @@ def test_ray_gives_the_process_pool_results():
         assert x["ratio"] == y["ratio"]
         assert x["drift"] == y["drift"] and x["agreement"] == y["agreement"]  # exactly
         assert y["latency"]["ms"] > 0 and "ray node" in y["latency"]["node"]
+
+
+def test_touched_node_timing_sees_only_the_nodes_a_prune_changes():
+    """measure_touched sums onnxruntime's kernel times over the nodes whose shapes changed: a
+    pruned conv pair (conv3 -> conv4 here) touches a handful of nodes, an unchanged model none."""
+    m = model_io.load(CNN)
+    res = engine.apply(m, "prune", {"ratio": 0.5}, layers="^conv3$")
+    assert "conv3" in [l.layer for l in res.rewritten]
+    feed = {"input": np.load(CNN_TEST)["input"][:1]}
+    lat = sweep.measure_touched(m.SerializeToString(), res.model.SerializeToString(), feed, 1, 0.2)
+    assert 2 <= lat["touched"] < len(m.graph.node)  # conv3 (fused with its Relu) and conv4 at least
+    assert lat["original_ms"] > 0 and lat["ms"] > 0 and lat["pairs"] >= 10
+    assert lat["ratio_low"] <= lat["ratio"] <= lat["ratio_high"]
+    same = sweep.measure_touched(m.SerializeToString(), m.SerializeToString(), feed, 1, 0.1)
+    assert same["touched"] == 0 and same["original_ms"] == same["ms"] == 0.0
