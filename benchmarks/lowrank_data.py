@@ -3,14 +3,16 @@
     python benchmarks/lowrank_data.py                        # every model found, ratios 0.25 0.5 0.75
     python benchmarks/lowrank_data.py --model cnn --ratios 0.125 0.25
     python benchmarks/lowrank_data.py --model effnet --plugin tucker --json out.json
+    python benchmarks/lowrank_data.py --model effnet --ratios --energies 0.9 0.95 --fits data
 
 Models: the sample digits CNN (fit on its calib split, measured on its test split), the shared
 EfficientNet-Lite0 (photos224.npz: fit on the first 32, measured on the other 64; RGB
 (p-127)/128) and the shared ddddocr detector (the same photos resized to 416, BGR 0..255,
 batch 1). Shared models are read from ../shared and skipped with a message when absent.
 For each ratio and fit (weights, data): agreement (top-1 for classifiers), output rel. L2
-drift, params, MACs, interleaved A/B latency (batch 1) and surgery time. guard=none, so both
-fits rewrite the same layers at the same ranks. Prints an 80-column table, writes JSON.
+drift, params, MACs, interleaved A/B latency (batch 1), surgery time and which fit each layer
+got (fit=data chooses per layer on held-out calibration samples). guard=none, so both fits
+rewrite the same layers at the same ranks. Prints an 80-column table, writes JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -67,38 +70,45 @@ def det():
 MODELS = {"cnn": cnn, "effnet": effnet, "det": det}
 
 
-def measure(name, plugin, ratios, latency: bool) -> list[dict]:
+def measure(name, plugin, settings: list[tuple[str, float]], fits: list[str], latency: bool,
+            extra: dict) -> list[dict]:
+    """One row per (rank setting, fit). A rank setting is ("ratio", x) or ("energy", e)."""
     loaded = MODELS[name]()
     if loaded is None:
         console.print(f"[yellow]skip {name}: ../shared models or photos not found[/]")
         return []
     model, calib, test = loaded
     rows = []
-    for ratio in ratios:
-        for fit in ("weights", "data"):
-            res = surgeon.apply(model, plugin, {"ratio": ratio, "guard": "none", "fit": fit}, data=calib)
+    for key, value in settings:
+        for fit in fits:
+            res = surgeon.apply(model, plugin, {key: value, "guard": "none", "fit": fit, **extra}, data=calib)
             v = surgeon.validate(model, res.model, test, latency=latency, budget_s=3.0)
             out = next(iter(v.outputs.values()))
-            rows.append({"model": name, "plugin": plugin, "ratio": ratio, "fit": fit,
+            choices = Counter(l.details.get("fit_choice", l.details.get("fit")) for l in res.rewritten)
+            rows.append({"model": name, "plugin": plugin, "setting": f"{key} {value:g}", "ratio": value, "fit": fit,
                          "layers": len(res.rewritten), "rel_l2": v.worst_rel_l2,
                          "agreement": v.top1_agreement, "accuracy": v.accuracy,
                          "params": [res.before.total_params, res.after.total_params],
                          "macs": [res.before.total_macs, res.after.total_macs],
-                         "speedup": (v.latency or {}).get("speedup"), "seconds": res.seconds,
-                         "cosine": out.get("cosine")})
-            console.print(f"{name} {plugin} ratio {ratio} fit {fit}: drift {v.worst_rel_l2:.4g} "
-                          f"agreement {v.top1_agreement} speedup {(v.latency or {}).get('speedup')}")
+                         "speedup": (v.latency or {}).get("speedup"), "latency": v.latency, "seconds": res.seconds,
+                         "cosine": out.get("cosine"), "choices": dict(sorted(choices.items())), "options": extra})
+            console.print(f"{name} {plugin} {key} {value:g} fit {fit}: {len(res.rewritten)} layers, drift "
+                          f"{v.worst_rel_l2:.4g} agreement {v.top1_agreement} params {res.after.total_params} "
+                          f"MACs {res.after.total_macs / max(1, res.before.total_macs):.3f}x speedup "
+                          f"{(v.latency or {}).get('speedup')} fits {dict(sorted(choices.items()))} "
+                          f"({res.seconds:.1f} s)")
     return rows
 
 
 def table(rows: list[dict]) -> Table:
     t = Table(title="data-aware (data) vs weight-space (weights) factors, equal ranks")
-    for col in ("model", "plug", "ratio", "fit", "drift", "agree", "MACs", "speed", "s"):
+    for col in ("model", "plug", "ranks", "fit", "drift", "agree", "MACs", "speed", "s"):
         t.add_column(col, justify="right" if col not in ("model", "plug", "fit") else "left", no_wrap=True)
     for r in rows:
         macs = r["macs"]
         m = f"{macs[1] / macs[0]:.2f}" if macs and macs[0] and macs[1] else "-"
-        t.add_row(r["model"], r["plugin"], f"{r['ratio']:g}", r["fit"], f"{r['rel_l2']:.3g}",
+        t.add_row(r["model"], r["plugin"], r["setting"].replace("ratio ", "r").replace("energy ", "e"), r["fit"],
+                  f"{r['rel_l2']:.3g}",
                   "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}%", m,
                   "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", f"{r['seconds']:.1f}")
     return t
@@ -108,13 +118,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
     ap.add_argument("--plugin", choices=["tucker", "svd"], default="tucker")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--energies", type=float, nargs="*", default=[],
+                    help="also per-layer ranks by output energy (data-aware spectrum with fit=data)")
+    ap.add_argument("--fits", nargs="+", choices=["weights", "data"], default=["weights", "data"])
+    ap.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra plugin option for every run, e.g. samples=32 (repeatable)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="lowrank_data.json")
     a = ap.parse_args(argv)
+    extra = dict(o.split("=", 1) for o in a.option)
+    settings = [("ratio", r) for r in a.ratios] + [("energy", e) for e in a.energies]
     rows = []
     for name in (MODELS if a.model == "all" else [a.model]):
-        rows += measure(name, a.plugin, a.ratios, not a.no_latency)
+        rows += measure(name, a.plugin, settings, a.fits, not a.no_latency, extra)
     console.print(table(rows))
     Path(a.json).write_text(json.dumps(rows, indent=1, default=float))
     return 0

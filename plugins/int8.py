@@ -71,11 +71,19 @@ class Int8Options:
         "help": "cross-layer equalization of Conv->Relu/ReLU6->Conv; auto keeps it only if drift drops"})
     bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={
         "help": "correct the per-channel mean shift of conv/Gemm outputs; auto keeps it only if drift drops"})
-    # nearest by default: on EfficientNet-Lite0 GPTQ lowered the held-out drift 0.067 -> 0.062 but not
-    # the top-1 agreement, and took 223 s instead of 27 s on 2 cores (docs/int8.md)
-    weight_rounding: Literal["auto", "gptq", "nearest"] = field(default="nearest", metadata={
+    bias_stages: int = field(default=0, metadata={
+        "help": "after bias correction, correct each conv/Gemm bias again by the output mean shift measured on "
+                "the quantized model (its real inputs), in this many sequential stages; 0: off"})
+    # auto by default, on the small layers only (gptq_max_inputs): on EfficientNet-Lite0 that took the
+    # held-out drift 0.067 -> 0.057 in about the time of the default run; GPTQ on every layer took 223 s
+    # for 0.062 (docs/int8.md)
+    weight_rounding: Literal["auto", "gptq", "nearest"] = field(default="auto", metadata={
         "help": "nearest: round-to-nearest; gptq: integer weights minimising each layer's output error on the "
                 "calibration inputs (GPTQ/OBQ, slower); auto: gptq, kept only if the drift drops"})
+    gptq_max_inputs: int = field(default=32, metadata={
+        "help": "GPTQ only on layers whose outputs read at most this many inputs (depthwise and stem convs: "
+                "cheap, and where round-to-nearest hurt most on EfficientNet-Lite0); 4096 for every layer"})
+    gptq_positions: int = field(default=1024, metadata={"help": "im2col positions per image for GPTQ's Gram matrices"})
     gptq_damp: float = field(default=0.01, metadata={"help": "GPTQ damping, a fraction of the mean Hessian diagonal"})
     explain: bool = field(default=False, metadata={
         "help": "report where the error comes from: drift with only weights / only activations quantized, "
@@ -96,6 +104,8 @@ class Int8Options:
             raise ValueError("min_agreement must be in (0, 1]")
         if self.entropy_bins < 256:
             raise ValueError("entropy_bins must be at least 256 (the KL search needs more bins than its 128 levels)")
+        if self.gptq_max_inputs < 1 or self.gptq_positions < 1:
+            raise ValueError("gptq_max_inputs and gptq_positions must be at least 1")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two >= 16")
 
@@ -293,7 +303,8 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
     gptq_from = None
     if opts.weight_rounding != "nearest":
         ctx.tick(2, 4, "GPTQ weight rounding")
-        q_g, gres = gq.apply_gptq(pre, q, data["calib"], damp=opts.gptq_damp, threads=ctx.threads, seed=ctx.seed)
+        q_g, gres = gq.apply_gptq(pre, q, data["calib"], damp=opts.gptq_damp, threads=ctx.threads, seed=ctx.seed,
+                                  max_inputs=opts.gptq_max_inputs, positions=opts.gptq_positions)
         m_g = evaluate(q_g) if gres.layers else m
         keep = bool(gres.layers) and (opts.weight_rounding == "gptq" or m_g["rel_l2"] < m["rel_l2"])
         extras["weight_rounding"] = {**gres.summary(), "drift_before": m, "drift_after": m_g, "kept": keep}
@@ -319,6 +330,25 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         else:
             info["kept"] = False
         extras["bias_correction"] = info
+
+    # Bias correction measured on the quantized model itself, in stages through the graph.
+    if opts.bias_stages > 0 and opts.bias_correction != "off":
+        ctx.tick(2, 4, "bias correction on the quantized model's inputs")
+
+        def requantize(model_x: onnx.ModelProto) -> onnx.ModelProto:
+            qx = io.quantize_static(model_x, data["calib"], cfg, base_excl, ws, cache)
+            return gq.transplant(gptq_from, qx) if gptq_from is not None else qx
+
+        t0 = time.perf_counter()
+        pre_s, q_s, n_fixed = staged_bias_correct(pre, q, data["calib"], opts.bias_stages, requantize, ctx.threads)
+        m_s = evaluate(q_s) if n_fixed else m
+        keep = bool(n_fixed) and (opts.bias_correction == "on" or m_s["rel_l2"] < m["rel_l2"])
+        extras["bias_correction_staged"] = {"stages": opts.bias_stages, "nodes": n_fixed, "drift_before": m["rel_l2"],
+                                            "drift_after": m_s["rel_l2"], "kept": keep,
+                                            "seconds": round(time.perf_counter() - t0, 2)}
+        if keep:
+            pre, q, m = pre_s, q_s, m_s
+            steps.append((f"bias correction on quantized inputs ({opts.bias_stages} stages)", m["rel_l2"]))
     corrected = m
 
     # Accuracy-aware fallback.
@@ -388,6 +418,39 @@ def fallback(pre, q, m, trials: fb.Trials, budget: fb.Budget, excluded, calib, o
     res.kept_float, res.met = fb.search(order, trials, budget)
     res.after = trials(frozenset(res.kept_float))[1]
     return res
+
+
+def staged_bias_correct(pre: onnx.ModelProto, q: onnx.ModelProto, calib: DataSet, stages: int,
+                        requantize: Callable[[onnx.ModelProto], onnx.ModelProto],
+                        threads: int) -> tuple[onnx.ModelProto, onnx.ModelProto, int]:
+    """b -= E[y_q - y_f] per output channel, with y_q the layer's output in the quantized model
+    (its real, already-quantized inputs) and y_f the float model's, both on the calibration rows.
+    The corrected layers (Conv/Gemm with a constant bias, in graph order) are split into `stages`
+    consecutive groups; the model is re-quantized after each group, so a group is measured with
+    every earlier correction in place (sequential correction, `stages` passes instead of one per
+    layer). Returns the float model, its quantization and the number of layers corrected."""
+    g0 = ig.Graph(pre)
+    order = [n.name for n in pre.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]
+             and g0.const(n.input[2]) is not None and is_quantized(q, n.name, n.op_type)]
+    if not order:
+        return pre, q, 0
+    fixed = 0
+    for chunk in np.array_split(np.array(order, dtype=object), min(stages, len(order))):
+        stats = io.paired_stats(pre, q, list(chunk), calib, threads)
+        model = _copy(pre)
+        g = ig.Graph(model)
+        for n in model.graph.node:
+            st = stats.get(n.name)
+            if st is None:
+                continue
+            b = g.const(n.input[2])
+            shift = np.asarray(st["quant_mean"], np.float64) - np.asarray(st["float_mean"], np.float64)
+            if b.ndim != 1 or shift.shape != b.shape:
+                continue
+            g.set_init(n, 2, "bias", b - shift)
+            fixed += 1
+        pre, q = model, requantize(model)
+    return pre, q, fixed
 
 
 def bias_correct(pre: onnx.ModelProto, q: onnx.ModelProto, calib: DataSet, threads: int) -> tuple[onnx.ModelProto, int]:

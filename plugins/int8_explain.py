@@ -3,7 +3,9 @@
 Given the float model F that was quantized and its QDQ model Q (onnxruntime's quantize_static):
 
 * weights only: F with every quantized weight replaced by dq(q(W)) as Q computes it;
-* activations only: Q with every weight DequantizeLinear replaced by the float weight;
+* activations only: Q with every weight DequantizeLinear replaced by the float weight (guarded
+  against onnxruntime's load-time weight quantization, plugins/int8_float.py, as is every
+  single-tensor model below);
 * one activation tensor t at a time: F with a single QuantizeLinear -> DequantizeLinear pair on t,
   using Q's scale and zero point for t; its drift is t's contribution with nothing else quantized;
 * one weighted layer at a time: F with only that layer's weight rounded;
@@ -28,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from surgeon.calibration import DataSet
 from surgeon.model import to_graph, to_model
+from surgeon.plugins.int8_float import keep_weights_float
 from surgeon.validate import stream_tensors
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,8 @@ def with_float_weights(q: onnx.ModelProto, float_weights: dict[str, np.ndarray])
                 if dequantized_constant(n.inputs[slot]) is not None:
                     n.inputs[slot] = gs.Constant(f"{n.name}/int8/explain_float", float_weights[n.name])
                     break
-    return to_model(g, like=q)
+    # onnxruntime would quantize those float weights per tensor at load time (plugins/int8_float.py)
+    return keep_weights_float(to_model(g, like=q))[0]
 
 
 def with_qdq(model: onnx.ModelProto, tensor: str, scale: np.ndarray, zp: np.ndarray) -> onnx.ModelProto:
@@ -110,7 +114,8 @@ def with_qdq(model: onnx.ModelProto, tensor: str, scale: np.ndarray, zp: np.ndar
                 r.inputs[k] = dq_out
     if t in g.outputs:
         g.outputs[g.outputs.index(t)] = dq_out
-    return to_model(g, like=model)
+    # a float conv reading dq would get per-tensor int8 weights from onnxruntime (plugins/int8_float.py)
+    return keep_weights_float(to_model(g, like=model))[0]
 
 
 def weight_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:

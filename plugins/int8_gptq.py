@@ -231,14 +231,16 @@ def _int_weight(l: Layer, q_rows: np.ndarray) -> np.ndarray:
 
 
 def apply_gptq(float_model: onnx.ModelProto, q: onnx.ModelProto, data: DataSet, *, damp: float = 0.01,
-               positions: int = 256, threads: int = 0, seed: int = 0) -> tuple[onnx.ModelProto, GptqResult]:
-    """A copy of the QDQ model `q` whose int8 weights are GPTQ's instead of round-to-nearest.
+               positions: int = 256, threads: int = 0, seed: int = 0,
+               max_inputs: int = MAX_COLUMNS) -> tuple[onnx.ModelProto, GptqResult]:
+    """A copy of the QDQ model `q` whose int8 weights are GPTQ's instead of round-to-nearest, on
+    the layers whose output rows read at most `max_inputs` inputs (C/g x kh x kw for a conv).
     A layer keeps round-to-nearest when GPTQ does not lower its output error on H."""
     with threadpool_limits(1):  # many small factorizations: BLAS threads only add contention on 2 cores
-        return _apply_gptq(float_model, q, data, damp, positions, threads, seed)
+        return _apply_gptq(float_model, q, data, damp, positions, threads, seed, min(max_inputs, MAX_COLUMNS))
 
 
-def _apply_gptq(float_model, q, data, damp, positions, threads, seed):
+def _apply_gptq(float_model, q, data, damp, positions, threads, seed, max_inputs):
     t0 = time.perf_counter()
     res = GptqResult()
     qg = to_graph(q)
@@ -246,8 +248,10 @@ def _apply_gptq(float_model, q, data, damp, positions, threads, seed):
     if not layers:
         return q, res
     for l in layers:
-        if _weight_rows(l).shape[2] > MAX_COLUMNS:
-            res.skipped[l.name] = f"{_weight_rows(l).shape[2]} inputs per output: more than GPTQ's {MAX_COLUMNS}"
+        d = _weight_rows(l).shape[2]
+        if d > max_inputs:
+            res.skipped[l.name] = (f"{d} inputs per output: more than GPTQ's {MAX_COLUMNS}" if max_inputs == MAX_COLUMNS
+                                   else f"{d} inputs per output: more than gptq_max_inputs={max_inputs}")
     layers = [l for l in layers if l.name not in res.skipped]
     if not layers:
         return q, res

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from surgeon.calibration import DataSet
+from surgeon.plugins.int8_float import keep_weights_float
 from surgeon.model import scratch_cwd
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.validate import drift_metrics, looks_like_scores, run, session, with_outputs
@@ -162,7 +163,11 @@ def quantize_static(model: onnx.ModelProto, data: DataSet, cfg: StaticConfig, ex
                                 extra_options=extra, calibration_cache_path=cache)
     except Exception as exc:
         raise SurgeonError(f"onnxruntime quantize_static failed: {_first_line(exc)}") from None
-    return onnx.load(out)
+    # nodes left in float must stay float when onnxruntime loads the model (plugins/int8_float.py)
+    q, guarded = keep_weights_float(onnx.load(out))
+    if guarded:
+        log.info("int8: %d float node(s) guarded against onnxruntime's load-time weight quantization", len(guarded))
+    return q
 
 
 def quantize_dynamic(model: onnx.ModelProto, per_channel: bool, reduce_range: bool, weight_type: str,

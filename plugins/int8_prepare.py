@@ -28,7 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.model import to_graph, to_model
-from surgeon.rewrite import constant_value, input_or_none
+from surgeon.rewrite import cast_at_boundary, constant_value, input_or_none, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +77,26 @@ def _gemm_bias_1d(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
         if c.ndim == 1 and beta == 1.0 and c.shape[0] == n_out:
             return  # already the form onnxruntime expects
         bias = np.broadcast_to(np.asarray(c, np.float64).reshape(-1) * beta, (n_out,)).astype(c.dtype)
-        node.inputs[2] = gs.Constant(_unique(graph, f"{node.name}/int8/bias"), np.ascontiguousarray(bias))
+        node.inputs[2] = gs.Constant(unique_name(graph, f"{node.name}/int8/bias"), np.ascontiguousarray(bias))
         node.attrs["beta"] = 1.0
         res.notes.setdefault("gemm_bias_1d", []).append(node.name)
         return
     # C varies along M (or is computed): Gemm without C, then Add(Y, beta * C)
     y = node.outputs[0]
-    mid = gs.Variable(_unique(graph, f"{node.name}/int8/ab"), dtype=y.dtype)
+    mid = gs.Variable(unique_name(graph, f"{node.name}/int8/ab"), dtype=y.dtype)
     if c is not None:
-        c_in = gs.Constant(_unique(graph, f"{node.name}/int8/c"), np.ascontiguousarray((c * beta).astype(c.dtype)))
+        c_in = gs.Constant(unique_name(graph, f"{node.name}/int8/c"), np.ascontiguousarray((c * beta).astype(c.dtype)))
     elif beta == 1.0:
         c_in = c_t
     else:
-        beta_c = gs.Constant(_unique(graph, f"{node.name}/int8/beta"), np.asarray(beta, dtype=np.float32))
-        c_in = gs.Variable(_unique(graph, f"{node.name}/int8/beta_c"), dtype=c_t.dtype)
-        graph.nodes.append(gs.Node("Mul", _unique(graph, f"{node.name}/int8/scale_c"), inputs=[c_t, beta_c],
+        beta_c = gs.Constant(unique_name(graph, f"{node.name}/int8/beta"), np.asarray(beta, dtype=np.float32))
+        c_in = gs.Variable(unique_name(graph, f"{node.name}/int8/beta_c"), dtype=c_t.dtype)
+        graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{node.name}/int8/scale_c"), inputs=[c_t, beta_c],
                                    outputs=[c_in]))
     node.inputs.pop(2)
     node.attrs.pop("beta", None)
     node.outputs[0] = mid
-    graph.nodes.append(gs.Node("Add", _unique(graph, f"{node.name}/int8/add_c"), inputs=[mid, c_in], outputs=[y]))
+    graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}/int8/add_c"), inputs=[mid, c_in], outputs=[y]))
     res.notes.setdefault("gemm_bias_as_add", []).append(node.name)
 
 
@@ -108,7 +108,7 @@ def _own_weight(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
         value = constant_value(t)
         if value is None or value.ndim < 2 or len({id(n) for n in t.outputs}) < 2:
             continue
-        node.inputs[k] = gs.Constant(_unique(graph, f"{node.name}/int8/weight"), np.array(value))
+        node.inputs[k] = gs.Constant(unique_name(graph, f"{node.name}/int8/weight"), np.array(value))
         res.notes.setdefault("private_weight_copy", []).append(node.name)
 
 
@@ -135,37 +135,13 @@ def _float16_to_float32(graph: gs.Graph, res: Prepared) -> bool:
         if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT16:
             node.attrs["to"] = onnx.TensorProto.FLOAT
             touched = True
-    for i, t in enumerate(list(graph.inputs)):
-        if t.dtype is not None and np.dtype(t.dtype) == f16:
-            inner = gs.Variable(_unique(graph, f"{t.name}/int8/float32"), dtype=np.float32, shape=t.shape)
-            for consumer in list(t.outputs):
-                for k, x in enumerate(list(consumer.inputs)):
-                    if x is t:
-                        consumer.inputs[k] = inner
-            graph.nodes.insert(0, gs.Node("Cast", _unique(graph, f"{t.name}/int8/to_float32"),
-                                          attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[inner]))
-            touched = True
-    for t in list(graph.outputs):
-        if t.dtype is not None and np.dtype(t.dtype) == f16:
-            inner = gs.Variable(_unique(graph, f"{t.name}/int8/float32"), dtype=np.float32, shape=t.shape)
-            for producer in list(t.inputs):
-                for k, x in enumerate(list(producer.outputs)):
-                    if x is t:
-                        producer.outputs[k] = inner
-            graph.nodes.append(gs.Node("Cast", _unique(graph, f"{t.name}/int8/to_float16"),
-                                       attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[inner], outputs=[t]))
-            touched = True
+    for t in [t for t in list(graph.inputs) + list(graph.outputs) if t.dtype is not None and np.dtype(t.dtype) == f16]:
+        # the boundary keeps float16: the model still takes and returns what it did
+        to = "to_float32" if t in graph.inputs else "to_float16"
+        cast_at_boundary(graph, t, np.float32, f"{t.name}/int8/{to}")
+        touched = True
     if touched:
         res.notes["float16"] = ["float16 weights and activations computed in float32 for quantization; "
                                 "float16 inputs/outputs kept through Cast at the graph boundary"]
     return touched
 
-
-def _unique(graph: gs.Graph, name: str) -> str:
-    names = graph.__dict__.setdefault("_int8_names", {n.name for n in graph.nodes} | set(graph.tensors()))
-    k, out = 1, name
-    while out in names:
-        out = f"{name}_{k}"
-        k += 1
-    names.add(out)
-    return out

@@ -73,18 +73,21 @@ class SvdOptions(RankOptions):
 
 @dataclass
 class Factors:
-    """W ~ A @ B, with the singular values of W (descending)."""
+    """W ~ A @ B, with the leading singular values of W (descending; all of them, or at least
+    the first r) and the sum of all of them squared."""
 
     a: np.ndarray  # (in, r)
     b: np.ndarray  # (r, out)
     s: np.ndarray
+    energy: float | None = None  # sum of all squared singular values; None: sum(s^2)
 
 
 def factorize(w: np.ndarray, rank: int, factors: MatrixFactors | None = None) -> Factors:
-    """Rank-`rank` truncated SVD of W (in x out) as A (in x r) @ B (r x out), in float64."""
-    factors = factors if factors is not None else matrix_factors(w)
+    """Rank-`rank` truncated SVD of W (in x out) as A (in x r) @ B (r x out), in float64. Without
+    precomputed factors only the leading `rank` singular vectors are computed."""
+    factors = factors if factors is not None else matrix_factors(w, rank)
     a, b = factors.pair(rank)  # U_r (U_r^T W), or (W V_r) V_r^T when in > out
-    return Factors(a, b, factors.values)
+    return Factors(a, b, factors.values, factors.energy)
 
 
 class GemmToSvd(GraphPlugin):
@@ -160,9 +163,10 @@ class GemmToSvd(GraphPlugin):
         if fit == "data":
             factors = lowrank.data_linear(alpha * w.astype(np.float64), sample.rows, sample.target,
                                           centered=centered, damp=opts.damp)
-        else:
-            factors = matrix_factors(w)
-        r = matrix_rank(opts, factors.values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO)
+        else:  # a rank from ratio or rank= needs no spectrum: then only r vectors are computed, below
+            factors = matrix_factors(w) if opts.energy is not None else None
+        r = matrix_rank(opts, factors.values if factors is not None else np.zeros(0), w.shape, explicit=opts.rank,
+                        default_ratio=DEFAULT_RATIO)
         before, after = n_in * n_out, r * (n_in + n_out)
         if after >= before and not opts.allow_growth:
             return Skip(node.name, node.op, f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} "
@@ -230,7 +234,7 @@ class GemmToSvd(GraphPlugin):
         else:
             chain.op("MatMul", "up", [h, const_b], dtype=w.dtype)
 
-        details = self._details(ctx, x, w, a, b, alpha, f.s, r, before, after)
+        details = self._details(ctx, x, w, a, b, alpha, f.s, f.energy, r, before, after)
         details["fit"] = fit
         if fit == "data":
             details.update(layer_stats.report(sample, out_error, kind, choice))
@@ -271,18 +275,19 @@ class GemmToSvd(GraphPlugin):
 
     @staticmethod
     def _details(ctx: Context, x: gs.Tensor, w: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float,
-                 s: np.ndarray, r: int, before: int, after: int) -> dict[str, Any]:
+                 s: np.ndarray, energy: float | None, r: int, before: int, after: int) -> dict[str, Any]:
         n_in, n_out = w.shape
         target = alpha * w.astype(np.float64)
         norm = np.linalg.norm(target)
         err = np.linalg.norm(target - a.astype(np.float64) @ b.astype(np.float64))
         sq = s.astype(np.float64) ** 2
+        total = float(sq.sum()) if energy is None else energy
         shape = ctx.shapes.get(x.name)
         rows = math.prod(shape[:-1]) if shape else None
         return {
             "rank": r, "in": n_in, "out": n_out,
             "rel_error": float(err / norm) if norm > 0 else float(err),
-            "energy_kept": float(sq[:r].sum() / sq.sum()) if sq.sum() > 0 else 1.0,
+            "energy_kept": min(1.0, float(sq[:r].sum() / total)) if total > 0 else 1.0,
             "params_before": before, "params_after": after,
             "macs_before": rows * before if rows is not None else None,
             "macs_after": rows * after if rows is not None else None,

@@ -113,3 +113,46 @@ def spatial_attrs(node: gs.Node) -> dict[str, Any]:
 def pointwise_weight(matrix: np.ndarray, spatial_rank: int) -> np.ndarray:
     """A (out, in) matrix as the weight of a 1x1 (or 1, 1x1x1) conv with `spatial_rank` dims."""
     return matrix.reshape(matrix.shape + (1,) * spatial_rank)
+
+
+def unique_name(graph: gs.Graph, name: str) -> str:
+    """`name`, or `name_1`, `name_2`, ...: the first one no node or tensor of `graph` uses yet
+    (reserved at once, in the same cached name set `Chain` keeps current)."""
+    names = _name_set(graph)
+    out, k = name, 1
+    while out in names:
+        out = f"{name}_{k}"
+        k += 1
+    names.add(out)
+    return out
+
+
+def cast_at_boundary(graph: gs.Graph, tensor: gs.Variable, inner_dtype: Any, name: str) -> gs.Node:
+    """Let the graph compute in `inner_dtype` behind a graph input or output `tensor`, which keeps
+    its own type: input -> Cast(to=inner) -> every former reader; former producer -> Cast(to the
+    tensor's type) -> output. Returns the Cast (named `name`, made unique)."""
+    inner = gs.Variable(unique_name(graph, f"{name}:0"), dtype=inner_dtype, shape=tensor.shape)
+    if tensor in graph.inputs:
+        for reader in list(tensor.outputs):
+            for k, x in enumerate(list(reader.inputs)):
+                if x is tensor:
+                    reader.inputs[k] = inner
+        cast = gs.Node("Cast", unique_name(graph, name), attrs={"to": _onnx_type(inner_dtype)},
+                       inputs=[tensor], outputs=[inner])
+        graph.nodes.insert(0, cast)
+        return cast
+    if tensor not in graph.outputs:
+        raise ValueError(f"{tensor.name} is neither a graph input nor a graph output")
+    for producer in list(tensor.inputs):
+        for k, x in enumerate(list(producer.outputs)):
+            if x is tensor:
+                producer.outputs[k] = inner
+    cast = gs.Node("Cast", unique_name(graph, name), attrs={"to": _onnx_type(tensor.dtype)},
+                   inputs=[inner], outputs=[tensor])
+    graph.nodes.append(cast)
+    return cast
+
+
+def _onnx_type(dtype: Any) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

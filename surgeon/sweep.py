@@ -374,7 +374,9 @@ def eligible_layers(st: Setup, ratios: list[float], layers: str | None) -> list[
         opts["fit"] = "weights"
     res = engine.apply(st.prepared, st.plugin, opts, layers=layers, data=st.split.calib, input_shapes=st.shapes,
                        threads=st.payload.threads, seed=st.payload.seed, prepared=True)
-    return [l.layer for l in res.rewritten]
+    # prune reports every member of a channel group it shrank; the group is chosen through its
+    # name, so the other members would only repeat (or not change) the same configuration
+    return [l.layer for l in res.rewritten if l.details.get("group", l.layer) == l.layer]
 
 
 def layer_pattern(name: str) -> str:

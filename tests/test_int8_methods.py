@@ -88,7 +88,7 @@ def test_gptq_lowers_the_drift_of_a_conv_with_correlated_inputs():
     data = correlated_conv_data()
     common = {"bias_correction": "off", "equalize": "off"}
     near = surgeon.apply(model, "int8", {**common, "weight_rounding": "nearest"}, data=data)
-    gptq = surgeon.apply(model, "int8", {**common, "weight_rounding": "gptq"}, data=data)
+    gptq = surgeon.apply(model, "int8", {**common, "weight_rounding": "gptq", "gptq_max_inputs": 4096}, data=data)
     out = checked(gptq.model)
     assert gptq.extras["weight_rounding"]["layers"] == 1
     x = data.inputs

@@ -198,3 +198,74 @@ def test_patches_reproduce_the_conv(attrs, kernel):
     np.testing.assert_allclose(got, y, atol=1e-4)
     some = np.array([0, 7, len(picks) - 1])
     np.testing.assert_array_equal(patches_at(x, window, some), p[some])
+
+
+# --- the fit chosen per layer on held-out calibration samples -----------------------------------
+
+def test_held_out_takes_whole_samples():
+    groups = np.repeat(np.arange(8), 5)
+    held = lowrank.held_out(groups, len(groups))
+    assert set(groups[held]) == {3, 7}  # every 4th sample, all of its rows
+    assert not set(groups[held]) & set(groups[~held])
+    assert lowrank.held_out(np.repeat([0, 1], 4), 8).sum() == 4  # two samples: the last one
+    assert lowrank.held_out(np.zeros(8, int), 8).tolist() == [False, False, False, True] * 2  # one sample: rows
+
+
+def overfitting_case(seed=20):
+    """A layer whose sequential refit overfits: 60 rows in 40 dims from 12 samples, and a target
+    that differs from the inputs by per-row noise (upstream error no linear map can undo)."""
+    rng = np.random.default_rng(seed)
+    d, out = 40, 30
+    w = rng.standard_normal((d, out))
+    x = anisotropic_rows(60, d, seed=seed, spread=1e2)
+    xt = x + 2.0 * rng.standard_normal(x.shape)  # what the rewritten graph hands the layer
+    groups = np.repeat(np.arange(12), 5)
+    return w, xt, x, groups
+
+
+def test_choice_is_the_lowest_held_out_error():
+    w, xt, x, groups = overfitting_case()
+    r = 10
+    pa, pb = lowrank.matrix_factors(w).pair(r)
+    trials = lowrank.linear_trials(w, xt, x, r, centered=True, damp=0.01, weights_approx=pa @ pb)
+    choice = lowrank.choose_fit(w, xt, x, groups, trials)
+    assert set(choice.errors) == set(lowrank.FIT_CANDIDATES)
+    assert choice.choice == min(choice.errors, key=choice.errors.get)
+    # the sequential least squares, fitted on 45 rows of 40 dims, is not what wins here
+    assert choice.choice != "sequential"
+    assert choice.errors[choice.choice] < 0.9 * choice.errors["sequential"]
+    assert choice.held_samples == 3 and choice.held_rows == 15
+    # recomputed by hand: the held-out rows scored against the original outputs
+    held = lowrank.held_out(groups, len(groups))
+    fit = lowrank.data_linear(w, xt[~held], x[~held]).fit(r)
+    expect = np.linalg.norm(xt[held] @ fit.a @ fit.b + fit.shift - x[held] @ w) / np.linalg.norm(x[held] @ w)
+    assert choice.errors["sequential"] == pytest.approx(expect, rel=1e-9)
+
+
+def test_sequential_wins_when_upstream_error_is_linear():
+    """When the rewritten graph hands the layer a linear distortion of its original inputs,
+    plenty of rows: the sequential refit undoes it and is chosen."""
+    rng = np.random.default_rng(21)
+    d = 12
+    w = rng.standard_normal((d, d))
+    x = anisotropic_rows(800, d, seed=22)
+    xt = x @ (np.eye(d) + 0.3 * rng.standard_normal((d, d)))
+    pa, pb = lowrank.matrix_factors(w).pair(6)
+    trials = lowrank.linear_trials(w, xt, x, 6, centered=True, damp=0.0, weights_approx=pa @ pb)
+    choice = lowrank.choose_fit(w, xt, x, np.repeat(np.arange(16), 50), trials)
+    assert choice.choice == "sequential"
+    assert choice.errors["sequential"] < 0.75 * min(v for k, v in choice.errors.items() if k != "sequential")
+
+
+def test_tucker_trials_score_every_candidate():
+    rng = np.random.default_rng(23)
+    f, c = 8, 6
+    w = rng.standard_normal((f, c, 3, 3))
+    x = kernel_rows(400, c, 9, seed=24)
+    xt = x + 0.5 * rng.standard_normal(x.shape)
+    core, o, i = lowrank.hosvd_channels(w, 3, 4)
+    trials = lowrank.tucker_trials(w, xt, x, 3, 4, damp=0.01, weights_approx=lowrank.tucker2_full(core, o, i))
+    choice = lowrank.choose_fit(w.reshape(f, -1).T, xt, x, np.repeat(np.arange(8), 50), trials)
+    assert set(choice.errors) == set(lowrank.FIT_CANDIDATES)
+    assert choice.choice == min(choice.errors, key=choice.errors.get)
+    assert choice.errors[choice.choice] < choice.errors["weights"]  # anisotropic rows: data helps

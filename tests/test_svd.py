@@ -454,3 +454,24 @@ def test_matmul_data_fit_without_bias_slot():
     assert layer.details["fit"] == "data" and layer.op == "MatMul"
     assert op_counts(r.model) == {"MatMul": 2}
     checked(r.model)
+
+
+def test_held_out_choice_is_what_the_layer_gets(monkeypatch):
+    from surgeon import lowrank
+    from onnx import numpy_helper
+    rng = np.random.default_rng(4)
+    m = gemm_model(n_in=32, n_out=24, rows=8)
+    x = (rng.standard_normal((200, 32)) * np.geomspace(30, 0.1, 32)).astype(np.float32)
+    calib = DataSet({"x": x}, source="test", batch=8)
+    r = surgeon.apply(m, "svd", {"guard": "none", "rank": 6}, data=calib)
+    (layer,) = r.rewritten
+    errors = layer.details["heldout_errors"]
+    assert layer.details["fit_choice"] == min(errors, key=errors.get) == "data"
+    assert set(errors) == {"data", "weights"}  # one layer: no upstream error, so no sequential candidate
+    weights = surgeon.apply(m, "svd", {"guard": "none", "rank": 6, "fit": "weights"}, data=calib)
+    monkeypatch.setattr(lowrank, "choose_fit", lambda *a, **k: lowrank.FitChoice("weights", {"weights": 0.0}, 1, 1))
+    forced = surgeon.apply(m, "svd", {"guard": "none", "rank": 6}, data=calib)
+    assert forced.rewritten[0].details["fit_choice"] == "weights"
+    init = lambda model: {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    got, want = init(forced.model), init(weights.model)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
