@@ -70,7 +70,9 @@ def nncf_quantize(python: str, model_path: Path, calib: np.ndarray, name: str, b
 
 
 def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", batch: int = 8) -> onnx.ModelProto:
-    """What a user gets from onnxruntime alone: pre-process, then QDQ per-channel U8S8 MinMax."""
+    """What a user gets from onnxruntime alone: pre-process, then QDQ per-channel U8S8 MinMax.
+    A model below opset 13 is first converted to 13 (onnx.version_converter), as surgeon does:
+    onnxruntime writes per-channel DequantizeLinear(axis) either way, which opset 11 rejects."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -84,6 +86,10 @@ def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", bat
 
     with tempfile.TemporaryDirectory() as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "plain.onnx"
+        src = onnx.load(str(model_path))
+        if next(o.version for o in src.opset_import if o.domain in ("", "ai.onnx")) < 13:
+            model_path = Path(tmp) / "opset13.onnx"
+            onnx.save(onnx.version_converter.convert_version(src, 13), str(model_path))
         quant_pre_process(str(model_path), str(pre))
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -226,12 +226,12 @@ def make_plan(model: str | Path | onnx.ModelProto, popts: PlanOptions, run_opts:
     with backend:
         backend.start(st.payload)
         curves, timings = per_layer(st, backend, sopts, run_opts, tick)
-        options = _options(st, curves, timings, ratios)
+        options = _options(st, curves, timings, ratios, budget)
         tick("timing the original (alone)", 0, 1)
         lat, _ = backend.timed(measure_ab, st.payload.model, st.payload.model, st.split.eval.first_batch(run_opts.batch),
                                run_opts.threads, 1.0)
         base_ms = lat["original_ms"]
-        path = _greedy_path(options, popts.target, st, base_ms)
+        path = _greedy_path(options, popts.target, st, base_ms, budget)
         cut = _predicted_cut(path, budget, options)
         verifications: list[dict[str, Any]] = []
 
@@ -300,9 +300,10 @@ def _run_with_split(st: Setup, rec: _recipe.Recipe, opts: pipeline.RunOptions, b
 
 # --- the search ------------------------------------------------------------------------------------
 
-def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, Any]], ratios: list[float]
-             ) -> dict[str, list[Option]]:
-    """Per layer, its useful settings from mildest to strongest: measured alone, saving time."""
+def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, Any]], ratios: list[float],
+             budget: "_Budget | None" = None) -> dict[str, list[Option]]:
+    """Per layer, its useful settings from mildest to strongest: measured alone, saving time, and
+    within the budget on their own (a setting that breaks it alone cannot be part of a plan)."""
     saved = {(t["layer"], t["ratio"]): t for t in timings}
     orig_acc = st.original_metrics["accuracy"]
     order = compression_order(st.plugin.name, ratios)
@@ -324,7 +325,13 @@ def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, An
             out[name].append(Option(r, row["drift"], 1.0 - (row["agreement"] if row.get("agreement") is not None else 1.0),
                                     (orig_acc - row["accuracy"]) if orig_acc is not None and row.get("accuracy") is not None
                                     else 0.0, t["saved_ms"], macs_saved, ranks))
+            if budget is not None and budget.use(_effects(out[name][-1])) > 1.0:
+                out[name].pop()
     return {k: v for k, v in out.items() if v}
+
+
+def _effects(o: Option) -> dict[str, float]:
+    return {"drift": o.drift, "disagreement": o.disagreement, "accuracy_loss": o.accuracy_loss}
 
 
 def _predict(options: dict[str, list[Option]], state: dict[str, float]) -> dict[str, Any]:
@@ -335,8 +342,18 @@ def _predict(options: dict[str, list[Option]], state: dict[str, float]) -> dict[
 
 
 def _greedy_path(options: dict[str, list[Option]], target: tuple[str, float] | None, st: Setup,
-                 base_ms: float | None) -> list[dict[str, float]]:
-    """States from untouched to strongest, one move at a time by drift cost per ms saved."""
+                 base_ms: float | None, budget: "_Budget | None" = None) -> list[dict[str, float]]:
+    """States from untouched to strongest, one move at a time by cost per ms saved. The cost is
+    the share of the budget the move uses alone, in the budget's own measure (top-1
+    disagreement for an agreement budget), with the drift as a tie-break: disagreement on a few
+    dozen rows moves in steps, so many moves would otherwise cost exactly 0; without a budget,
+    the drift."""
+
+    def cost(o: Option | None) -> float:
+        if o is None:
+            return 0.0
+        return o.drift if budget is None else budget.use(_effects(o)) + 0.01 * o.drift
+
     state: dict[str, float] = {}
     level: dict[str, int] = {n: -1 for n in options}
     path = [dict(state)]
@@ -349,8 +366,7 @@ def _greedy_path(options: dict[str, list[Option]], target: tuple[str, float] | N
                 gain = o.saved_ms - (cur.saved_ms if cur else 0.0)
                 if gain <= 0:
                     continue
-                cost = o.drift - (cur.drift if cur else 0.0)
-                score = cost / gain
+                score = (cost(o) - cost(cur)) / gain
                 if best is None or score < best[0]:
                     best = (score, name, j)
         if best is None:

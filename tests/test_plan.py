@@ -38,6 +38,30 @@ def test_greedy_path_takes_the_cheapest_drift_per_ms_first():
     assert plan._predicted_cut(path, budget, options) == 2
 
 
+def test_greedy_path_spends_an_agreement_budget_by_disagreement():
+    """With an agreement budget the cost is the top-1 disagreement a move adds (drift only breaks
+    ties): a is cheap in drift but flips answers, b drifts more and flips none."""
+    O = plan.Option
+    options = {"a": [O(0.5, 0.05, 0.04, 0, 1.0, 0, "")], "b": [O(0.5, 0.30, 0.0, 0, 1.0, 0, "")]}
+    budget = plan._Budget(Budgets(min_agreement=0.9), None)
+    assert plan._greedy_path(options, None, None, None, budget)[1] == {"b": 0.5}
+    assert plan._greedy_path(options, None, None, None)[1] == {"a": 0.5}  # no budget: drift
+
+
+def test_a_setting_that_breaks_the_budget_alone_is_no_option():
+    curves = [{"layer": "a", "ratio": r, "applied": True, "drift": d, "agreement": g, "macs": 10}
+              for r, d, g in ((0.25, 0.05, 0.97), (0.5, 0.3, 0.8))]
+    timings = [{"layer": "a", "ratio": r, "saved_ms": ms, "verdict": "faster"} for r, ms in ((0.25, 0.1), (0.5, 0.2))]
+
+    class St:
+        plugin = type("P", (), {"name": "prune"})
+        original_metrics = {"accuracy": None, "macs": 20}
+
+    budget = plan._Budget(Budgets(min_agreement=0.9), None)
+    assert [o.ratio for o in plan._options(St, curves, timings, [0.25, 0.5])["a"]] == [0.25, 0.5]
+    assert [o.ratio for o in plan._options(St, curves, timings, [0.25, 0.5], budget)["a"]] == [0.25]
+
+
 def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
     dest = tmp_path / "plan.toml"
     r = runner.invoke(app, ["plan", str(CNN), "-p", "tucker", "--budget", "agreement>=0.99", "--ratios", "0.125,0.5",
