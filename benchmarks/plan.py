@@ -104,9 +104,11 @@ def bench(name: str, model, split: DataSplit, plugin: str, budget: str, ratios: 
                   f"{lat['candidate']['median_ms']:6.2f} | {removed_p:14.1%} | {v['worst_rel_l2']:7.4f} | "
                   f"{_pct(v.get('top1_agreement')):>9} |", highlight=False)
     console.print(f"plan status: {res.status}; latency ratio 95% interval {lat['ratio_low']:.3f}-{lat['ratio_high']:.3f}")
-    if removed_u:
+    if removed_u is not None and removed_u > 0:
         console.print(f"the plan removes {removed_p / removed_u:.2f}x the latency the best uniform ratio removes "
                       "(target >= 1.5x)")
+    elif removed_u is not None:
+        console.print("the best uniform ratio removed no latency in this measurement (its median was not faster)")
     for c in res.choices:
         console.print(f"  {c['layer']}: ratio {c['ratio']:g} ({c['ranks']}), alone: drift {c['predicted_drift']:.4f}, "
                       f"saves {c['predicted_saved_ms']:.3f} ms", highlight=False)
