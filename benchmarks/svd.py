@@ -203,9 +203,49 @@ def conditions(threads: int) -> str:
     return f"{threads or 'all'} thread(s), {os.cpu_count()} cores, 1-min load average {load:.1f} at the end"
 
 
+def factor_speed() -> Table:
+    """fit=weights factorization of VGG-19's FC layers (surgeon.zoo, seeded weights) at ratio
+    0.25: the previous route (GEMM Gram, numpy eigh of every pair, one BLAS thread) against
+    lowrank.matrix_factors(w, rank) (dsyrk Gram, leading pairs only); time and how far the
+    rank-r product A @ B moved. Not part of --part all (minutes per layer)."""
+    import time
+
+    from onnx import numpy_helper
+    from threadpoolctl import threadpool_limits
+
+    from surgeon import lowrank, zoo
+
+    m = zoo.load("vgg19")
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    t = Table(title=f"VGG-19 FC factorization, ratio 0.25 ({conditions(0)})")
+    for col in ("layer", "shape", "rank", "before s", "after s", "speedup", "rel. change of A@B"):
+        t.add_column(col, justify="right")
+    for node in (n for n in m.graph.node if n.op_type == "Gemm"):
+        w = inits[node.input[1]]
+        w = (w.T if any(a.name == "transB" and a.i for a in node.attribute) else w).astype(np.float64)
+        r = lowrank.rank_from_ratio(min(w.shape), 0.25)
+        t0 = time.perf_counter()
+        side = w.T if w.shape[0] > w.shape[1] else w
+        g = side @ side.T
+        with threadpool_limits(1, user_api="blas"):
+            ev, vec = np.linalg.eigh(g)
+        order = np.argsort(ev)[::-1]
+        vec = vec[:, order] * lowrank._column_signs(vec[:, order])
+        old = lowrank.MatrixFactors(w, vec, np.sqrt(np.clip(ev[order], 0, None)), w.shape[0] > w.shape[1])
+        before = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new = lowrank.matrix_factors(w, r)
+        after = time.perf_counter() - t0
+        po, pn = np.matmul(*old.pair(r)), np.matmul(*new.pair(r))
+        t.add_row(node.name, "x".join(map(str, w.shape)), str(r), f"{before:.1f}", f"{after:.1f}",
+                  f"{before / after:.2f}x", f"{np.linalg.norm(po - pn) / np.linalg.norm(po):.1e}")
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("all", "samples", "block"), default="all")
+    ap.add_argument("--part", choices=("all", "samples", "block", "factor"), default="all",
+                    help="factor: the VGG-19 FC factorization speed (not in all)")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of A/B timing per comparison")
     ap.add_argument("--threads", type=int, default=1,
                     help="onnxruntime intra-op threads (1: steadier on a shared machine; 0: all cores)")
@@ -226,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"plot written to {DOCS / 'svd_ratio.png'}")
     if args.part in ("all", "block"):
         tables.append(block_bench(2 * args.budget, args.threads))
+        console.print(tables[-1])
+    if args.part == "factor":
+        tables.append(factor_speed())
         console.print(tables[-1])
     if args.markdown:
         args.markdown.write_text("\n".join(markdown(t) for t in tables))

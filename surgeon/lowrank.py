@@ -219,7 +219,7 @@ class RankOptions:
     passes: int = field(default=2, metadata={
         "help": "fit=data: sequential stages; each is fitted on the output of the layers already "
                 "rewritten (1: every layer on the original model's activations)"})
-    damp: float = field(default=0.01, metadata={
+    damp: float = field(default=0.05, metadata={
         "help": "fit=data: added to the input covariance, as a fraction of its mean variance"})
     select: Literal["heldout", "none"] = field(default="heldout", metadata={
         "help": "fit=data: heldout = per layer, the fit (sequential refit, data-aware on the rewritten or "
@@ -520,9 +520,12 @@ class DataLinear:
         return self.factors.values
 
     @_one_blas_thread
-    def fit(self, rank: int, bias: np.ndarray | float = 0.0) -> LinearFit:
+    def fit(self, rank: int, bias: np.ndarray | float = 0.0, error: bool = True) -> LinearFit:
+        """The rank-r factors, the bias shift and (error=False: skipped, NaN) the output error."""
         a, b = self.factors.pair(rank)
         shift = (self.mean_t @ self.w - (self.mean_x @ a) @ b) if self.centered else np.zeros(self.w.shape[1])
+        if not error:
+            return LinearFit(a, b, shift, float("nan"))
         # the error is a report figure: measured on the first ERROR_ROWS rows, it costs little
         x, t = self.x[:ERROR_ROWS], self.t[:ERROR_ROWS]
         y = t @ self.w + bias
@@ -620,7 +623,7 @@ def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.
 
 @_one_blas_thread
 def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | float = 0.0,
-                 ridge: float = 1e-3) -> DataTucker:
+                 ridge: float = 1e-3, refit: bool = True) -> DataTucker:
     """Input factor B = L^-T V_r1, output factor O = leading r2 response eigenvectors, and the
     core refitted by ridge least squares to the projected target responses:
 
@@ -628,7 +631,8 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
 
     with core0 = O^T W x_1 (L V_r1)^T (the closed form under the separable assumption), so a
     sample with fewer rows than unknowns still gives a sane core. The bias moves so that the
-    mean output is kept: b' = b + mean(W p) - W' mean(p~)."""
+    mean output is kept: b' = b + mean(W p) - W' mean(p~). refit=False keeps core0 (no least
+    squares: what the held-out trials use, since the refit dominates the cost on wide layers)."""
     from scipy.linalg import solve_triangular
 
     w, xc = spec.w, spec.patches
@@ -644,11 +648,14 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     core0 = core0.transpose(0, 2, 1).reshape(r2, r1 * K)                                   # r1-major, k minor
     h = np.tensordot(xc.reshape(n, c, K), b, axes=(1, 0)).transpose(0, 2, 1).reshape(n, r1 * K)
     t = spec.responses @ o                                                                 # (n, R2)
-    gram = _gram(h, h)
-    lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
-    rhs = _gram(h, t) + lam * core0.T
-    from scipy.linalg import solve
-    core = solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos").T                    # (R2, R1*K)
+    if refit:
+        gram = _gram(h, h)
+        lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
+        rhs = _gram(h, t) + lam * core0.T
+        from scipy.linalg import solve
+        core = solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos").T                # (R2, R1*K)
+    else:
+        core = core0
     approx = tucker2_full(core.reshape((r2, r1) + tuple(kernel)), o, b)
     shift = spec.response_mean - approx.reshape(f, -1) @ spec.mean
     m = min(n, ERROR_ROWS)
@@ -665,6 +672,10 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
 # the whitened fit on the original activations ignores upstream error, and the weight fit uses
 # no data at all. So each candidate is fitted on 3/4 of the calibration samples and scored on the
 # rest, the layer gets the best one, refitted on all samples.
+
+# Tucker-2 trials refit the core by least squares only up to this many unknowns per output
+# channel (R1 * K); wider cores are scored with the closed-form core (see tucker_trials).
+TRIAL_REFIT = 1024
 
 # candidates, in the order that breaks ties
 FIT_CANDIDATES = ("sequential", "data", "original", "weights")
@@ -691,7 +702,7 @@ class FitChoice:
     held_samples: int
 
 
-Trial = "Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]"  # train mask -> (W' as x @ W', shift)
+# a trial: train mask -> (W' as in x @ W', or its factors (A, B) with W' = A B; the bias shift)
 
 
 def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, groups: np.ndarray | None,
@@ -711,8 +722,9 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
     errors = {}
     for name in FIT_CANDIDATES:
         if name in trials:
-            approx, shift = trials[name](~held)
-            errors[name] = _relative(xh @ approx + shift - y, ref)
+            approx, shift = trials[name](~held)  # W', or its factors (A, B): x A B is cheaper
+            out = (xh @ approx[0]) @ approx[1] if isinstance(approx, tuple) else xh @ approx
+            errors[name] = _relative(out + shift - y, ref)
     best = min(errors, key=lambda k: (errors[k], FIT_CANDIDATES.index(k)))
     samples = len(np.unique(groups[held])) if groups is not None and len(groups) == n else 0
     return FitChoice(best, errors, int(held.sum()), samples)
@@ -725,8 +737,9 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
     and weights (the given weight-space W', no data)."""
     def linear(x, t):
         def trial(train):
-            fit = data_linear(w, x[train], None if t is None else t[train], centered=centered, damp=damp).fit(rank, bias)
-            return fit.a @ fit.b, fit.shift
+            fit = data_linear(w, x[train], None if t is None else t[train], centered=centered,
+                              damp=damp).fit(rank, bias, error=False)
+            return (fit.a, fit.b), fit.shift
         return trial
 
     trials = {"data": linear(rows, None), "weights": lambda train: (weights_approx, 0.0)}
@@ -738,13 +751,17 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
 def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1: int, r2: int, *, damp: float,
                   weights_approx: np.ndarray, bias: np.ndarray | float = 0.0) -> dict:
     """Trial Tucker-2 fits of a conv (patch rows, W' as (c*K x f)) for choose_fit, as
-    linear_trials: sequential, data, original, weights."""
+    linear_trials: sequential, data, original, weights. Above TRIAL_REFIT core unknowns per
+    output (R1*K) the trials keep the closed-form core (data_tucker2 refit=False): the
+    least-squares refit, which the chosen fit then gets, cost 3x the rest of a trial on a
+    512-channel 3x3 conv at R1 = 256."""
     f = w.shape[0]
+    K = int(np.prod(w.shape[2:]))
 
     def tucker(x, t):
         def trial(train):
             spec = data_channel_spectra(w, x[train], None if t is None else t[train], damp)
-            fit = data_tucker2(spec, r1, r2, bias)
+            fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT)
             return tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T, fit.shift
         return trial
 

@@ -158,3 +158,62 @@ def test_explain_finds_the_outlier_channel_and_one_tensor_drift_is_exact():
     y, yq = (np.einsum("fc,nchw->nfhw", w2, a) for a in (h, hq))
     by_hand = np.linalg.norm(yq - y) / np.linalg.norm(y)
     assert ex["activations"][0]["drift_alone"] == pytest.approx(by_hand, rel=2e-3)
+
+
+# --- minmax-or-percentile (the default calibration) -------------------------------------------
+
+def outlier_input_model(width: int = 256, seed: int = 0):
+    """y = x W + b (Gemm) with x ~ N(0, 1) except ONE value of 60: minmax spends 255 levels on
+    [-60, 60]."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((width, 32)) / np.sqrt(width)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor("x", ["N", width])], [tensor("y", ["N", 32])],
+                       [init("w", w), init("b", np.full(32, 0.1, np.float32))])
+    x = rng.standard_normal((48, width)).astype(np.float32)
+    x[3, 17] = 60.0
+    return model, DataSet({"x": x}, source="test")
+
+
+def test_default_calibration_keeps_the_ranges_with_the_lower_drift():
+    model, ds = outlier_input_model()
+    common = {"equalize": "off", "bias_correction": "off", "weight_rounding": "nearest"}
+    res = surgeon.apply(model, "int8", common, data=ds)
+    choice = res.extras["calibration_choice"]
+    # on this graph percentile is (slightly) lower: 0.06712 vs 0.06726
+    assert choice["percentile"]["rel_l2"] < choice["minmax"]["rel_l2"]
+    assert choice["kept"].startswith("percentile")
+    # reference: onnxruntime's own percentile calibration gives the same model
+    ref = surgeon.apply(model, "int8", {**common, "calibration": "percentile"}, data=ds)
+    assert checked(res.model).SerializeToString(deterministic=True) == ref.model.SerializeToString(deterministic=True)
+    x = ds.inputs
+    fl = run(model, x)[0]
+    mm = surgeon.apply(model, "int8", {**common, "calibration": "minmax"}, data=ds).model
+    assert rel_l2(fl, run(res.model, x)[0]) == pytest.approx(choice["percentile"]["rel_l2"], rel=1e-5)
+    assert rel_l2(fl, run(mm, x)[0]) == pytest.approx(choice["minmax"]["rel_l2"], rel=1e-5)
+
+
+def test_default_calibration_keeps_minmax_when_percentile_cannot_run():
+    """onnxruntime's histogram calibrator fails on this two-input model (numpy "inhomogeneous
+    shape"); the default then says why and returns exactly the minmax model."""
+    from tests.test_int8 import two_input_model
+    model = two_input_model()
+    rng = np.random.default_rng(2)
+    ds = DataSet({"x": rng.standard_normal((20, 16)).astype(np.float32),
+                  "y": rng.standard_normal((20, 12)).astype(np.float32) * 3}, source="test")
+    common = {"equalize": "off", "bias_correction": "off", "weight_rounding": "nearest"}
+    res = surgeon.apply(model, "int8", common, data=ds)
+    mm = surgeon.apply(model, "int8", {**common, "calibration": "minmax"}, data=ds)
+    choice = res.extras["calibration_choice"]
+    assert "quantize_static failed" in choice["percentile"] and choice["kept"] == "minmax"
+    assert res.model.SerializeToString(deterministic=True) == mm.model.SerializeToString(deterministic=True)
+
+
+def test_default_calibration_compares_after_bias_correction():
+    """With bias correction on, the choice is made on the corrected models: the report carries
+    both drifts and the kept one is the lower."""
+    model, ds = outlier_input_model()
+    res = surgeon.apply(model, "int8", {"equalize": "off", "weight_rounding": "nearest"}, data=ds)
+    after = res.extras["calibration_choice"]["after_bias_correction"]
+    kept = "percentile" if after["percentile"] < after["minmax"] else "minmax"
+    assert res.extras["calibration_choice"]["kept"].startswith(kept)
