@@ -30,7 +30,7 @@ from rich.table import Table
 
 import surgeon
 from surgeon.calibration import DataSet
-from surgeon.validate import drift_metrics, latency_ab, run, session
+from surgeon.validate import drift_metrics, latency_ab, median_interval, run, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -124,6 +124,7 @@ def bench(which: str, args, options: dict, console: Console) -> dict:
     ref = run(sessions["fp32"], held_ds)[0]
     quality = {k: drift_metrics(ref, run(s, held_ds)[0]) for k, s in sessions.items() if k != "fp32"}
     lat: dict[str, dict[int, float]] = {k: {} for k in sessions}
+    ratio: dict[str, dict[int, list[float]]] = {k: {} for k in sessions}  # to plain, same pairs: median, 95% CI
     for bs in ((1,) if static else (1, 8)):
         feed = {name: held[:bs]}
         for k, s in sessions.items():
@@ -132,8 +133,9 @@ def bench(which: str, args, options: dict, console: Console) -> dict:
             a, b = latency_ab(sessions["plain"], s, feed, budget_s=args.budget_s)
             lat["plain"].setdefault(bs, a.median_ms)
             lat[k][bs] = b.median_ms
+            ratio[k][bs] = list(median_interval(np.divide(b.times_ms, a.times_ms)))
     return {"network": which, "model": path.name, "calibration_rows": len(calib), "evaluation_rows": len(held),
-            "quality": quality, "latency_ms": lat, "quantize_seconds": seconds, "notes": notes,
+            "quality": quality, "latency_ms": lat, "latency_ratio_to_plain": ratio, "quantize_seconds": seconds, "notes": notes,
             "surgeon_steps": result.extras.get("steps"), "surgeon_options": options,
             "weight_rounding": result.extras.get("weight_rounding"), "explain": result.extras.get("explain")}
 
@@ -154,6 +156,9 @@ def print_table(r: dict, console: Console) -> None:
         t.add_row(label, agree, drift, f"{lat.get(1, float('nan')):.2f}",
                   f"{lat[8]:.2f}" if 8 in lat else "-", f"{sec:.1f}" if sec is not None else "")
     console.print(t)
+    for k in ("surgeon", "nncf"):
+        for bs, (m, lo, hi) in r["latency_ratio_to_plain"].get(k, {}).items():
+            console.print(f"{names[k]} / plain, batch {bs}: {m:.3f} (95% interval {lo:.3f}-{hi:.3f}, same pairs)")
 
 
 def main() -> int:

@@ -16,6 +16,9 @@ ratio (target: >= 1.5x).
   first 32 calibrate, the other 64 evaluate; preprocessing (p - 127) / 128, NCHW. Plugin:
   structured prune with the activation criterion (its 16 expansion-channel groups). Tucker/SVD
   does not suit this network: no uniform ratio kept 90% agreement (docs/sweep.md).
+* the shared ddddocr detector (real weights, 3.2 GMACs at 416x416), photos resized as in
+  benchmarks/int8.py: 32 calibrate, 32 evaluate; structured prune (l1), budget on the drift
+  (its outputs are boxes, not class scores).
 * ResNet-50 (or VGG-19) from the onnx package's model zoo with seeded He-normal weights
   (surgeon.zoo), on seeded random inputs (8 calibrate, 8 evaluate): random weights make
   agreement meaningless as accuracy, so its budget is on the output drift. Plugin: tucker,
@@ -41,6 +44,7 @@ from surgeon.calibration import DataSet, DataSplit, synthesize
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 EFFNET = SHARED / "models" / "efficientnet_lite0.onnx"
+DETECTOR = SHARED / "models" / "ddddocr_det.onnx"
 PHOTOS = SHARED / "data" / "photos224.npz"
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -52,6 +56,17 @@ def photos_split() -> DataSplit:
     calib = DataSet({"input": x[:32]}, source=f"{PHOTOS.name} rows 0-31")
     ev = DataSet({"input": x[32:]}, source=f"{PHOTOS.name} rows 32-95")
     return DataSplit(calib, ev, "first 32 photos calibrate, the other 64 evaluate")
+
+
+def detector_split() -> DataSplit:
+    """The shared detector on the shared photos at 416x416 (benchmarks/int8.py's preprocessing):
+    the first 32 calibrate, the next 32 evaluate (each evaluation runs the 3.2 GMAC model)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from int8 import network  # benchmarks/int8.py
+    _, name, x, _ = network("det")
+    return DataSplit(DataSet({name: x[:32]}, source=f"{PHOTOS.name} rows 0-31 at 416", batch=1),
+                     DataSet({name: x[32:64]}, source=f"{PHOTOS.name} rows 32-63 at 416", batch=1),
+                     "first 32 photos calibrate, the next 32 evaluate")
 
 
 def random_split(model, rows: int = 8) -> DataSplit:
@@ -129,12 +144,16 @@ def _pct(v) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="effnet,resnet50", help="comma-separated: effnet, resnet50, vgg19")
+    ap.add_argument("--models", default="effnet,det,resnet50", help="comma-separated: effnet, det, resnet50, vgg19")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--effnet-plugin", default="prune", help="tucker, svd or prune")
     ap.add_argument("--effnet-options", default="criterion=activation", help="plugin options key=v,key=v")
     ap.add_argument("--effnet-budget", default="agreement>=0.85")
     ap.add_argument("--effnet-ratios", default="0.0625,0.125,0.25,0.5")
+    ap.add_argument("--det-plugin", default="prune", help="tucker, svd or prune")
+    ap.add_argument("--det-options", default="", help="plugin options key=v,key=v")
+    ap.add_argument("--det-budget", default="drift<=0.2")
+    ap.add_argument("--det-ratios", default="0.0625,0.125,0.25,0.5")
     ap.add_argument("--zoo-plugin", default="tucker", help="tucker, svd or prune")
     ap.add_argument("--zoo-options", default="fit=weights,pointwise=skip", help="plugin options key=v,key=v")
     ap.add_argument("--zoo-budget", default="drift<=0.75")
@@ -149,13 +168,20 @@ def main() -> None:
             bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_plugin, args.effnet_budget,
                   [float(r) for r in args.effnet_ratios.split(",")], _kv(args.effnet_options), args.workers, None,
                   args.json_dir)
+        elif name == "det":
+            if not DETECTOR.exists() or not PHOTOS.exists():
+                console.print(f"skipping the detector: {DETECTOR} or {PHOTOS} is absent (../shared)")
+                continue
+            bench("ddddocr detector", str(DETECTOR), detector_split(), args.det_plugin, args.det_budget,
+                  [float(r) for r in args.det_ratios.split(",")], _kv(args.det_options), args.workers, None,
+                  args.json_dir)
         elif name in ("vgg19", "resnet50"):
             m = zoo.load(name, seed=0)
             bench(f"{name} (zoo, seeded weights)", m, random_split(m), args.zoo_plugin, args.zoo_budget,
                   [float(r) for r in args.zoo_ratios.split(",")], _kv(args.zoo_options), args.workers, None,
                   args.json_dir)
         else:
-            raise SystemExit(f"unknown model {name!r}; choose effnet, vgg19, resnet50")
+            raise SystemExit(f"unknown model {name!r}; choose effnet, det, vgg19, resnet50")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 
 from surgeon.validate import latency_ab, median_interval, session  # latency_ab: tests patch it
 
-CACHE_VERSION = "2"  # bump when the measurement changes, so old verdicts are not reused
+CACHE_VERSION = "3"  # bump when the measurement changes, so old verdicts are not reused (3: no spinning)
 DEFAULT_BUDGET_S = 1.0  # time cap per layer (stretched to at most 4x for one look at a slow layer)
 MIN_PAIRS = 8  # the first look: all 8 ratios on one side of 1 (chance 2/256 when there is no difference)
 Z = 2.576  # 99% per look

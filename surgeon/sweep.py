@@ -194,6 +194,7 @@ def _profiling_session(folder: str, model: bytes, threads: int) -> Any:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 4
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see validate.session
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(folder) / "profile")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
