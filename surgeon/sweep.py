@@ -187,19 +187,6 @@ def measure_ab(original: bytes, candidate: bytes, feed: dict[str, np.ndarray], t
             "ratio_high": high, "pairs": lb.runs}
 
 
-def _profiling_session(folder: str, model: bytes, threads: int) -> Any:
-    """A profiling session (onnxruntime writes its per-node kernel times to a JSON file)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see validate.session
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(folder) / "profile")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
 def _kernel_times(profile_json: str) -> list[dict[str, tuple[str, float]]]:
     """Per run: node -> (its input/output shapes, kernel milliseconds), from an onnxruntime profile."""
     import bisect
@@ -230,9 +217,12 @@ def measure_touched(original: bytes, candidate: bytes, feed: dict[str, np.ndarra
     in the noise of every other node; the touched nodes' kernel times do not. Per run pair the
     ratio of the touched sums gives a median and its 95% interval, as in measure_ab."""
     import tempfile
-    from surgeon.validate import median_interval
+    from surgeon.validate import median_interval, session
     with tempfile.TemporaryDirectory(prefix="surgeon-profile-") as tmp:
-        sa, sb = _profiling_session(tmp, original, threads), _profiling_session(tmp, candidate, threads)
+        dirs = [Path(tmp, side) for side in "ab"]  # onnxruntime names the file by the time: one folder each
+        for d in dirs:
+            d.mkdir()
+        sa, sb = (session(m, threads, profile_dir=str(d)) for m, d in zip((original, candidate), dirs))
         for _ in range(3):
             sa.run(None, feed)
             sb.run(None, feed)

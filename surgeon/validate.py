@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,14 @@ def ort_message(exc: BaseException) -> str:
     return text[:300]
 
 
-def session(model: onnx.ModelProto | bytes | str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; `threads` 0 lets onnxruntime pick (all cores)."""
+def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir: str | None = None
+            ) -> ort.InferenceSession:
+    """A CPU session; `threads` 0 lets onnxruntime pick (all cores). With `profile_dir`,
+    onnxruntime writes each kernel's time there (`end_profiling()` gives the file)."""
     so = ort.SessionOptions()
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(profile_dir, "profile")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 4  # fatal only: a failed run becomes our one-line error, not a red log line
