@@ -20,7 +20,9 @@ ratio (target: >= 1.5x).
   benchmarks/int8.py: 32 calibrate, 32 evaluate; structured prune (l1), budget on the drift
   (its outputs are boxes, not class scores).
 * ResNet-50 (or VGG-19) from the onnx package's model zoo with seeded He-normal weights
-  (surgeon.zoo), on seeded random inputs (8 calibrate, 8 evaluate): random weights make
+  and BatchNorm statistics measured on the calibration inputs (surgeon.zoo; with made-up
+  statistics the logits are huge and the Softmax output one-hot, so any change flips it),
+  on seeded random inputs (8 calibrate, 8 evaluate): random weights make
   agreement meaningless as accuracy, so its budget is on the output drift. Plugin: tucker,
   fit=weights and pointwise=skip (its 16 3x3 convs plus the stem). Pruning random weights
   is no test: every uniform ratio from 1/16 drifts more than 1.0.
@@ -76,10 +78,11 @@ def random_split(model, rows: int = 8) -> DataSplit:
 
 
 def bench(name: str, model, split: DataSplit, plugin: str, budget: str, ratios: list[float], options: dict,
-          workers: int, layers: str | None, json_dir: str | None = None) -> dict:
+          workers: int, layers: str | None, json_dir: str | None = None, max_verifications: int = 12) -> dict:
     t0 = time.perf_counter()
     popts = plan.PlanOptions(plugin, plan.parse_budget(budget), ratios, options, layers, workers=workers,
-                             compare_uniform=True, attribution=False, latency_budget_s=4.0)
+                             compare_uniform=True, attribution=False, latency_budget_s=4.0,
+                             max_verifications=max_verifications)
     last = [0.0]
 
     def progress(what, done, total):
@@ -92,6 +95,7 @@ def bench(name: str, model, split: DataSplit, plugin: str, budget: str, ratios: 
     secs = time.perf_counter() - t0
     if json_dir is not None:
         from surgeon import report
+        Path(json_dir).mkdir(parents=True, exist_ok=True)
         report.write_json(Path(json_dir) / f"{name.split()[0].lower()}.plan.json", res.to_json())
     v = res.final["validation"]
     lat = v["latency"]
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--zoo-options", default="fit=weights,pointwise=skip", help="plugin options key=v,key=v")
     ap.add_argument("--zoo-budget", default="drift<=0.75")
     ap.add_argument("--zoo-ratios", default="0.25,0.375,0.5,0.625")
+    ap.add_argument("--max-verifications", type=int, default=12, help="end-to-end verification rounds per plan")
     ap.add_argument("--json-dir", default=None, help="also write each plan's full JSON report here")
     args = ap.parse_args()
     for name in args.models.split(","):
@@ -167,19 +172,21 @@ def main() -> None:
                 continue
             bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_plugin, args.effnet_budget,
                   [float(r) for r in args.effnet_ratios.split(",")], _kv(args.effnet_options), args.workers, None,
-                  args.json_dir)
+                  args.json_dir, args.max_verifications)
         elif name == "det":
             if not DETECTOR.exists() or not PHOTOS.exists():
                 console.print(f"skipping the detector: {DETECTOR} or {PHOTOS} is absent (../shared)")
                 continue
             bench("ddddocr detector", str(DETECTOR), detector_split(), args.det_plugin, args.det_budget,
                   [float(r) for r in args.det_ratios.split(",")], _kv(args.det_options), args.workers, None,
-                  args.json_dir)
+                  args.json_dir, args.max_verifications)
         elif name in ("vgg19", "resnet50"):
             m = zoo.load(name, seed=0)
-            bench(f"{name} (zoo, seeded weights)", m, random_split(m), args.zoo_plugin, args.zoo_budget,
+            split = random_split(m)
+            m = zoo.set_batchnorm_statistics(m, split.calib)
+            bench(f"{name} (zoo, seeded weights)", m, split, args.zoo_plugin, args.zoo_budget,
                   [float(r) for r in args.zoo_ratios.split(",")], _kv(args.zoo_options), args.workers, None,
-                  args.json_dir)
+                  args.json_dir, args.max_verifications)
         else:
             raise SystemExit(f"unknown model {name!r}; choose effnet, det, vgg19, resnet50")
 

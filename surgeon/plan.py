@@ -8,15 +8,18 @@
 2. Greedy path: from the untouched model, repeatedly take the move (one layer to a stronger
    setting) with the smallest drift cost per millisecond saved, (d_l(r') - d_l(r)) /
    (s_l(r') - s_l(r)), until every layer is at its strongest useful setting (or the
-   `--target` on predicted MACs or latency is reached). Predicted effects add up layer by
-   layer: drift sum_l d_l, disagreement sum_l (1 - agreement_l), accuracy loss likewise.
+   `--target` on predicted MACs or latency is reached). Predicted effects of several layers:
+   drifts add in quadrature, sqrt(sum_l d_l^2) (the output errors of different layers are
+   roughly uncorrelated), disagreement sum_l (1 - agreement_l) and accuracy loss likewise
+   (upper bounds).
 3. Cut: the longest prefix of the path whose predicted effects stay within the budget.
-4. Correction, measured end to end: the cut is verified on the evaluation rows. While it
-   fails, the chosen layer with the highest drift per millisecond saved backs off one step.
-   When it passes, longer prefixes are verified (a search over the path, a few at a time
-   with the backend's workers), keeping the longest that passes; then single moves from
-   there, cheapest first, each verified end to end (a move that fails is not tried again,
-   nor anything stronger for that layer), until `max_verifications` rounds are spent.
+4. Correction, measured end to end (`_correct`): the cut is verified on the evaluation rows,
+   together with the uniform plans (every layer at one ratio). A bracket search along the path
+   finds its longest prefix that passes: failing prefixes back off the layers added last (the
+   costliest per ms); each probe aims where the prediction, rescaled by the last measurement,
+   meets the budget. Then single moves from the best passing plan, cheapest first, each
+   verified end to end (a move that fails is not tried again, nor anything stronger for that
+   layer), until `max_verifications` rounds are spent.
 5. The final plan is built through the pipeline exactly as `surgeon apply --recipe` builds it
    and validated end to end (drift, agreement, accuracy, interleaved A/B latency); each
    chosen layer's measured effect in the final model is the drift/agreement change when that
@@ -168,6 +171,7 @@ class _Budget:
     """The budget as allowed losses, and a prediction's use of it (1.0 = exactly at the budget)."""
 
     def __init__(self, b: Budgets, original_accuracy: float | None) -> None:
+        self.original_accuracy = original_accuracy
         self.limits: dict[str, float] = {}
         if b.max_drift is not None:
             self.limits["drift"] = b.max_drift
@@ -183,6 +187,15 @@ class _Budget:
         for k, lim in self.limits.items():
             out = max(out, pred[k] / lim if lim > 0 else (math.inf if pred[k] > 1e-12 else 0.0))
         return out
+
+    def measured(self, row: dict[str, Any]) -> float | None:
+        """The budget use of an end-to-end measurement (None when it failed to run)."""
+        if row.get("error") or row.get("drift") is None:
+            return None
+        agreement, accuracy = row.get("agreement"), row.get("accuracy")
+        return self.use({"drift": row["drift"], "disagreement": 1.0 - agreement if agreement is not None else 0.0,
+                         "accuracy_loss": (self.original_accuracy - accuracy) if accuracy is not None and
+                         self.original_accuracy is not None else 0.0})
 
     @staticmethod
     def meets(b: Budgets, row: dict[str, Any]) -> bool:
@@ -245,7 +258,8 @@ def make_plan(model: str | Path | onnx.ModelProto, popts: PlanOptions, run_opts:
                 verifications.append({k: v for k, v in row.items() if k not in ("layers",)})
             return rows
 
-        state, passed = _correct(path, cut, verify, options, popts, max(1, popts.workers))
+        seeds = [{n: r for n, opts in options.items() if any(o.ratio == r for o in opts)} for r in ratios]
+        state, passed = _correct(path, cut, verify, options, popts, max(1, popts.workers), budget, seeds)
         if not passed:
             notes.append("no plan met the budget end to end, not even one layer; the plan leaves the model as it is")
         uniform_rows: list[dict[str, Any]] = []
@@ -336,7 +350,7 @@ def _effects(o: Option) -> dict[str, float]:
 
 def _predict(options: dict[str, list[Option]], state: dict[str, float]) -> dict[str, Any]:
     chosen = [next(o for o in options[n] if o.ratio == r) for n, r in state.items()]
-    return {"drift": sum(o.drift for o in chosen), "disagreement": sum(o.disagreement for o in chosen),
+    return {"drift": math.sqrt(sum(o.drift ** 2 for o in chosen)), "disagreement": sum(o.disagreement for o in chosen),
             "accuracy_loss": sum(o.accuracy_loss for o in chosen), "saved_ms": sum(o.saved_ms for o in chosen),
             "macs_saved": sum(o.macs_saved for o in chosen)}
 
@@ -401,60 +415,74 @@ def _predicted_cut(path: list[dict[str, float]], budget: _Budget, options: dict[
     return cut
 
 
-def _correct(path, cut, verify, options, popts: PlanOptions, width: int) -> tuple[dict[str, float], bool]:
-    """Verify end to end: back off the worst layers while the plan fails; search longer
-    prefixes of the path while it passes; then refine with single verified moves. At most
-    `popts.max_verifications` rounds (each verifies up to `width` plans in parallel)."""
+def _correct(path, cut, verify, options, popts: PlanOptions, width: int, budget: "_Budget",
+             seeds: list[dict[str, float]] = ()) -> tuple[dict[str, float], bool]:
+    """Verify end to end, at most `popts.max_verifications` rounds (a round verifies up to
+    `width` plans in parallel).
+
+    1. The predicted cut, and the seeds (every layer at one ratio of the grid: the uniform plans,
+       restricted to settings that save time), so a plan is never worse than a uniform ratio
+       the search could have tried.
+    2. A bracket search along the greedy path for its longest prefix that passes: the shortest
+       failing prefix bounds it from above (retreating from a failing cut backs off the layers
+       added last, the costliest per ms), the longest passing one from below. The next probe is
+       where the prediction, scaled by measured / predicted budget use at the last probe, reaches
+       the budget: effects do not add up exactly, and one measurement corrects the scale.
+    3. Single moves from the best passing plan, cheapest drift per ms first, each verified; a move
+       that fails is not tried again, nor anything stronger for that layer."""
+    if len(path) == 1:
+        return {}, True  # nothing to choose from: the untouched model
     rounds = 0
-    state = dict(path[cut])
-    # back off from the cut until a plan passes
-    rows = verify([state], "cut") if state else [{"meets": True}]
-    rounds += 1
-    while not rows[0]["meets"] and state and rounds < popts.max_verifications:
-        worst = max(state, key=lambda n: _cost_per_ms(options, n, state[n]))
-        opts = options[worst]
-        j = next(i for i, o in enumerate(opts) if o.ratio == state[worst])
-        if j == 0:
-            del state[worst]
-        else:
-            state[worst] = opts[j - 1].ratio
-        rows = verify([state], "back off") if state else [{"meets": True}]
-        rounds += 1
-    if not rows[0]["meets"]:
+    best: list = [None]  # (predicted ms saved, state) of the best plan that passed end to end
+
+    def run(states: list[dict[str, float]], why: str) -> list[dict[str, Any]]:
+        nonlocal rounds
+        rows = verify(states, why) if states else []
+        rounds += max(1, math.ceil(len(states) / width))
+        for s, r in zip(states, rows):
+            saved = _predict(options, s)["saved_ms"]
+            if r["meets"] and (best[0] is None or saved > best[0][0]):
+                best[0] = (saved, dict(s))
+        return rows
+
+    def predicted_use(k: int) -> float:
+        return budget.use(_predict(options, path[k])) if path[k] else 0.0
+
+    lo, hi = 0, len(path) - 1  # path[lo] passes (the empty plan does); path[hi + 1] fails
+    first = [s for s in seeds if s and s != path[cut]]
+    probes = [cut] if cut > 0 else ([1] if hi >= 1 else [])
+    scale = 1.0
+    while probes and rounds < popts.max_verifications:
+        extra = first if rounds == 0 else []
+        rows = run([path[p] for p in probes] + extra, "cut" if rounds == 0 else "bracket")
+        for p, r in zip(probes, rows):
+            if r["meets"]:
+                lo = max(lo, p)
+            else:
+                hi = min(hi, p - 1)
+        measured = [(p, budget.measured(r)) for p, r in zip(probes, rows)]
+        p, m = max(measured, key=lambda pm: pm[0])
+        if predicted_use(p) > 0 and m is not None and m > 0:
+            scale = m / predicted_use(p)
+        if lo >= hi:
+            break
+        aim = max((k for k in range(lo + 1, hi + 1) if scale * predicted_use(k) <= 1.0), default=lo + 1)
+        probes = sorted({aim} | {lo + max(1, round((hi - lo) * (i + 1) / width)) for i in range(width - 1)})
+        probes = [k for k in probes if lo < k <= hi][:width]
+    if best[0] is None:
         return {}, False
-    if state == path[cut]:
-        # the cut passed: look further along the path for the longest prefix that still passes
-        lo, hi = cut, len(path) - 1
-        while lo < hi and rounds < popts.max_verifications:
-            k = max(1, min(width, hi - lo))
-            probes = sorted({lo + max(1, round((hi - lo) * (i + 1) / (k + 1))) for i in range(k)})
-            probes = [p for p in probes if lo < p <= hi] or [hi]
-            rows = verify([path[p] for p in probes], "extend")
-            rounds += 1
-            passing = [p for p, r in zip(probes, rows) if r["meets"]]
-            failing = [p for p, r in zip(probes, rows) if not r["meets"]]
-            if passing:
-                lo = max(passing)
-                state = dict(path[lo])
-            hi = min([p - 1 for p in failing if p > lo], default=hi)
-            if not failing and lo == hi:
-                break
-    # verified greedy: single moves from the best passing plan, cheapest drift per ms first;
-    # a move that fails end to end is banned (with everything stronger for that layer)
+    state = best[0][1]
     banned: dict[str, float] = {}  # layer -> the mildest ratio that failed
     while rounds < popts.max_verifications:
         moves = _moves(options, state, banned)[:width]
         if not moves:
             break
         trials = [{**state, name: o.ratio} for _, name, o in moves]
-        rows = verify(trials, "refine")
-        rounds += 1
-        ok = [(o.saved_ms, t) for (_, name, o), t, r in zip(moves, trials, rows) if r["meets"]]
+        rows = run(trials, "refine")
         for (_, name, o), r in zip(moves, rows):
             if not r["meets"]:
                 banned[name] = o.ratio
-        if ok:
-            state = max(ok, key=lambda x: x[0])[1]
+        state = best[0][1]
     return state, True
 
 
@@ -472,11 +500,6 @@ def _moves(options, state: dict[str, float], banned: dict[str, float]) -> list[t
             if gain > 0:
                 out.append(((o.drift - (cur.drift if cur else 0.0)) / gain, name, o))
     return sorted(out, key=lambda m: (m[0], m[1], m[2].ratio))
-
-
-def _cost_per_ms(options, name: str, ratio: float) -> float:
-    o = next(o for o in options[name] if o.ratio == ratio)
-    return o.drift / o.saved_ms if o.saved_ms > 0 else math.inf
 
 
 def _config(st: Setup, state: dict[str, float], key: str) -> Config:

@@ -75,3 +75,35 @@ def materialize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
         if t.name in new and t.data_type == onnx.TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(new[t.name].astype(np.float32), t.name))
     return model
+
+
+def set_batchnorm_statistics(model: onnx.ModelProto, data, batch: int = 8) -> onnx.ModelProto:
+    """Each BatchNormalization's running mean and variance set to the per-channel statistics its
+    input really has on `data` (a surgeon.calibration.DataSet), in graph order, so every earlier
+    layer is already normalized when a later one is measured.
+
+    Seeded weights with made-up statistics leave a deep residual network badly scaled: the
+    activations grow block by block, the logits are huge and a Softmax output is one-hot, so
+    a small change anywhere flips the answer and drift says little. With its statistics from
+    data, the network is where training starts from: every BatchNormalization output has
+    the mean beta and the standard deviation gamma on that data. Returns a new model."""
+    from surgeon.validate import stream_tensors
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    for node in out.graph.node:
+        if node.op_type != "BatchNormalization" or not all(n in inits for n in node.input[3:5]):
+            continue
+        n = 0
+        s1 = s2 = 0.0
+        for got in stream_tensors(out, [node.input[0]], data, batch=batch):
+            x = got[node.input[0]].astype(np.float64)
+            axes = (0,) + tuple(range(2, x.ndim))
+            s1 = s1 + x.sum(axes)
+            s2 = s2 + (x * x).sum(axes)
+            n += x.size // x.shape[1]
+        mean = s1 / n
+        var = np.maximum(s2 / n - mean * mean, 0.0)
+        for name, v in ((node.input[3], mean), (node.input[4], var)):
+            inits[name].CopyFrom(numpy_helper.from_array(v.astype(np.float32), name))
+    return out

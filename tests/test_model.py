@@ -156,3 +156,29 @@ def test_signature_of_a_sequence_input_says_it_is_not_a_tensor():
     seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [1, 4])
     m = make_model([helper.make_node("ConcatFromSequence", ["xs"], ["y"], axis=0)], [seq], [tensor("y", None)])
     assert input_signature(m) == [("xs", [], np.dtype(object))]
+
+
+def test_batchnorm_statistics_from_data_normalize_every_layer():
+    """After set_batchnorm_statistics each BatchNormalization output has, on that data, the
+    per-channel mean beta and standard deviation gamma (its input statistics are measured in
+    graph order, so the second BN sees the first one already normalized). The input model is
+    left as it was."""
+    from surgeon.calibration import DataSet
+    from surgeon.validate import stream_tensors
+    from tests.models import prune_residual
+    m = prune_residual()
+    before = m.SerializeToString()
+    data = DataSet({"x": np.random.default_rng(3).standard_normal((6, 3, 8, 8)).astype(np.float32) * 5 + 2}, batch=2)
+    out = zoo.set_batchnorm_statistics(m, data)
+    assert m.SerializeToString() == before
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    bns = [n for n in out.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) >= 2
+    got = {k: np.concatenate([b[k] for b in stream_tensors(out, [n.output[0] for n in bns], data, batch=2)])
+           for k in [n.output[0] for n in bns]}
+    for n in bns:
+        y = got[n.output[0]].astype(np.float64)
+        np.testing.assert_allclose(y.mean((0, 2, 3)), inits[n.input[2]], atol=2e-4)
+        eps = n.attribute[0].f if n.attribute else 1e-5
+        var = inits[n.input[4]].astype(np.float64)
+        np.testing.assert_allclose(y.std((0, 2, 3)), np.abs(inits[n.input[1]]) * np.sqrt(var / (var + eps)), rtol=2e-4)

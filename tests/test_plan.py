@@ -2,6 +2,7 @@
 recipe that `surgeon apply --recipe` applies unchanged to the same model."""
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -124,3 +125,54 @@ def test_plan_bad_input_exits_2(args, message, tmp_path):
     r = runner.invoke(app, argv)
     assert r.exit_code == 2, r.output
     assert message in r.stderr and not (tmp_path / "p.toml").exists()
+
+
+def _fake_verify(true_drift, budget_drift, log):
+    """An end-to-end check whose drift is a known function of the plan (no model involved)."""
+    def verify(states, why):
+        rows = []
+        for s in states:
+            log.append((why, dict(s)))
+            d = true_drift(s)
+            rows.append({"drift": d, "agreement": 1.0, "meets": d <= budget_drift})
+        return rows
+    return verify
+
+
+def test_correction_finds_the_longest_passing_prefix_with_a_rescaled_prediction():
+    """Ten layers of equal drift 0.1 and 1 ms each: the quadrature prediction says four fit a
+    0.2 budget (sqrt(4) * 0.1), but the real effects are half that: eight layers pass, nine do
+    not. The search must end at exactly eight, verify no failing plan as the result, and get
+    there in a few rounds by rescaling the prediction with the first measurement."""
+    O = plan.Option
+    options = {f"l{i}": [O(0.5, 0.1, 0, 0, 1.0, 0, "")] for i in range(10)}
+    path = plan._greedy_path(options, None, None, None)
+    budget = plan._Budget(Budgets(max_drift=0.2), None)
+    cut = plan._predicted_cut(path, budget, options)
+    assert cut == 4
+    log = []
+    verify = _fake_verify(lambda s: 0.05 * math.sqrt(len(s)) * (1 + 0.2 * (len(s) > 8)), 0.15, log)
+    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.15), max_verifications=12)
+    budget = plan._Budget(Budgets(max_drift=0.15), None)
+    state, ok = plan._correct(path, plan._predicted_cut(path, budget, options), verify, options, popts, 1, budget)
+    assert ok and len(state) == 8
+    # the cut (2 layers) measures half its prediction; the rescaled aim is 9 layers, the bracket
+    # settles on 8; then the two layers left are tried alone and fail
+    assert [(why, len(s)) for why, s in log] == [("cut", 2), ("bracket", 8), ("bracket", 9), ("refine", 9),
+                                                 ("refine", 9)]
+
+
+def test_correction_keeps_a_uniform_seed_that_beats_the_path():
+    """The greedy path puts layer a first (cheapest per ms alone), but a breaks the budget with
+    anything else; the uniform seed {b, c} passes and saves more: it is the plan."""
+    O = plan.Option
+    options = {"a": [O(0.5, 0.01, 0, 0, 1.0, 0, "")], "b": [O(0.5, 0.05, 0, 0, 0.9, 0, "")],
+               "c": [O(0.5, 0.05, 0, 0, 0.9, 0, "")]}
+    path = plan._greedy_path(options, None, None, None)
+    assert path[1] == {"a": 0.5}
+    budget = plan._Budget(Budgets(max_drift=0.1), None)
+    verify = _fake_verify(lambda s: 0.01 if s == {"a": 0.5} else (0.5 if "a" in s else 0.08), 0.1, [])
+    seeds = [{"b": 0.5, "c": 0.5}]
+    state, ok = plan._correct(path, plan._predicted_cut(path, budget, options), verify, options,
+                              plan.PlanOptions("tucker", Budgets(max_drift=0.1), max_verifications=6), 2, budget, seeds)
+    assert ok and state == {"b": 0.5, "c": 0.5}
