@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--zoo-plugin", default="tucker", help="tucker, svd or prune")
     ap.add_argument("--zoo-options", default="fit=weights,pointwise=skip", help="plugin options key=v,key=v")
     ap.add_argument("--zoo-budget", default="drift<=0.75")
-    ap.add_argument("--zoo-ratios", default="0.25,0.375,0.5,0.625")
+    ap.add_argument("--zoo-ratios", default="0.125,0.25,0.375,0.5,0.625,0.75", help="default: surgeon plan's own grid")
     ap.add_argument("--max-verifications", type=int, default=12, help="end-to-end verification rounds per plan")
     ap.add_argument("--json-dir", default=None, help="also write each plan's full JSON report here")
     args = ap.parse_args()
