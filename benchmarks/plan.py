@@ -165,30 +165,26 @@ def main() -> None:
     ap.add_argument("--max-verifications", type=int, default=12, help="end-to-end verification rounds per plan")
     ap.add_argument("--json-dir", default=None, help="also write each plan's full JSON report here")
     args = ap.parse_args()
+    shared = {"effnet": ("EfficientNet-Lite0", EFFNET, photos_split, "effnet"),
+              "det": ("ddddocr detector", DETECTOR, detector_split, "det")}
     for name in args.models.split(","):
-        if name == "effnet":
-            if not EFFNET.exists() or not PHOTOS.exists():
-                console.print(f"skipping EfficientNet-Lite0: {EFFNET} or {PHOTOS} is absent (../shared)")
+        if name in shared:
+            title, path, split_of, key = shared[name]
+            if not path.exists() or not PHOTOS.exists():
+                console.print(f"skipping {title}: {path} or {PHOTOS} is absent (../shared)")
                 continue
-            bench("EfficientNet-Lite0", str(EFFNET), photos_split(), args.effnet_plugin, args.effnet_budget,
-                  [float(r) for r in args.effnet_ratios.split(",")], _kv(args.effnet_options), args.workers, None,
-                  args.json_dir, args.max_verifications)
-        elif name == "det":
-            if not DETECTOR.exists() or not PHOTOS.exists():
-                console.print(f"skipping the detector: {DETECTOR} or {PHOTOS} is absent (../shared)")
-                continue
-            bench("ddddocr detector", str(DETECTOR), detector_split(), args.det_plugin, args.det_budget,
-                  [float(r) for r in args.det_ratios.split(",")], _kv(args.det_options), args.workers, None,
-                  args.json_dir, args.max_verifications)
+            model, split = str(path), split_of()
         elif name in ("vgg19", "resnet50"):
-            m = zoo.load(name, seed=0)
-            split = random_split(m)
-            m = zoo.set_batchnorm_statistics(m, split.calib)
-            bench(f"{name} (zoo, seeded weights)", m, split, args.zoo_plugin, args.zoo_budget,
-                  [float(r) for r in args.zoo_ratios.split(",")], _kv(args.zoo_options), args.workers, None,
-                  args.json_dir, args.max_verifications)
+            model = zoo.load(name, seed=0)
+            split = random_split(model)
+            model = zoo.set_batchnorm_statistics(model, split.calib)
+            title, key = f"{name} (zoo, seeded weights)", "zoo"
         else:
             raise SystemExit(f"unknown model {name!r}; choose effnet, det, vgg19, resnet50")
+        a = vars(args)
+        bench(title, model, split, a[f"{key}_plugin"], a[f"{key}_budget"],
+              [float(r) for r in a[f"{key}_ratios"].split(",")], _kv(a[f"{key}_options"]), args.workers, None,
+              args.json_dir, args.max_verifications)
 
 
 if __name__ == "__main__":

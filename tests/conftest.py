@@ -14,6 +14,15 @@ def vgg19():
     return zoo.load("vgg19", seed=0)
 
 
+@pytest.fixture
+def cnn_copy(tmp_path):
+    """The sample CNN copied into the test's folder: commands may write next to it."""
+    from tests.models import CNN
+    p = tmp_path / "cnn.onnx"
+    p.write_bytes(CNN.read_bytes())
+    return p
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_guard_cache(tmp_path_factory):
     """Latency-guard verdicts go to a per-run cache, never the user's ~/.cache."""

@@ -34,13 +34,6 @@ def third_party(tmp_path, monkeypatch):
     surgeon.plugin._default = None
 
 
-@pytest.fixture
-def cnn_copy(tmp_path):
-    p = tmp_path / "cnn.onnx"
-    p.write_bytes(CNN.read_bytes())
-    return p
-
-
 def test_plugins_lists_builtins_and_third_party(third_party):
     r = runner.invoke(app, ["plugins", "--json", "-"])
     assert r.exit_code == 0, r.output

@@ -23,10 +23,8 @@ def files(folder) -> list[str]:
 
 
 @pytest.fixture
-def cnn(tmp_path):
-    p = tmp_path / "cnn.onnx"
-    p.write_bytes(CNN.read_bytes())
-    return p
+def cnn(cnn_copy):
+    return cnn_copy
 
 
 def custom_op_model(tmp_path):
