@@ -152,3 +152,13 @@ def test_touched_node_timing_sees_only_the_nodes_a_prune_changes():
     assert lat["ratio_low"] <= lat["ratio"] <= lat["ratio_high"]
     same = sweep.measure_touched(m.SerializeToString(), m.SerializeToString(), feed, 1, 0.1)
     assert same["touched"] == 0 and same["original_ms"] == same["ms"] == 0.0
+
+
+def test_layer_savings_use_one_original_time_per_layer():
+    """A busy moment inflates one measurement's absolute times, not its A/B ratio: the saving
+    is the layer's median original time times (1 - ratio)."""
+    t = [{"layer": "a", "ratio": 0.25, "original_ms": 2.0, "ms": 0.5},
+         {"layer": "a", "ratio": 0.5, "original_ms": 8.0, "ms": 4.0},  # measured while busy
+         {"layer": "a", "ratio": 0.75, "original_ms": 2.2, "ms": 1.65}]
+    sweep._common_original_time(t)
+    assert [round(x["saved_ms"], 6) for x in t] == [round(2.2 * 0.75, 6), round(2.2 * 0.5, 6), round(2.2 * 0.25, 6)]
