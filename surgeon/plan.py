@@ -474,13 +474,18 @@ def _correct(path, cut, verify, options, popts: PlanOptions, width: int, budget:
     state = best[0][1]
     banned: dict[str, float] = {}  # layer -> the mildest ratio that failed
     while rounds < popts.max_verifications:
-        moves = _moves(options, state, banned)[:width]
+        moves, picked = [], set()
+        for m in _moves(options, state, banned):  # one move per layer and round
+            if m[1] not in picked and len(moves) < width:
+                moves.append(m)
+                picked.add(m[1])
         if not moves:
             break
         trials = [{**state, name: o.ratio} for _, name, o in moves]
         rows = run(trials, "refine")
         for (_, name, o), r in zip(moves, rows):
-            if not r["meets"]:
+            mildest = [x.ratio for x in options[name]].index
+            if not r["meets"] and (name not in banned or mildest(o.ratio) < mildest(banned[name])):
                 banned[name] = o.ratio
         state = best[0][1]
     return state, True

@@ -176,3 +176,26 @@ def test_correction_keeps_a_uniform_seed_that_beats_the_path():
     state, ok = plan._correct(path, plan._predicted_cut(path, budget, options), verify, options,
                               plan.PlanOptions("tucker", Budgets(max_drift=0.1), max_verifications=6), 2, budget, seeds)
     assert ok and state == {"b": 0.5, "c": 0.5}
+
+
+def test_refinement_never_repeats_a_failed_move():
+    """Single moves: one per layer and round; once a layer's move fails, neither it nor a
+    stronger setting of that layer is verified again."""
+    O = plan.Option
+    options = {"a": [O(0.5, 0.01, 0, 0, 1.0, 0, ""), O(0.25, 0.02, 0, 0, 2.0, 0, "")],
+               "b": [O(0.5, 0.05, 0, 0, 0.5, 0, ""), O(0.25, 0.06, 0, 0, 0.6, 0, "")]}
+    log = []
+    verify = _fake_verify(lambda s: 0.5 if "a" in s else 0.05, 0.1, log)
+    budget = plan._Budget(Budgets(max_drift=0.1), None)
+    state, ok = plan._correct([{}, {"b": 0.5}], 1, verify, options,
+                              plan.PlanOptions("tucker", Budgets(max_drift=0.1), max_verifications=10), 2, budget)
+    assert ok and state == {"b": 0.25}
+    trials = [tuple(sorted(s.items())) for why, s in log]
+    assert len(trials) == len(set(trials))
+    strength = {0.5: 0, 0.25: 1}
+    failed_a = None  # once a fails at some strength, no later trial puts a there or stronger
+    for why, s in log:
+        if why == "refine" and "a" in s:
+            assert failed_a is None or strength[s["a"]] < failed_a
+            failed_a = strength[s["a"]] if failed_a is None else min(failed_a, strength[s["a"]])
+    assert failed_a is not None  # a was tried, and failed
