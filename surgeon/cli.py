@@ -756,14 +756,14 @@ def _print_plan(res) -> None:
     v = res.final.get("validation") or {}
     lat = v.get("latency") or {}
     p = res.predicted
-    summary = [["drift", _fmt(p.get("drift"), "{:.4f}") + " (sum)", _fmt(v.get("worst_rel_l2"), "{:.4f}")],
+    summary = [["drift", _fmt(p.get("drift"), "{:.4f}") + " (quadrature)", _fmt(v.get("worst_rel_l2"), "{:.4f}")],
                ["agreement", _fmt(1 - p["disagreement"], "{:.2%}") if "disagreement" in p else "-",
                 _fmt(v.get("top1_agreement"), "{:.2%}")],
                ["latency vs original", _fmt(p.get("latency_ratio"), "{:.3f}"), _fmt(lat.get("ratio"), "{:.3f}")],
                ["MACs", "-", report.human(res.final.get("macs"))]]
     if v.get("accuracy"):
         summary.append(["accuracy", "-", f"{v['accuracy']['original']:.2%} -> {v['accuracy']['candidate']:.2%}"])
-    out.print(report.table("plan: predicted (layers alone, added up) vs measured end to end", ["", "predicted", "measured"],
+    out.print(report.table("plan: predicted (layers alone, combined) vs measured end to end", ["", "predicted", "measured"],
                            summary))
     if res.best_uniform:
         u = res.best_uniform
