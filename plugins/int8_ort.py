@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from surgeon.calibration import DataSet
-from surgeon.plugins.int8_float import keep_weights_float
+from surgeon.plugins.int8_float import float_outputs, keep_weights_float
 from surgeon.model import scratch_cwd
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.validate import drift_metrics, looks_like_scores, run, session, with_outputs
@@ -167,6 +167,9 @@ def quantize_static(model: onnx.ModelProto, data: DataSet, cfg: StaticConfig, ex
     q, guarded = keep_weights_float(onnx.load(out))
     if guarded:
         log.info("int8: %d float node(s) guarded against onnxruntime's load-time weight quantization", len(guarded))
+    q, floats = float_outputs(q, model)  # 8-bit logits tie and drift for no speed (plugins/int8_float.py)
+    if floats:
+        log.info("int8: output(s) %s left in float", ", ".join(floats))
     return q
 
 

@@ -86,3 +86,55 @@ def test_guard_is_exact_and_only_touches_float_weights():
     assert list(scale.dims) == [8] and helper.get_attribute_value(dq.attribute[0]) == 1
     # quantized conv1 (weight from a DequantizeLinear) is never guarded
     assert not any(n.name.startswith("conv1/int8/float_input") for n in q.graph.node)
+
+
+def test_logits_from_a_gemm_stay_float():
+    """The classifier's Gemm writes the graph output itself (no 8-bit logits). Putting a U8
+    Q/DQ pair back on the output changes it by at most half that pair's scale (the range covers
+    the rows, so nothing clips), and float_outputs removes exactly that pair again: the output
+    is then bit-identical to the plugin's."""
+    from surgeon.plugins import int8_ort
+    from tests.models import MLP, MLP_CALIB
+    m = surgeon.load(MLP)
+    data = surgeon.load_data(MLP_CALIB, m)
+    q = surgeon.apply(m, "int8", {"weight_rounding": "nearest", "bias_correction": "off"}, data=data).model
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"
+    x = next(iter(data.batches(64)))
+
+    def logits(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    y_float = logits(q)
+    lo = min(float(y_float.min()), 0.0)
+    scale = np.float32((float(y_float.max()) - lo) / 255)
+    zp = np.uint8(round(-lo / float(scale)))
+    back = onnx.ModelProto()
+    back.CopyFrom(q)
+    next(n for n in back.graph.node if n.output[0] == "logits").output[0] = "logits_f"
+    back.graph.initializer.extend([numpy_helper.from_array(np.array(scale), "o_s"),
+                                   numpy_helper.from_array(np.array(zp), "o_z")])
+    back.graph.node.extend([helper.make_node("QuantizeLinear", ["logits_f", "o_s", "o_z"], ["logits_q"], name="oq"),
+                            helper.make_node("DequantizeLinear", ["logits_q", "o_s", "o_z"], ["logits"], name="odq")])
+    err = np.abs(logits(back) - y_float)
+    assert 0 < err.max() <= float(scale) / 2 * (1 + 1e-5)
+    again, changed = int8_ort.float_outputs(back)
+    assert changed == ["logits"]
+    assert np.array_equal(logits(again), y_float)
+
+
+def test_a_relu_after_the_gemm_keeps_its_output_pair():
+    """quantize_static folds a Relu after a Gemm into the output's Q range; that pair is the
+    Relu, so it stays, and the outputs stay non-negative."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="gemm", transB=1),
+             helper.make_node("Relu", ["g"], ["y"], name="relu")]
+    model = checked(make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 8])],
+                               [init("w", rng.standard_normal((8, 16)).astype(np.float32)),
+                                init("b", np.zeros(8, np.float32))]))
+    data = DataSet({"x": rng.standard_normal((32, 16)).astype(np.float32)}, source="test")
+    q = surgeon.apply(model, "int8", {"weight_rounding": "nearest", "bias_correction": "off"}, data=data).model
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert producer["y"].op_type == "DequantizeLinear"
+    y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data.inputs["x"]})[0]
+    assert y.min() >= 0 and (y == 0).any()

@@ -180,16 +180,17 @@ def test_default_calibration_keeps_the_ranges_with_the_lower_drift():
     common = {"equalize": "off", "bias_correction": "off", "weight_rounding": "nearest"}
     res = surgeon.apply(model, "int8", common, data=ds)
     choice = res.extras["calibration_choice"]
-    # on this graph percentile is (slightly) lower: 0.06712 vs 0.06726
-    assert choice["percentile"]["rel_l2"] < choice["minmax"]["rel_l2"]
-    assert choice["kept"].startswith("percentile")
-    # reference: onnxruntime's own percentile calibration gives the same model
-    ref = surgeon.apply(model, "int8", {**common, "calibration": "percentile"}, data=ds)
+    # the two are close on this graph (float logits: 0.066136 vs 0.066135); the lower one is kept
+    lower = min(("percentile", "minmax"), key=lambda k: choice[k]["rel_l2"])
+    assert choice["percentile"]["rel_l2"] != choice["minmax"]["rel_l2"]
+    assert choice["kept"].startswith(lower)
+    # reference: onnxruntime's own calibration of that kind gives the same model
+    ref = surgeon.apply(model, "int8", {**common, "calibration": lower}, data=ds)
     assert checked(res.model).SerializeToString(deterministic=True) == ref.model.SerializeToString(deterministic=True)
     x = ds.inputs
     fl = run(model, x)[0]
     mm = surgeon.apply(model, "int8", {**common, "calibration": "minmax"}, data=ds).model
-    assert rel_l2(fl, run(res.model, x)[0]) == pytest.approx(choice["percentile"]["rel_l2"], rel=1e-5)
+    assert rel_l2(fl, run(res.model, x)[0]) == pytest.approx(choice[lower]["rel_l2"], rel=1e-5)
     assert rel_l2(fl, run(mm, x)[0]) == pytest.approx(choice["minmax"]["rel_l2"], rel=1e-5)
 
 
