@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from surgeon.plugins import int8_cost as ic
 from surgeon.plugins import int8_fallback as fb
 from surgeon.plugins import int8_explain as ie
 from surgeon.plugins import int8_gptq as gq
@@ -92,6 +93,9 @@ class Int8Options:
                 "each activation tensor's and each layer's drift alone, range statistics of the worst tensors"})
     probe_limit: int = field(default=24, metadata={
         "help": "rank fallback candidates by measuring each in float when there are at most this many"})
+    fallback_order: Literal["per-ms", "drift"] = field(default="per-ms", metadata={
+        "help": "fallback: keep in float first the nodes that gain the most drift per millisecond of kernel "
+                "time they lose (per-ms, measured with onnxruntime's profiler), or by drift alone"})
 
     def check(self) -> None:
         if self.bits not in (2, 4, 8):
@@ -369,7 +373,15 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         extras["fallback"] = {
             "budget": budget.describe(), "met": result.met, "kept_float": result.kept_float,
             "drift_before": result.before, "drift_after": m, "ranking_method": result.ranking_method,
-            "ranking": result.ranking[:10], "trials": len(trials.memo)}
+            "ranking": result.ranking[:10], "trials": len(trials.memo),
+            "float_ms_lost": {n: result.ms_lost[n] for n in result.kept_float if n in result.ms_lost}}
+        if result.kept_float:  # what the float nodes cost, against the same quantization with none
+            from surgeon.sweep import measure_ab
+            lat = measure_ab(q_uncorrected.SerializeToString(), q.SerializeToString(),
+                             data["calib"].first_batch(1), ctx.threads, 2.0)
+            extras["fallback"]["latency_vs_all_int8"] = lat
+            log.info("int8 fallback: %d node(s) in float; latency %.3fx of the all-int8 model (95%% interval "
+                     "%.3f-%.3f, batch 1)", len(result.kept_float), lat["ratio"], lat["ratio_low"], lat["ratio_high"])
         if not result.met:
             msg = (f"int8: the budget ({budget.describe()}) is not met even with every candidate node in float; "
                    f"returning the best model found ({_show(m)})")
@@ -405,6 +417,11 @@ def fallback(pre, q, m, trials: fb.Trials, budget: fb.Budget, excluded, calib, o
         stats = io.paired_stats(pre, q, candidates, calib, ctx.threads)
         res.ranking = fb.rank_by_added_error(candidates, {k: v["rel_err"] for k, v in stats.items()},
                                              nearest_candidates(pre, set(candidates)))
+    if opts.fallback_order == "per-ms":
+        feed = calib.first_batch(1)
+        res.ms_lost = ic.float_costs(pre, q, feed, ctx.threads, [n for n, _ in res.ranking])
+        res.ranking = fb.per_millisecond(res.ranking, res.ms_lost)
+        res.ranking_method += ", per millisecond of kernel time the node loses in float (onnxruntime profile)"
     order = [n for n, _ in res.ranking]
     res.kept_float, res.met = fb.search(order, trials, budget)
     res.after = trials(frozenset(res.kept_float))[1]

@@ -56,6 +56,7 @@ class FallbackResult:
     after: Metrics = field(default_factory=dict)
     met: bool = True
     trials: int = 0
+    ms_lost: dict[str, float] = field(default_factory=dict)  # measured float cost per candidate
 
 
 class Trials:
@@ -95,6 +96,18 @@ def rank_by_added_error(candidates: list[str], node_error: dict[str, float],
         upstream = [node_error[p] for p in inputs_of.get(name, []) if p in node_error]
         scores.append((name, node_error[name] - (max(upstream) if upstream else 0.0)))
     return sorted(scores, key=lambda t: (-t[1], t[0]))
+
+
+def per_millisecond(ranking: list[tuple[str, float]], ms_lost: dict[str, float],
+                    floor_ms: float = 0.005) -> list[tuple[str, float]]:
+    """The ranking re-ordered by drift gained per millisecond lost: score / max(ms, floor_ms).
+    A node whose cost was not measured is charged the median measured cost; nodes whose float
+    version helps nothing (score <= 0) go last, in their old order."""
+    known = [v for v in ms_lost.values()]
+    typical = float(sorted(known)[len(known) // 2]) if known else 1.0
+    helps = [(n, s / max(ms_lost.get(n, typical), floor_ms)) for n, s in ranking if s > 0]
+    rest = [(n, 0.0) for n, s in ranking if s <= 0]
+    return sorted(helps, key=lambda t: (-t[1], t[0])) + rest
 
 
 def search(order: list[str], trials: Trials, budget: Budget, fixed: frozenset[str] = frozenset()) -> tuple[list[str], bool]:

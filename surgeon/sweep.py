@@ -187,7 +187,7 @@ def measure_ab(original: bytes, candidate: bytes, feed: dict[str, np.ndarray], t
             "ratio_high": high, "pairs": lb.runs}
 
 
-def _kernel_times(profile_json: str) -> list[dict[str, tuple[str, float]]]:
+def kernel_times(profile_json: str) -> list[dict[str, tuple[str, float]]]:
     """Per run: node -> (its input/output shapes, kernel milliseconds), from an onnxruntime profile."""
     import bisect
     import json
@@ -231,7 +231,7 @@ def measure_touched(original: bytes, candidate: bytes, feed: dict[str, np.ndarra
             for s in ((sa, sb) if i % 2 == 0 else (sb, sa)):
                 s.run(None, feed)
             i += 1
-        ra, rb = _kernel_times(sa.end_profiling())[3:], _kernel_times(sb.end_profiling())[3:]
+        ra, rb = kernel_times(sa.end_profiling())[3:], kernel_times(sb.end_profiling())[3:]
     shapes_a = {n: v[0] for n, v in ra[0].items()}
     shapes_b = {n: v[0] for n, v in rb[0].items()}
     touched_a = [n for n in shapes_a if shapes_b.get(n) != shapes_a[n]]

@@ -395,3 +395,26 @@ def test_old_opset_is_upgraded_or_refused_clearly():
     res = surgeon.apply(model, "int8", {}, data=ds)
     assert "opset upgraded from 9 to 13" in res.extras["opset"]
     assert "fc" in quantized_nodes(checked(res.model))
+
+
+def test_fallback_order_is_drift_gained_per_millisecond_lost():
+    """With an injected cost table: a gains the most drift but costs 5 ms in float, b a little
+    less for 0.5 ms, c nothing; unmeasured d is charged the median cost (0.5 ms)."""
+    from surgeon.plugins import int8_fallback as fb
+    ranking = [("a", 0.10), ("b", 0.08), ("d", 0.04), ("c", 0.0)]
+    got = fb.per_millisecond(ranking, {"a": 5.0, "b": 0.5, "c": 0.1})
+    assert [n for n, _ in got] == ["b", "d", "a", "c"]
+    assert got[0][1] == pytest.approx(0.16) and got[1][1] == pytest.approx(0.08) and got[2][1] == pytest.approx(0.02)
+
+
+def test_fallback_reports_what_the_float_nodes_cost():
+    model = sensitive_mlp()
+    ds = DataSet({"x": np.random.default_rng(3).standard_normal((96, 16)).astype(np.float32)}, source="test")
+    res = surgeon.apply(model, "int8", {"max_drift": 0.05}, data=ds)
+    fbk = res.extras["fallback"]
+    assert fbk["met"] and "per millisecond" in fbk["ranking_method"]
+    assert set(fbk["float_ms_lost"]) <= set(fbk["kept_float"]) and all(v >= 0 for v in fbk["float_ms_lost"].values())
+    lat = fbk["latency_vs_all_int8"]
+    assert lat["ratio_low"] <= lat["ratio"] <= lat["ratio_high"] and lat["pairs"] >= 10
+    drift_only = surgeon.apply(model, "int8", {"max_drift": 0.05, "fallback_order": "drift"}, data=ds)
+    assert "per millisecond" not in drift_only.extras["fallback"]["ranking_method"]
