@@ -153,56 +153,35 @@ class GemmToSvd(GraphPlugin):
         fit, note = opts.fit_mode(ctx.data)
         if fit == "data" and len(cand.data["group"]) > 1:
             fit, note = "weights", "weight shared by several layers: fitted to the weights"
-        sample = self._sample(graph, node, ctx, opts) if fit == "data" else None
-        if fit == "data" and (sample is None or len(sample.rows) < 2):
+        sample, fitted = self._data_fit(graph, node, ctx, opts) if fit == "data" else (None, None)
+        if fit == "data" and fitted is None:
             fit, note = "weights", "no calibration rows reached this layer"
-        # The mean shift moves into Gemm's C when there is a constant C or none; otherwise
-        # (MatMul, a C computed at run time) the fit is uncentred and needs no bias.
-        c_value = constant_value(bias) if bias is not None else None
-        centered = node.op == "Gemm" and (bias is None or (c_value is not None and c_value.size in (1, n_out)))
+        shift, out_error = None, None
         if fit == "data":
-            factors = lowrank.data_linear(alpha * w.astype(np.float64), sample.rows, sample.target,
-                                          centered=centered, damp=opts.damp)
+            if fitted.skip:
+                return Skip(node.name, node.op, fitted.skip)
+            r = fitted.ranks[0]
+            if fitted.kind == "weights":  # the weight fit won on held-out samples
+                f = fitted.weights[2]
+                a, b = f.a.astype(w.dtype), (alpha * f.b).astype(w.dtype)
+            else:
+                fa, fb = fitted.factors
+                a, b = fa.astype(w.dtype), fb.astype(w.dtype)  # alpha is in W already
+                shift = fitted.shift
+                f = Factors(fa, fb / alpha if alpha else fb, fitted.values)
+            out_error = fitted.out_error
         else:  # a rank from ratio or rank= needs no spectrum: then only r vectors are computed, below
             factors = matrix_factors(w) if opts.energy is not None else None
-        r = matrix_rank(opts, factors.values if factors is not None else np.zeros(0), w.shape, explicit=opts.rank,
-                        default_ratio=DEFAULT_RATIO)
-        before, after = n_in * n_out, r * (n_in + n_out)
-        if after >= before and not opts.allow_growth:
-            return Skip(node.name, node.op, f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} "
-                                            f">= {n_in} x {n_out} = {before} (needs rank < "
-                                            f"{before / (n_in + n_out):.1f})")
-
-        shift, choice = None, None
-        if fit == "data":
-            c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
-            aw = alpha * w.astype(np.float64)
-            kind = "sequential" if sample.target is not None else "data"
-            if opts.select == "heldout":
-                weights = factorize(w, r)
-                choice = lowrank.choose_fit(
-                    aw, sample.rows, sample.target, sample.groups,
-                    lowrank.linear_trials(aw, sample.rows, sample.target, r, centered=centered, damp=opts.damp,
-                                          weights_approx=alpha * (weights.a @ weights.b), bias=c_row), c_row)
-                kind = choice.choice if choice is not None else kind
-            if kind == "data" and sample.target is not None:  # whitened on the rewritten graph's inputs
-                factors = lowrank.data_linear(aw, sample.rows, None, centered=centered, damp=opts.damp)
-            elif kind == "original":  # whitened on the original model's inputs
-                factors = lowrank.data_linear(aw, sample.target, None, centered=centered, damp=opts.damp)
-        if fit == "data" and kind != "weights":
-            fitted = factors.fit(r, c_row)
-            a, b = fitted.a.astype(w.dtype), fitted.b.astype(w.dtype)  # alpha is in W already
-            shift = fitted.shift if centered else None
-            f = Factors(fitted.a, fitted.b / alpha if alpha else fitted.b, factors.values)
-            out_error = fitted.out_error
-        else:
-            if fit == "data":  # the weight fit won on held-out samples
-                f = weights
-                out_error = lowrank.output_error(aw, alpha * (f.a @ f.b), sample.rows, sample.target, 0.0, c_row)
-            else:
-                f = factorize(w, r, factors)
+            r = matrix_rank(opts, factors.values if factors is not None else np.zeros(0), w.shape, explicit=opts.rank,
+                            default_ratio=DEFAULT_RATIO)
+            refusal = _saves_nothing(r, n_in, n_out, opts)
+            if refusal:
+                return Skip(node.name, node.op, refusal)
+            f = factorize(w, r, factors)
             a = f.a.astype(w.dtype)
             b = (alpha * f.b).astype(w.dtype)  # alpha folded into the second factor
+        before, after = n_in * n_out, r * (n_in + n_out)
+        c_value = constant_value(bias) if bias is not None else None
 
         chain = Chain(graph, node, "svd")
         x = node.inputs[0]
@@ -237,7 +216,7 @@ class GemmToSvd(GraphPlugin):
         details = self._details(ctx, x, w, a, b, alpha, f.s, f.energy, r, before, after)
         details["fit"] = fit
         if fit == "data":
-            details.update(layer_stats.report(sample, out_error, kind, choice))
+            details.update(layer_stats.report(sample, out_error, fitted.kind, fitted.choice))
         if note:
             details["fit_note"] = note
         log.debug("%s: rank %d of %d (%s fit), rel. error %.3g", node.name, r, n, fit, details["rel_error"])
@@ -246,10 +225,36 @@ class GemmToSvd(GraphPlugin):
         # later users of a shared weight follow the first one's guard verdict
         return Rewrite(chain.nodes, details, timed=shared is None)
 
-    @staticmethod
-    def _sample(graph: gs.Graph, node: gs.Node, ctx: Context, opts: SvdOptions):
-        """A sample of this layer's input rows on the graph as rewritten so far."""
-        return layer_stats.layer_sample(graph, node.name, ctx, opts, layer_stats.fc_request, "svd")
+    def _data_fit(self, graph: gs.Graph, node: gs.Node, ctx: Context, opts: SvdOptions):
+        """(sample, lowrank.LayerFit) of this layer on the graph as rewritten so far; the fits of
+        a stage's layers run in parallel when its samples are drawn (layer_stats.layer_fit)."""
+        return layer_stats.layer_fit(graph, node.name, ctx, opts, layer_stats.fc_request, "svd",
+                                     lambda n, sample, o: self._fit_job(n, sample, o))
+
+    def _fit_job(self, node: gs.Node, sample: layer_stats.Sample, opts: SvdOptions):
+        """The data-aware fit of one layer as a closure (None: not a candidate, or a shared weight)."""
+        cand = self._select_gemm(node) if node.op == "Gemm" else self._select_matmul(node) if node.op == "MatMul" \
+            else None
+        if not isinstance(cand, Candidate) or opts.fit != "data" or len(cand.data["group"]) > 1:
+            return None
+        w, alpha, beta = cand.data["w"], cand.data["alpha"], cand.data["beta"]
+        n_in, n_out = w.shape
+        bias = input_or_none(node, 2) if node.op == "Gemm" else None
+        # The mean shift moves into Gemm's C when there is a constant C or none; otherwise
+        # (MatMul, a C computed at run time) the fit is uncentred and needs no bias.
+        c_value = constant_value(bias) if bias is not None else None
+        centered = node.op == "Gemm" and (bias is None or (c_value is not None and c_value.size in (1, n_out)))
+        c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
+
+        def weights_pair(r):
+            f = factorize(w, r)
+            return f.a, alpha * f.b, f
+
+        return lambda: lowrank.fit_linear(
+            alpha * w.astype(np.float64), sample,
+            lambda values: matrix_rank(opts, values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO),
+            weights_pair, refuse=lambda r: _saves_nothing(r, n_in, n_out, opts), centered=centered, damp=opts.damp,
+            select=opts.select, bias=c_row, spectrum=opts.energy is not None)
 
     @staticmethod
     def _shared_factors(graph: gs.Graph, cand: Candidate, ctx: Context):
@@ -292,6 +297,15 @@ class GemmToSvd(GraphPlugin):
             "macs_before": rows * before if rows is not None else None,
             "macs_after": rows * after if rows is not None else None,
         }
+
+
+def _saves_nothing(r: int, n_in: int, n_out: int, opts: SvdOptions) -> str | None:
+    """Why a rank-r pair is not worth it (no fewer weights), or None."""
+    before, after = n_in * n_out, r * (n_in + n_out)
+    if after < before or opts.allow_growth:
+        return None
+    return (f"rank {r} saves no parameters: {r} x ({n_in} + {n_out}) = {after} >= {n_in} x {n_out} = {before} "
+            f"(needs rank < {before / (n_in + n_out):.1f})")
 
 
 def _refuse_weight(node: gs.Node, weight: gs.Tensor, value: np.ndarray) -> Skip | None:

@@ -150,49 +150,24 @@ class ConvToTucker(GraphPlugin):
         node, w = cand.node, cand.data["weight"]
         f, c, kernel = w.shape[0], w.shape[1], w.shape[2:]
         K = math.prod(kernel)
+        cost = _Cost(ctx, node, w)
         fit, note = opts.fit_mode(ctx.data)
-        sample = self._sample(graph, node, ctx, opts, tuple(kernel)) if fit == "data" else None
-        if fit == "data" and (sample is None or len(sample.rows) < 2):
+        sample, fitted = self._data_fit(graph, node, ctx, opts) if fit == "data" else (None, None)
+        if fit == "data" and fitted is None:
             fit, note = "weights", "no calibration rows reached this layer"
         if fit == "data":
-            spec = lowrank.data_channel_spectra(w, sample.rows, sample.target, opts.damp)
-            in_values, out_values = spec.in_values, spec.out_values
+            if fitted.skip:
+                return Skip(node.name, node.op, fitted.skip)
+            (r1, r2), (core, o, i), shift = fitted.ranks, fitted.factors, fitted.shift
         else:
             factors = lowrank.channel_factors(w)
-            in_values, out_values = factors.in_values, factors.out_values
-        r1, r2 = choose_ranks(opts, c, f, in_values, out_values, (c, f * K), (f, c * K))
-        cost = _Cost(ctx, node, w)
-        params_after = c * r1 + K * r1 * r2 + r2 * f + cost.bias
-        macs_after = cost.macs_in(c * r1) + cost.macs_out(K * r1 * r2 + r2 * f)
-        saving = self._saves_nothing(cost, params_after, macs_after, f"ranks {r1},{r2}", opts)
-        if saving is not None:
-            return Skip(node.name, node.op, saving)
-
-        shift, choice = None, None
-        if fit == "data":
-            bias_v = _bias_values(cand.data["bias"], f)
-            kind = "sequential" if sample.target is not None else "data"
-            if opts.select == "heldout":
-                weights = self._weight_tucker(w, r1, r2, opts)
-                choice = lowrank.choose_fit(
-                    w.reshape(f, -1).T, sample.rows, sample.target, sample.groups,
-                    lowrank.tucker_trials(w, sample.rows, sample.target, r1, r2, damp=opts.damp,
-                                          weights_approx=lowrank.tucker2_full(*weights), bias=bias_v), bias_v)
-                kind = choice.choice if choice is not None else kind
-            if kind == "weights":
-                core, o, i = weights
-                out_error = lowrank.output_error(w.reshape(f, -1).T, lowrank.tucker2_full(core, o, i).reshape(f, -1).T,
-                                                 sample.rows, sample.target, 0.0, bias_v)
-            else:
-                if kind == "data" and sample.target is not None:  # whitened on the rewritten graph's inputs
-                    spec = lowrank.data_channel_spectra(w, sample.rows, None, opts.damp)
-                elif kind == "original":  # whitened on the original model's inputs
-                    spec = lowrank.data_channel_spectra(w, sample.target, None, opts.damp)
-                fitted = lowrank.data_tucker2(spec, r1, r2, bias_v)
-                core, o, i, shift, out_error = (fitted.core, fitted.out_factor, fitted.in_factor, fitted.shift,
-                                                fitted.out_error)
-        else:
+            r1, r2 = choose_ranks(opts, c, f, factors.in_values, factors.out_values, (c, f * K), (f, c * K))
+            saving = self._saves_nothing(cost, *_tucker_after(cost, c, f, K, r1, r2), f"ranks {r1},{r2}", opts)
+            if saving is not None:
+                return Skip(node.name, node.op, saving)
             core, o, i = self._weight_tucker(w, r1, r2, opts, factors)
+            shift = None
+        params_after, macs_after = _tucker_after(cost, c, f, K, r1, r2)
         approx = lowrank.tucker2_full(core, o, i)
         error = lowrank.relative_error(w, approx)
 
@@ -209,14 +184,14 @@ class ConvToTucker(GraphPlugin):
         if bias is not None:
             out_inputs.append(bias)
         chain.op("Conv", "out", out_inputs, {"kernel_shape": ones}, dtype=node.outputs[0].dtype)
-        uses_data = fit == "data" and kind != "weights"
+        uses_data = fit == "data" and fitted.kind != "weights"
         details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if uses_data else opts.method,
                    "fit": fit, "rank_choice": opts.describe(),
                    "rel_error": error, "params_before": cost.params, "params_after": params_after,
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (K * c * f) / (c * r1 + K * r1 * r2 + r2 * f)}
         if fit == "data":
-            details.update(layer_stats.report(sample, out_error, kind, choice))
+            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         log.debug("%s: Tucker-2 ranks %d,%d (%s fit) error %.3g", node.name, r1, r2, fit, error)
@@ -231,13 +206,53 @@ class ConvToTucker(GraphPlugin):
             return lowrank.hooi_channels(w, r1, r2, factors, iterations=opts.iterations)
         return lowrank.hosvd_channels(w, r1, r2, factors)
 
-    @staticmethod
-    def _sample(graph: gs.Graph, node: gs.Node, ctx: Context, opts: TuckerOptions, kernel: tuple[int, ...]):
-        """A sample of this conv's input patches on the graph as rewritten so far."""
+    def _data_fit(self, graph: gs.Graph, node: gs.Node, ctx: Context, opts: TuckerOptions):
+        """(sample, lowrank.LayerFit) of this conv on the graph as rewritten so far; the fits of
+        a stage's convs run in parallel when its samples are drawn (layer_stats.layer_fit)."""
         def request(n: gs.Node):
             w = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
             return layer_stats.conv_request(n, tuple(w.shape[2:])) if w is not None and w.ndim >= 3 else None
-        return layer_stats.layer_sample(graph, node.name, ctx, opts, request, "tucker")
+        return layer_stats.layer_fit(graph, node.name, ctx, opts, request, "tucker",
+                                     lambda n, sample, o: self._fit_job(n, sample, ctx, o))
+
+    def _fit_job(self, node: gs.Node, sample: layer_stats.Sample, ctx: Context, opts: TuckerOptions):
+        """The data-aware fit of one conv as a closure (None: the conv is not a candidate)."""
+        cand = self._check(node, opts)
+        if isinstance(cand, Skip) or opts.fit != "data":
+            return None
+        w = cand.data["weight"]
+        f, c, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        cost, bias = _Cost(ctx, node, w), _bias_values(cand.data["bias"], f)
+        # ranks from a ratio or explicit ranks need no spectrum: then only the chosen fit runs on all rows
+        spectrum = opts.energy is not None or opts.rank_method == "vbmf"
+        if cand.data["pointwise"]:  # y = a x: in the x W orientation W = a^T
+            a = w.reshape(f, c).astype(np.float64)
+
+            def weights_pair(r):
+                left, right = lowrank.matrix_factors(a).pair(r)  # a ~ left @ right
+                return right.T, left.T, None
+
+            def rank_of(values):
+                return lowrank.matrix_rank(opts, values, (f, c), vbmf=opts.rank_method == "vbmf",
+                                           explicit=min(opts.ranks) if opts.ranks else None,
+                                           default_ratio=DEFAULT_RATIO)
+
+            def refuse_rank(r):
+                return self._saves_nothing(cost, r * (c + f) + cost.bias, cost.macs_out(r * c + f * r), f"rank {r}",
+                                           opts)
+
+            return lambda: lowrank.fit_linear(a.T, sample, rank_of, weights_pair, refuse=refuse_rank, damp=opts.damp,
+                                              select=opts.select, bias=bias, spectrum=spectrum)
+
+        def ranks_of(in_values, out_values):
+            return choose_ranks(opts, c, f, in_values, out_values, (c, f * K), (f, c * K))
+
+        def refuse(r1, r2):
+            return self._saves_nothing(cost, *_tucker_after(cost, c, f, K, r1, r2), f"ranks {r1},{r2}", opts)
+
+        return lambda: lowrank.fit_tucker(w, sample, ranks_of, lambda r1, r2: self._weight_tucker(w, r1, r2, opts),
+                                          refuse=refuse, damp=opts.damp, select=opts.select, bias=bias,
+                                          spectrum=spectrum)
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------
 
@@ -245,47 +260,29 @@ class ConvToTucker(GraphPlugin):
         node, w = cand.node, cand.data["weight"]
         f, c, nd = w.shape[0], w.shape[1], w.ndim - 2
         a = w.reshape(f, c).astype(np.float64)
+        cost = _Cost(ctx, node, w)
         fit, note = opts.fit_mode(ctx.data)
-        sample = self._sample(graph, node, ctx, opts, tuple(w.shape[2:])) if fit == "data" else None
-        if fit == "data" and (sample is None or len(sample.rows) < 2):
+        sample, fitted = self._data_fit(graph, node, ctx, opts) if fit == "data" else (None, None)
+        if fit == "data" and fitted is None:
             fit, note = "weights", "no calibration rows reached this layer"
         if fit == "data":
-            # y = a x: in the x W orientation W = a^T, whitened by the input covariance
-            factors = lowrank.data_linear(a.T, sample.rows, sample.target, damp=opts.damp)
+            if fitted.skip:
+                return Skip(node.name, node.op, fitted.skip)
+            (r,), (fa, fb), shift = fitted.ranks, fitted.factors, fitted.shift
+            left, right = fb.T, fa.T  # x a^T ~ (x A) B, so a ~ B^T A^T
         else:
             factors = lowrank.matrix_factors(a)
-        r = lowrank.matrix_rank(opts, factors.values, (f, c), vbmf=opts.rank_method == "vbmf",
-                                explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
-        cost = _Cost(ctx, node, w)
+            r = lowrank.matrix_rank(opts, factors.values, (f, c), vbmf=opts.rank_method == "vbmf",
+                                    explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
+            saving = self._saves_nothing(cost, r * (c + f) + cost.bias, cost.macs_out(r * c + f * r), f"rank {r}",
+                                         opts)
+            if saving is not None:
+                return Skip(node.name, node.op, saving)
+            left, right = factors.pair(r)
+            shift = None
         params_after = r * (c + f) + cost.bias
         # the first conv keeps the original strides, so both run at the output resolution
         macs_after = cost.macs_out(r * c + f * r)
-        saving = self._saves_nothing(cost, params_after, macs_after, f"rank {r}", opts)
-        if saving is not None:
-            return Skip(node.name, node.op, saving)
-        shift, choice = None, None
-        if fit == "data":
-            bias_v = _bias_values(cand.data["bias"], f)
-            kind = "sequential" if sample.target is not None else "data"
-            if opts.select == "heldout":
-                weights = lowrank.matrix_factors(a).pair(r)
-                choice = lowrank.choose_fit(
-                    a.T, sample.rows, sample.target, sample.groups,
-                    lowrank.linear_trials(a.T, sample.rows, sample.target, r, centered=True, damp=opts.damp,
-                                          weights_approx=(weights[0] @ weights[1]).T, bias=bias_v), bias_v)
-                kind = choice.choice if choice is not None else kind
-            if kind == "weights":
-                left, right = weights
-                out_error = lowrank.output_error(a.T, (left @ right).T, sample.rows, sample.target, 0.0, bias_v)
-            else:
-                if kind == "data" and sample.target is not None:
-                    factors = lowrank.data_linear(a.T, sample.rows, None, damp=opts.damp)
-                elif kind == "original":
-                    factors = lowrank.data_linear(a.T, sample.target, None, damp=opts.damp)
-                fitted = factors.fit(r, bias_v)                                  # x W ~ (x A) B
-                left, right, shift, out_error = fitted.b.T, fitted.a.T, fitted.shift, fitted.out_error  # a ~ B^T A^T
-        else:
-            left, right = factors.pair(r)
         error = lowrank.relative_error(a, left @ right)
 
         chain = Chain(graph, node, "tucker")
@@ -303,7 +300,7 @@ class ConvToTucker(GraphPlugin):
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (c * f) / (r * (c + f))}
         if fit == "data":
-            details.update(layer_stats.report(sample, out_error, kind, choice))
+            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         return Rewrite(chain.nodes, details)
@@ -319,6 +316,12 @@ class ConvToTucker(GraphPlugin):
             return None
         macs = f", MACs {cost.macs} -> {macs_after}" if cost.known else ""
         return f"{what} save neither parameters nor MACs (params {cost.params} -> {params_after}{macs})"
+
+
+def _tucker_after(cost: "_Cost", c: int, f: int, K: int, r1: int, r2: int) -> tuple[int, int]:
+    """(parameters, MACs) of the Tucker-2 triple at ranks R1, R2: the in conv runs at the input
+    resolution, the core and the out conv at the output's."""
+    return c * r1 + K * r1 * r2 + r2 * f + cost.bias, cost.macs_in(c * r1) + cost.macs_out(K * r1 * r2 + r2 * f)
 
 
 def _shifted_bias(chain: Chain, bias: gs.Tensor | None, shift: np.ndarray | None, dtype) -> tuple[gs.Tensor | None, str | None]:

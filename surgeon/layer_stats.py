@@ -200,6 +200,7 @@ class SequentialSampler:
     threads: int = 0
     original: object = None  # the model before any rewrite (ModelProto), the fits' target
     samples: dict[str, Sample] = field(default_factory=dict)
+    fits: dict[str, object] = field(default_factory=dict)  # layer -> its fit (or the exception it raised)
     runs: int = 0
 
     def stage_of(self, layer: str) -> list[str]:
@@ -211,8 +212,10 @@ class SequentialSampler:
         return [layer]
 
     def get(self, graph: gs.Graph, layer: str, data, request_for: Callable[[gs.Node], Request | None],
-            wants: Callable[[str], bool], changed: bool) -> Sample | None:
-        """`changed`: some layer was rewritten already, so the live graph is not the original."""
+            wants: Callable[[str], bool], changed: bool, job_for: Callable | None = None) -> Sample | None:
+        """`changed`: some layer was rewritten already, so the live graph is not the original.
+        `job_for(node, sample)`: the fit of a stage layer as a closure (or None); all of a
+        stage's fits run in parallel right after its samples are drawn (fit_of gives them)."""
         if layer in self.samples:
             return self.samples.pop(layer)
         from surgeon.model import to_model
@@ -229,9 +232,24 @@ class SequentialSampler:
         model = to_model(graph.copy()) if changed or self.original is None else self.original
         self.runs += 1
         log.debug("layer statistics pass %d on the rewritten graph: %d layers", self.runs, len(requests))
-        self.samples.update(collect(model, requests, data, rows=self.rows, seed=self.seed, threads=self.threads,
-                                    reference=self.original if changed else None))
+        drawn = collect(model, requests, data, rows=self.rows, seed=self.seed, threads=self.threads,
+                        reference=self.original if changed else None)
+        self.samples.update(drawn)
+        if job_for is not None:
+            from surgeon.lowrank import run_parallel
+
+            jobs = {name: job_for(nodes[name], sample) for name, sample in drawn.items() if len(sample.rows) >= 2}
+            # Before the first of them is rewritten: the guard then times each rewrite with no fit
+            # running beside it.
+            self.fits.update(run_parallel({k: j for k, j in jobs.items() if j is not None}))
         return self.samples.pop(layer, None)
+
+    def fit_of(self, layer: str):
+        """The fit job_for made for `layer` (None when there was none); raises what it raised."""
+        fit = self.fits.pop(layer, None)
+        if isinstance(fit, Exception):
+            raise fit
+        return fit
 
 
 def sampler_for(graph: gs.Graph, ctx, tag: str, passes: int, rows: int) -> SequentialSampler:
@@ -250,11 +268,21 @@ def sampler_for(graph: gs.Graph, ctx, tag: str, passes: int, rows: int) -> Seque
 def layer_sample(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.Node], Request | None],
                  tag: str) -> Sample | None:
     """The sample for one candidate (fit=data), collected on the graph as rewritten so far."""
+    return layer_fit(graph, layer, ctx, opts, request_for, tag)[0]
+
+
+def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.Node], Request | None], tag: str,
+              job_for: Callable | None = None) -> tuple[Sample | None, object]:
+    """(sample, fit) for one candidate (fit=data). When its stage's samples are drawn,
+    job_for(node, sample, layer_options) gives every stage layer's fit as a closure, and they run
+    in parallel (surgeon.lowrank.run_parallel); fit is this layer's result (None without job_for)."""
     sampler = sampler_for(graph, ctx, tag, opts.passes, opts.rows)
     data = ctx.data.take(min(opts.samples, len(ctx.data)))
     wants = lambda name: getattr(ctx.options_for(name, opts), "fit", "weights") == "data"
     changed = any(v == "rewritten" for v in ctx.outcomes.values())
-    return sampler.get(graph, layer, data, request_for, wants, changed)
+    jobs = None if job_for is None else (lambda node, sample: job_for(node, sample, ctx.options_for(node.name, opts)))
+    sample = sampler.get(graph, layer, data, request_for, wants, changed, jobs)
+    return sample, (sampler.fit_of(layer) if job_for is not None else None)
 
 
 def report(sample: Sample, out_error: float, kind: str, choice=None) -> dict:
@@ -278,5 +306,5 @@ def fc_request(node: gs.Node) -> Request:
     return Request(node.name, node.inputs[0].name, None)
 
 
-__all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_sample", "patches_at", "SequentialSampler", "sampler_for",
+__all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_fit", "layer_sample", "patches_at", "SequentialSampler", "sampler_for",
            "conv_request", "fc_request", "report"]

@@ -68,7 +68,7 @@ def left_singular(a: np.ndarray, rank: int | None = None) -> tuple[np.ndarray, n
 
 def _blas_threads(n: int):
     """One BLAS thread for a symmetric eigensolver below LARGE_GRAM, two from it on."""
-    if n < LARGE_GRAM:
+    if n < LARGE_GRAM or _pinned:
         return _single_blas_thread()
     try:
         from threadpoolctl import threadpool_limits
@@ -89,11 +89,19 @@ def _one_blas_thread(fn):
     return wrapped
 
 
+# > 0 while layer fits run in parallel (run_parallel): BLAS is then pinned to one thread for the
+# whole section, and the per-call limits below do nothing (a worker restoring "two threads" on
+# exit would otherwise change the other worker's thread count, and each call costs ~1 ms).
+_pinned = 0
+
+
 def _single_blas_thread():
     """LAPACK's symmetric eigensolver (tridiagonal reduction) gains nothing from a second
     OpenBLAS thread at these sizes and loses a lot when the cores are busy: measured on the
     2-core machine, eigh of a 1024 x 1024 Gram took 0.26-0.52 s on one thread vs 0.97-2.3 s
     on two. threadpoolctl (optional) pins it to one; without it nothing changes."""
+    if _pinned:
+        return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - depends on the environment
@@ -469,15 +477,27 @@ def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
 
 
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a^T b / rows, for the (rows x d) sample products: the one place float32 is used (GEMM
-    over a few thousand rows; measured 1.7x faster than float64 here), the sums returned in
-    float64 for the factorizations that follow."""
+    """a^T b / rows, for the (rows x d) sample products, in float32 (GEMM over a few thousand
+    rows; measured 1.7x faster than float64 here), the sums returned in float64 for the
+    factorizations that follow. Everything the size of the sample (centring, projections,
+    held-out scoring) stays float32 like the activations it comes from; only the d x d algebra
+    (Cholesky, eigh, solves) is float64."""
     prod = np.asarray(a, dtype=np.float32).T @ np.asarray(b, dtype=np.float32)
     return prod.astype(np.float64) / max(len(a), 1)
 
 
 # rows of the sample on which the reported output error is measured
 ERROR_ROWS = 512
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x - mean in float32, the mean in float64) for a float32 sample."""
+    mean = x.mean(0, dtype=np.float64)
+    return x - mean.astype(np.float32), mean
 
 
 def _relative(diff: np.ndarray, ref: np.ndarray) -> float:
@@ -527,7 +547,7 @@ class DataLinear:
         if not error:
             return LinearFit(a, b, shift, float("nan"))
         # the error is a report figure: measured on the first ERROR_ROWS rows, it costs little
-        x, t = self.x[:ERROR_ROWS], self.t[:ERROR_ROWS]
+        x, t = self.x[:ERROR_ROWS].astype(np.float64), self.t[:ERROR_ROWS].astype(np.float64)
         y = t @ self.w + bias
         y2 = (x @ a) @ b + bias + shift
         return LinearFit(a, b, shift, _relative(y2 - y, y))
@@ -537,10 +557,12 @@ class DataLinear:
 def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
                 damp: float = 1e-2) -> DataLinear:
     w = np.asarray(w, dtype=np.float64)
-    x = np.asarray(rows, dtype=np.float64)
-    t = x if target_rows is None else np.asarray(target_rows, dtype=np.float64)
-    mx, mt = x.mean(0), t.mean(0)
-    xc = x - mx if centered else x
+    x = _f32(rows)
+    t = x if target_rows is None else _f32(target_rows)
+    xc, mx = _centred(x)
+    tc, mt = (xc, mx) if target_rows is None else _centred(t)
+    if not centered:
+        xc, tc = x, t
     cov = _gram(xc, xc)
     if target_rows is None:
         return DataLinear(w, x, t, mx, mt, whitened_factors(w, cov, damp), centered)
@@ -550,7 +572,6 @@ def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None 
 
     # W* = argmin ||x~ W* - x W||^2 + damping ||W* - W||^2: directions the sample does not
     # excite keep W instead of collapsing to zero (and x~ = x gives W* = W exactly).
-    tc = t - mt if centered else t
     reg = regularised(cov, damp)
     chol = np.linalg.cholesky(reg)
     target = solve_triangular(chol, _gram(xc, tc) @ w + (reg - cov) @ w, lower=True)
@@ -603,15 +624,11 @@ def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.
     w = np.asarray(w, dtype=np.float64)
     f, c = w.shape[:2]
     K = int(np.prod(w.shape[2:]))
-    x = np.asarray(patches, dtype=np.float64)
-    mu = x.mean(0)
-    xc = x - mu
+    x = _f32(patches)
+    xc, mu = _centred(x)
     n = len(xc)
-    t = x if target_patches is None else np.asarray(target_patches, dtype=np.float64)
-    wf = w.reshape(f, -1)
-    y = (t.astype(np.float32) @ wf.T.astype(np.float32)).astype(np.float64)
-    ymean = y.mean(0)
-    y -= ymean
+    t = x if target_patches is None else _f32(target_patches)
+    y, ymean = _centred(t @ _f32(w.reshape(f, -1)).T)
     per_offset = xc.reshape(n, c, K).transpose(0, 2, 1).reshape(n * K, c)
     with _single_blas_thread():
         chol = np.linalg.cholesky(regularised(_gram(per_offset, per_offset), damp))
@@ -646,8 +663,8 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     wk = w.reshape(f, c, K)
     core0 = np.tensordot(o.T, np.tensordot(wk, spec.chol @ v, axes=(1, 0)), axes=(1, 0))  # (R2, K, R1)
     core0 = core0.transpose(0, 2, 1).reshape(r2, r1 * K)                                   # r1-major, k minor
-    h = np.tensordot(xc.reshape(n, c, K), b, axes=(1, 0)).transpose(0, 2, 1).reshape(n, r1 * K)
-    t = spec.responses @ o                                                                 # (n, R2)
+    h = np.tensordot(xc.reshape(n, c, K), _f32(b), axes=(1, 0)).transpose(0, 2, 1).reshape(n, r1 * K)
+    t = spec.responses @ _f32(o)                                                           # (n, R2)
     if refit:
         gram = _gram(h, h)
         lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
@@ -714,17 +731,16 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
     held = held_out(groups, n)
     if held.sum() < 1 or (~held).sum() < 2:
         return None
-    w = np.asarray(w, dtype=np.float64)
-    xh = np.asarray(rows[held], dtype=np.float64)
-    th = xh if target is None else np.asarray(target[held], dtype=np.float64)
-    y = th @ w
-    ref = y + bias
+    xh = _f32(rows[held])
+    th = xh if target is None else _f32(target[held])
+    y = th @ _f32(w)
+    ref = y + _f32(bias)
     errors = {}
     for name in FIT_CANDIDATES:
         if name in trials:
             approx, shift = trials[name](~held)  # W', or its factors (A, B): x A B is cheaper
-            out = (xh @ approx[0]) @ approx[1] if isinstance(approx, tuple) else xh @ approx
-            errors[name] = _relative(out + shift - y, ref)
+            out = (xh @ _f32(approx[0])) @ _f32(approx[1]) if isinstance(approx, tuple) else xh @ _f32(approx)
+            errors[name] = _relative(out + _f32(shift) - y, ref)
     best = min(errors, key=lambda k: (errors[k], FIT_CANDIDATES.index(k)))
     samples = len(np.unique(groups[held])) if groups is not None and len(groups) == n else 0
     return FitChoice(best, errors, int(held.sum()), samples)
@@ -779,3 +795,137 @@ def output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray, target: np
     t = x if target is None else np.asarray(target[:ERROR_ROWS], dtype=np.float64)
     y = t @ w
     return _relative(x @ approx + shift - y, y + bias)
+
+
+# --- one layer's data-aware fit, away from the graph --------------------------------------------
+#
+# Within a stage of the sequential fit every layer's sample is drawn before any of them is
+# rewritten, so their fits are independent: the plugins hand them to run_parallel as closures
+# over fit_linear / fit_tucker and splice the results in one by one afterwards.
+
+@dataclass
+class LayerFit:
+    """A layer's data-aware fit: its ranks, or why it is left alone (`skip`), the factors
+    (linear: (A, B) with x W ~ x A B; Tucker-2: (core, O, I)), the bias shift (None: keep the
+    bias), the output error on the sampled rows, which fit it got and the held-out choice."""
+
+    ranks: tuple[int, ...]
+    skip: str | None = None
+    factors: tuple = ()
+    shift: np.ndarray | None = None
+    out_error: float = float("nan")
+    kind: str = ""
+    choice: FitChoice | None = None
+    values: np.ndarray | None = None  # the spectrum of the fit the layer got (linear)
+    weights: object = None            # what weights_fit returned, when the weight fit won
+
+
+def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, centered: bool = True,
+               damp: float = 1e-2, select: str = "heldout", bias: np.ndarray | float = 0.0,
+               spectrum: bool = True) -> LayerFit:
+    """The data-aware rank-r fit of y = x W (+ b) on a layer_stats.Sample.
+
+    rank_of(values) -> r reads the sequential fit's spectrum (spectrum=False: the rank does not
+    depend on it, rank_of(None), and only the fit the layer gets is computed on all rows);
+    refuse(r) -> reason or None; weights_fit(r) -> (A, B, extra), the weight-space pair (a
+    held-out candidate)."""
+    rows, target = sample.rows, sample.target
+
+    def full(kind: str) -> DataLinear:  # the fit of `kind` on every sampled row
+        if kind == "original":  # whitened on the original model's inputs
+            return data_linear(w, target, None, centered=centered, damp=damp)
+        # sequential: aimed at the original outputs; data: whitened on the rewritten graph's inputs
+        return data_linear(w, rows, target if kind == "sequential" else None, centered=centered, damp=damp)
+
+    first = "sequential" if target is not None else "data"
+    factors = full(first) if spectrum else None
+    r = rank_of(factors.values if factors is not None else None)
+    why = refuse(r) if refuse is not None else None
+    if why:
+        return LayerFit((r,), why)
+    kind, choice, weights = first, None, None
+    if select == "heldout":
+        weights = weights_fit(r)
+        choice = choose_fit(w, rows, target, sample.groups,
+                            linear_trials(w, rows, target, r, centered=centered, damp=damp,
+                                          weights_approx=weights[0] @ weights[1], bias=bias), bias)
+        kind = choice.choice if choice is not None else kind
+    if kind == "weights":
+        a, b = weights[0], weights[1]
+        return LayerFit((r,), None, (a, b), None, output_error(w, a @ b, rows, target, 0.0, bias), kind, choice,
+                        weights=weights)
+    if factors is None or kind != first:
+        factors = full(kind)
+    fitted = factors.fit(r, bias)
+    return LayerFit((r,), None, (fitted.a, fitted.b), fitted.shift if centered else None, fitted.out_error, kind,
+                    choice, factors.values)
+
+
+def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, damp: float = 1e-2,
+               select: str = "heldout", bias: np.ndarray | float = 0.0, spectrum: bool = True) -> LayerFit:
+    """The data-aware Tucker-2 of a conv kernel w (f, c, *k) on a sample of its patches.
+
+    ranks_of(in_values, out_values) -> (R1, R2) reads the data-aware spectra (spectrum=False:
+    ranks_of(None, None), as fit_linear); refuse(R1, R2) -> reason or None;
+    weights_fit(R1, R2) -> (core, O, I), the weight-space Tucker-2."""
+    rows, target = sample.rows, sample.target
+    f = w.shape[0]
+
+    def full(kind: str) -> DataChannelSpectra:
+        if kind == "original":
+            return data_channel_spectra(w, target, None, damp)
+        return data_channel_spectra(w, rows, target if kind == "sequential" else None, damp)
+
+    first = "sequential" if target is not None else "data"
+    spec = full(first) if spectrum else None
+    r1, r2 = ranks_of(spec.in_values, spec.out_values) if spec is not None else ranks_of(None, None)
+    why = refuse(r1, r2) if refuse is not None else None
+    if why:
+        return LayerFit((r1, r2), why)
+    kind, choice, weights = first, None, None
+    flat = w.reshape(f, -1).T
+    if select == "heldout":
+        weights = weights_fit(r1, r2)
+        choice = choose_fit(flat, rows, target, sample.groups,
+                            tucker_trials(w, rows, target, r1, r2, damp=damp, weights_approx=tucker2_full(*weights),
+                                          bias=bias), bias)
+        kind = choice.choice if choice is not None else kind
+    if kind == "weights":
+        approx = tucker2_full(*weights).reshape(f, -1).T
+        return LayerFit((r1, r2), None, weights, None, output_error(flat, approx, rows, target, 0.0, bias), kind,
+                        choice)
+    if spec is None or kind != first:
+        spec = full(kind)
+    fitted = data_tucker2(spec, r1, r2, bias)
+    return LayerFit((r1, r2), None, (fitted.core, fitted.out_factor, fitted.in_factor), fitted.shift,
+                    fitted.out_error, kind, choice)
+
+
+def run_parallel(jobs: dict, workers: int | None = None) -> dict:
+    """Run independent layer fits (name -> zero-argument callable) on a pool of threads, each on
+    one BLAS thread (numpy and scipy release the GIL in BLAS/LAPACK, so two fits use two cores,
+    where one fit on two BLAS threads gained little: its solves are small). A fit that raises
+    gives its exception as the result, raised again where its layer is rewritten. Each fit does
+    the same arithmetic whatever the worker count, so the results repeat byte for byte."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _pinned
+
+    def guarded(job):
+        try:
+            return job()
+        except Exception as exc:  # noqa: BLE001 - reported on its own layer
+            return exc
+
+    workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    with _single_blas_thread():
+        _pinned += 1
+        try:
+            if workers == 1:
+                return {name: guarded(job) for name, job in jobs.items()}
+            with ThreadPoolExecutor(workers, thread_name_prefix="surgeon-fit") as pool:
+                futures = {name: pool.submit(guarded, job) for name, job in jobs.items()}
+                return {name: fut.result() for name, fut in futures.items()}
+        finally:
+            _pinned -= 1
