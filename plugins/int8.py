@@ -30,6 +30,7 @@ from surgeon.plugins import int8_graph as ig
 from surgeon.plugins import int8_ort as io
 from surgeon.plugins import int8_prepare as ip
 from surgeon.plugins import int8_ranges as ir
+from surgeon.plugins import int8_seqbias as sb
 from surgeon.calibration import DataSet, synthesize
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.plugin import Context, LayerReport, ModelPlugin
@@ -80,6 +81,9 @@ class Int8Options:
     # auto by default, on the small layers only (gptq_max_inputs): on EfficientNet-Lite0 that took the
     # held-out drift 0.067 -> 0.057 in about the time of the default run; GPTQ on every layer took 223 s
     # for 0.062 (docs/int8.md)
+    sequential_bias: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "move each Conv/Gemm bias so its output mean on the quantized model matches the float model's, "
+                "layer by layer in graph order (auto: kept if the drift drops)"})
     weight_rounding: Literal["auto", "gptq", "nearest"] = field(default="auto", metadata={
         "help": "nearest: round-to-nearest; gptq: integer weights minimising each layer's output error on the "
                 "calibration inputs (GPTQ/OBQ, slower); auto: gptq, kept only if the drift drops"})
@@ -344,6 +348,17 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
             info["kept"] = False
         extras["bias_correction"] = info
 
+    # Bias correction measured on the quantized model itself, layer by layer (int8_seqbias.py).
+    if opts.sequential_bias != "off":
+        ctx.tick(2, 4, "sequential bias correction")
+        q_s, sres = sb.sequential_bias_correction(pre_uncorrected, q, data["calib"], ctx.threads)
+        m_s = evaluate(q_s) if sres.layers else m
+        keep = bool(sres.layers) and (opts.sequential_bias == "on" or m_s["rel_l2"] < m["rel_l2"])
+        extras["sequential_bias"] = {**sres.summary(), "drift_before": m, "drift_after": m_s, "kept": keep}
+        if keep:
+            q, m = q_s, m_s
+            steps.append(("sequential bias correction", m["rel_l2"]))
+
     corrected = m
 
     # Accuracy-aware fallback.
@@ -361,6 +376,8 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
                 if n.name in kept and original_bias.get(n.name) is not None and len(n.input) > 2:
                     gk.set_init(n, 2, "bias", original_bias[n.name])
             qk = io.quantize_static(model_k, data["calib"], cfg, base_excl | kept, ws, cache)
+            # (no sequential bias correction: it was measured with every node int8, and a layer's
+            # shift changes when an upstream node goes float)
             return gq.transplant(gptq_from, qk) if gptq_from is not None else qk
 
         trials = fb.Trials(quantize_keeping, evaluate, lambda d: ctx.tick(3, 4, d))
