@@ -212,7 +212,8 @@ class SequentialSampler:
         return [layer]
 
     def get(self, graph: gs.Graph, layer: str, data, request_for: Callable[[gs.Node], Request | None],
-            wants: Callable[[str], bool], changed: bool, job_for: Callable | None = None) -> Sample | None:
+            wants: Callable[[str], bool], changed: bool, job_for: Callable | None = None,
+            progress: Callable[[int, int, str], None] | None = None) -> Sample | None:
         """`changed`: some layer was rewritten already, so the live graph is not the original.
         `job_for(node, sample)`: the fit of a stage layer as a closure (or None); all of a
         stage's fits run in parallel right after its samples are drawn (fit_of gives them)."""
@@ -241,7 +242,10 @@ class SequentialSampler:
             jobs = {name: job_for(nodes[name], sample) for name, sample in drawn.items() if len(sample.rows) >= 2}
             # Before the first of them is rewritten: the guard then times each rewrite with no fit
             # running beside it.
-            self.fits.update(run_parallel({k: j for k, j in jobs.items() if j is not None}))
+            stage = self.runs
+            tick = None if progress is None else (
+                lambda done, total, name: progress(done, total, f"fitting {total} layers at once (stage {stage}): {name}"))
+            self.fits.update(run_parallel({k: j for k, j in jobs.items() if j is not None}, progress=tick))
         return self.samples.pop(layer, None)
 
     def fit_of(self, layer: str):
@@ -281,7 +285,7 @@ def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.
     wants = lambda name: getattr(ctx.options_for(name, opts), "fit", "weights") == "data"
     changed = any(v == "rewritten" for v in ctx.outcomes.values())
     jobs = None if job_for is None else (lambda node, sample: job_for(node, sample, ctx.options_for(node.name, opts)))
-    sample = sampler.get(graph, layer, data, request_for, wants, changed, jobs)
+    sample = sampler.get(graph, layer, data, request_for, wants, changed, jobs, ctx.tick)
     return sample, (sampler.fit_of(layer) if job_for is not None else None)
 
 

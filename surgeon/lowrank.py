@@ -901,14 +901,15 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
                     fitted.out_error, kind, choice)
 
 
-def run_parallel(jobs: dict, workers: int | None = None) -> dict:
+def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
     """Run independent layer fits (name -> zero-argument callable) on a pool of threads, each on
     one BLAS thread (numpy and scipy release the GIL in BLAS/LAPACK, so two fits use two cores,
     where one fit on two BLAS threads gained little: its solves are small). A fit that raises
     gives its exception as the result, raised again where its layer is rewritten. Each fit does
-    the same arithmetic whatever the worker count, so the results repeat byte for byte."""
+    the same arithmetic whatever the worker count, so the results repeat byte for byte.
+    progress(done, total, name) is called (from this thread) as each fit finishes."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     global _pinned
 
@@ -922,10 +923,17 @@ def run_parallel(jobs: dict, workers: int | None = None) -> dict:
     with _single_blas_thread():
         _pinned += 1
         try:
+            tick = progress or (lambda done, total, name: None)
             if workers == 1:
-                return {name: guarded(job) for name, job in jobs.items()}
+                out = {}
+                for name, job in jobs.items():
+                    out[name] = guarded(job)
+                    tick(len(out), len(jobs), name)
+                return out
             with ThreadPoolExecutor(workers, thread_name_prefix="surgeon-fit") as pool:
-                futures = {name: pool.submit(guarded, job) for name, job in jobs.items()}
-                return {name: fut.result() for name, fut in futures.items()}
+                futures = {pool.submit(guarded, job): name for name, job in jobs.items()}
+                for done, fut in enumerate(as_completed(futures), 1):
+                    tick(done, len(jobs), futures[fut])
+                return {name: fut.result() for fut, name in futures.items()}
         finally:
             _pinned -= 1

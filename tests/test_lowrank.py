@@ -348,3 +348,12 @@ def test_ranks_without_a_spectrum_give_the_same_fit():
     for name in full:
         assert full[name].kind == lean[name].kind
         assert _flat(full[name]) == _flat(lean[name])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parallel_fits_report_progress_as_they_finish(workers):
+    seen = []
+    out = lowrank.run_parallel(_layer_jobs(), workers=workers, progress=lambda done, total, name: seen.append(
+        (done, total, name)))
+    assert [d for d, _, _ in seen] == [1, 2, 3] and {t for _, t, _ in seen} == {3}
+    assert sorted(n for _, _, n in seen) == sorted(out) == ["conv0", "conv1", "fc"]
