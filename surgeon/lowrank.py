@@ -930,10 +930,13 @@ def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
                     out[name] = guarded(job)
                     tick(len(out), len(jobs), name)
                 return out
-            with ThreadPoolExecutor(workers, thread_name_prefix="surgeon-fit") as pool:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="surgeon-fit")
+            try:
                 futures = {pool.submit(guarded, job): name for name, job in jobs.items()}
                 for done, fut in enumerate(as_completed(futures), 1):
                     tick(done, len(jobs), futures[fut])
                 return {name: fut.result() for fut, name in futures.items()}
+            finally:  # on Ctrl-C, drop the fits not started instead of finishing the whole stage
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             _pinned -= 1

@@ -357,3 +357,29 @@ def test_parallel_fits_report_progress_as_they_finish(workers):
         (done, total, name)))
     assert [d for d, _, _ in seen] == [1, 2, 3] and {t for _, t, _ in seen} == {3}
     assert sorted(n for _, _, n in seen) == sorted(out) == ["conv0", "conv1", "fc"]
+
+
+def test_an_interrupted_stage_drops_the_fits_not_started():
+    """Ctrl-C (here: the progress callback raising) while a stage's fits run: the fits still
+    queued are cancelled, not run to the end."""
+    import threading
+    import time
+
+    started = []
+    lock = threading.Lock()
+
+    def job(i):
+        def run():
+            with lock:
+                started.append(i)
+            time.sleep(0.05)
+            return i
+        return run
+
+    def interrupt(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lowrank.run_parallel({f"l{i}": job(i) for i in range(20)}, workers=2, progress=interrupt)
+    assert len(started) < 20
+    assert lowrank._pinned == 0
