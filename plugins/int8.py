@@ -351,13 +351,18 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
     # Bias correction measured on the quantized model itself, layer by layer (int8_seqbias.py).
     if opts.sequential_bias != "off":
         ctx.tick(2, 4, "sequential bias correction")
-        q_s, sres = sb.sequential_bias_correction(pre_uncorrected, q, data["calib"], ctx.threads)
-        m_s = evaluate(q_s) if sres.layers else m
-        keep = bool(sres.layers) and (opts.sequential_bias == "on" or m_s["rel_l2"] < m["rel_l2"])
-        extras["sequential_bias"] = {**sres.summary(), "drift_before": m, "drift_after": m_s, "kept": keep}
-        if keep:
-            q, m = q_s, m_s
-            steps.append(("sequential bias correction", m["rel_l2"]))
+        try:
+            q_s, sres = sb.sequential_bias_correction(pre_uncorrected, q, data["calib"], ctx.threads)
+            m_s = evaluate(q_s) if sres.layers else m
+        except Exception as exc:  # noqa: BLE001 - a refinement that cannot run must not lose the model
+            log.warning("int8: sequential bias correction skipped: %s", exc)
+            extras["sequential_bias"] = {"kept": False, "skipped": f"{type(exc).__name__}: {exc}"[:300]}
+        else:
+            keep = bool(sres.layers) and (opts.sequential_bias == "on" or m_s["rel_l2"] < m["rel_l2"])
+            extras["sequential_bias"] = {**sres.summary(), "drift_before": m, "drift_after": m_s, "kept": keep}
+            if keep:
+                q, m = q_s, m_s
+                steps.append(("sequential bias correction", m["rel_l2"]))
 
     corrected = m
 

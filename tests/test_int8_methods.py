@@ -273,3 +273,17 @@ def test_sequential_bias_correction_cancels_the_mean_shift_of_each_layer():
     assert err_after.max() < 0.15 * err_before.max()
     assert np.median(err_after) < 0.05 * np.median(err_before)
     assert after.extras["drift"]["rel_l2"] < before.extras["drift"]["rel_l2"]
+
+
+def test_sequential_bias_correction_that_cannot_run_is_skipped_with_the_reason(monkeypatch):
+    from surgeon.plugins import int8_seqbias as sb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime cannot load the probe model")
+    monkeypatch.setattr(sb, "sequential_bias_correction", broken)
+    model, ds = skewed_two_conv_model()
+    res = surgeon.apply(model, "int8", {"equalize": "off"}, data=ds)
+    info = res.extras["sequential_bias"]
+    assert not info["kept"] and "cannot load the probe model" in info["skipped"]
+    assert "sequential bias correction" not in [s["step"] for s in res.extras["steps"]]
+    checked(res.model)
