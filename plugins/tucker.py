@@ -232,17 +232,12 @@ class ConvToTucker(GraphPlugin):
                 left, right = lowrank.matrix_factors(a).pair(r)  # a ~ left @ right
                 return right.T, left.T, None
 
-            def rank_of(values):
-                return lowrank.matrix_rank(opts, values, (f, c), vbmf=opts.rank_method == "vbmf",
-                                           explicit=min(opts.ranks) if opts.ranks else None,
-                                           default_ratio=DEFAULT_RATIO)
-
             def refuse_rank(r):
-                return self._saves_nothing(cost, r * (c + f) + cost.bias, cost.macs_out(r * c + f * r), f"rank {r}",
-                                           opts)
+                return self._saves_nothing(cost, *_pair_after(cost, c, f, r), f"rank {r}", opts)
 
-            return lambda: lowrank.fit_linear(a.T, sample, rank_of, weights_pair, refuse=refuse_rank, damp=opts.damp,
-                                              select=opts.select, bias=bias, spectrum=spectrum)
+            return lambda: lowrank.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c), weights_pair,
+                                              refuse=refuse_rank, damp=opts.damp, select=opts.select, bias=bias,
+                                              spectrum=spectrum)
 
         def ranks_of(in_values, out_values):
             return choose_ranks(opts, c, f, in_values, out_values, (c, f * K), (f, c * K))
@@ -272,17 +267,13 @@ class ConvToTucker(GraphPlugin):
             left, right = fb.T, fa.T  # x a^T ~ (x A) B, so a ~ B^T A^T
         else:
             factors = lowrank.matrix_factors(a)
-            r = lowrank.matrix_rank(opts, factors.values, (f, c), vbmf=opts.rank_method == "vbmf",
-                                    explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
-            saving = self._saves_nothing(cost, r * (c + f) + cost.bias, cost.macs_out(r * c + f * r), f"rank {r}",
-                                         opts)
+            r = _pair_rank(opts, factors.values, f, c)
+            saving = self._saves_nothing(cost, *_pair_after(cost, c, f, r), f"rank {r}", opts)
             if saving is not None:
                 return Skip(node.name, node.op, saving)
             left, right = factors.pair(r)
             shift = None
-        params_after = r * (c + f) + cost.bias
-        # the first conv keeps the original strides, so both run at the output resolution
-        macs_after = cost.macs_out(r * c + f * r)
+        params_after, macs_after = _pair_after(cost, c, f, r)
         error = lowrank.relative_error(a, left @ right)
 
         chain = Chain(graph, node, "tucker")
@@ -316,6 +307,18 @@ class ConvToTucker(GraphPlugin):
             return None
         macs = f", MACs {cost.macs} -> {macs_after}" if cost.known else ""
         return f"{what} save neither parameters nor MACs (params {cost.params} -> {params_after}{macs})"
+
+
+def _pair_rank(opts: TuckerOptions, values: np.ndarray | None, f: int, c: int) -> int:
+    """The rank of a 1x1 conv's SVD pair (f x c weight), from its spectrum when the options need one."""
+    return lowrank.matrix_rank(opts, values, (f, c), vbmf=opts.rank_method == "vbmf",
+                               explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
+
+
+def _pair_after(cost: "_Cost", c: int, f: int, r: int) -> tuple[int, int]:
+    """(parameters, MACs) of the SVD pair at rank r: the first conv keeps the original strides,
+    so both run at the output resolution."""
+    return r * (c + f) + cost.bias, cost.macs_out(r * c + f * r)
 
 
 def _tucker_after(cost: "_Cost", c: int, f: int, K: int, r1: int, r2: int) -> tuple[int, int]:
