@@ -622,19 +622,31 @@ def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.
     Output side: the eigenvectors of the covariance of the target responses y = W p (Zhang et
     al.), whose eigenvalues are the output energy each direction carries."""
     w = np.asarray(w, dtype=np.float64)
+    x = _f32(patches)
+    return _spectra(w, _input_side(w, x, damp), _output_side(w, x if target_patches is None else _f32(target_patches)))
+
+
+def _input_side(w: np.ndarray, x: np.ndarray, damp: float) -> tuple:
+    """(centred patches, their mean, L, input eigenvectors, values) of data_channel_spectra."""
     f, c = w.shape[:2]
     K = int(np.prod(w.shape[2:]))
-    x = _f32(patches)
     xc, mu = _centred(x)
-    n = len(xc)
-    t = x if target_patches is None else _f32(target_patches)
-    y, ymean = _centred(t @ _f32(w.reshape(f, -1)).T)
-    per_offset = xc.reshape(n, c, K).transpose(0, 2, 1).reshape(n * K, c)
+    per_offset = xc.reshape(len(xc), c, K).transpose(0, 2, 1).reshape(len(xc) * K, c)
     with _single_blas_thread():
         chol = np.linalg.cholesky(regularised(_gram(per_offset, per_offset), damp))
     lm = chol.T @ unfold(w, 1)
-    in_vectors, in_values = _eigh_desc(lm @ lm.T)
-    out_vectors, out_values = _eigh_desc(_gram(y, y))
+    return (xc, mu, chol, *_eigh_desc(lm @ lm.T))
+
+
+def _output_side(w: np.ndarray, t: np.ndarray) -> tuple:
+    """(centred responses y = W p of the target patches, their mean, output eigenvectors, values)."""
+    y, ymean = _centred(t @ _f32(w.reshape(w.shape[0], -1)).T)
+    return (y, ymean, *_eigh_desc(_gram(y, y)))
+
+
+def _spectra(w: np.ndarray, inputs: tuple, outputs: tuple) -> DataChannelSpectra:
+    xc, mu, chol, in_vectors, in_values = inputs
+    y, ymean, out_vectors, out_values = outputs
     return DataChannelSpectra(w, xc, mu, y, ymean, chol, in_vectors, in_values, out_vectors, out_values)
 
 
@@ -773,18 +785,31 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
     512-channel 3x3 conv at R1 = 256."""
     f = w.shape[0]
     K = int(np.prod(w.shape[2:]))
+    w64 = np.asarray(w, dtype=np.float64)
+    sources = {"rows": rows, "target": target}
+    # data and sequential whiten the same rows, sequential and original aim at the same target
+    # responses: each side is computed once per training split and shared
+    sides: dict = {}
 
-    def tucker(x, t):
+    def side(kind: str, source: str, train: np.ndarray):
+        key = (kind, source, train.tobytes())
+        if key not in sides:
+            x = _f32(sources[source][train])
+            sides[key] = _input_side(w64, x, damp) if kind == "in" else _output_side(w64, x)
+        return sides[key]
+
+    def tucker(x: str, t: str):
+        @_one_blas_thread
         def trial(train):
-            spec = data_channel_spectra(w, x[train], None if t is None else t[train], damp)
+            spec = _spectra(w64, side("in", x, train), side("out", t, train))
             fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT)
             return tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T, fit.shift
         return trial
 
     wa = np.asarray(weights_approx, dtype=np.float64).reshape(f, -1).T
-    trials = {"data": tucker(rows, None), "weights": lambda train: (wa, 0.0)}
+    trials = {"data": tucker("rows", "rows"), "weights": lambda train: (wa, 0.0)}
     if target is not None:
-        trials.update(sequential=tucker(rows, target), original=tucker(target, None))
+        trials.update(sequential=tucker("rows", "target"), original=tucker("target", "target"))
     return trials
 
 

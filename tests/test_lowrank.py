@@ -383,3 +383,22 @@ def test_an_interrupted_stage_drops_the_fits_not_started():
         lowrank.run_parallel({f"l{i}": job(i) for i in range(20)}, workers=2, progress=interrupt)
     assert len(started) < 20
     assert lowrank._pinned == 0
+
+
+def test_tucker_trials_share_sides_without_changing_a_fit():
+    """data and sequential share the input side, sequential and original the target responses:
+    each trial is still exactly data_channel_spectra + data_tucker2 on its own rows."""
+    rng = np.random.default_rng(50)
+    f, c = 8, 6
+    w = rng.standard_normal((f, c, 3, 3))
+    x = kernel_rows(400, c, 9, seed=51).astype(np.float32)
+    xt = x + 0.5 * rng.standard_normal(x.shape).astype(np.float32)
+    core, o, i = lowrank.hosvd_channels(w, 3, 4)
+    trials = lowrank.tucker_trials(w, xt, x, 3, 4, damp=0.05, weights_approx=lowrank.tucker2_full(core, o, i))
+    train = ~lowrank.held_out(np.repeat(np.arange(8), 50), 400)
+    for name, (rows, target) in {"data": (xt, None), "sequential": (xt, x), "original": (x, None)}.items():
+        fit = lowrank.data_tucker2(lowrank.data_channel_spectra(w, rows[train], None if target is None else
+                                                                target[train], 0.05), 3, 4, refit=True)
+        approx, shift = trials[name](train)
+        expect = lowrank.tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T
+        assert approx.tobytes() == expect.tobytes() and np.asarray(shift).tobytes() == fit.shift.tobytes()
