@@ -266,12 +266,12 @@ def paired_stats(float_model: onnx.ModelProto, quant_model: onnx.ModelProto | No
         qr = qs.run(None, feed) if quant_model is not None else None
         for k, n in enumerate(nodes):
             a = acc[n]
-            f = _channels_first(fr[f_idx[k]])
+            f = channels_first(fr[f_idx[k]])
             a["fsum"] = a["fsum"] + f.sum(axis=1)
             a["max"] = np.maximum(a["max"], f.max(axis=1))
             a["count"] += f.shape[1]
             if qr is not None:
-                q = _channels_first(qr[q_idx[k]])
+                q = channels_first(qr[q_idx[k]])
                 a["qsum"] = a["qsum"] + q.sum(axis=1)
                 a["err"] += float(np.sum((q - f) ** 2))
                 a["energy"] += float(np.sum(f ** 2))
@@ -289,7 +289,8 @@ def _indices(sess, names: list[str]) -> list[int]:
     return [out_names.index(t) for t in names]
 
 
-def _channels_first(a: np.ndarray) -> np.ndarray:
+def channels_first(a: np.ndarray) -> np.ndarray:
+    """(channels, everything else) in float64: axis 1 of an N-D tensor, the last of a 2-D one."""
     ax = 1 if a.ndim > 2 else a.ndim - 1
     return np.moveaxis(a, ax, 0).reshape(a.shape[ax], -1).astype(np.float64)
 
@@ -298,15 +299,22 @@ def input_means(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, t
                 batch: int = 8) -> dict[str, np.ndarray]:
     """Per-channel mean of tensors (graph inputs or node outputs) of the float model."""
     tensors = sorted(set(tensors))
-    sess = session(with_outputs(model, tensors), threads)
-    out_names = [o.name for o in sess.get_outputs()]
+    return channel_means(session(with_outputs(model, tensors), threads), tensors, data.batches(batch))
+
+
+def channel_means(sess, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                  extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-channel mean of `tensors` (session outputs or fed inputs) over `feeds`, each run with
+    the `extra` inputs added (e.g. initializers declared as inputs)."""
+    outputs = {o.name for o in sess.get_outputs()}
+    asked = [t for t in tensors if t in outputs]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in data.batches(batch):
-        res = dict(zip(out_names, sess.run(None, feed)))
-        res.update(feed)
+    for feed in feeds:
+        res = dict(zip(asked, sess.run(asked, {**feed, **(extra or {})}))) if asked else {}
+        res.update({t: v for t, v in feed.items() if t not in res})
         for t in tensors:
-            c = _channels_first(res[t])
+            c = channels_first(res[t])
             sums[t] = sums.get(t, 0) + c.sum(axis=1)
             counts[t] = counts.get(t, 0) + c.shape[1]
     return {t: sums[t] / counts[t] for t in tensors}

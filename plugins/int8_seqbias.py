@@ -99,7 +99,7 @@ def sequential_bias_correction(float_model: onnx.ModelProto, q: onnx.ModelProto,
     t0 = time.perf_counter()
     res = SequentialResult()
     data = data.take(min(len(data), max(samples, getattr(data, "batch", None) or 1)))  # a static batch: one
-    layers = [(n, b, s) for n, b, s in _biased_layers(q)]
+    layers = _biased_layers(q)
     float_out = io.node_outputs(float_model, [n.name for n, _, _ in layers])
     layers = [(n, b, s) for n, b, s in layers if n.name in float_out]
     if not layers:
@@ -116,16 +116,10 @@ def sequential_bias_correction(float_model: onnx.ModelProto, q: onnx.ModelProto,
     feeds = list(data.batches(8))
     for level in _levels(q, [n.name for n, _, _ in layers]):
         group = [(n, b, scale) for n, b, scale in layers if n.name in level]
-        names = [n.output[0] for n, _, _ in group]
-        total, count = [0.0] * len(group), [0] * len(group)
-        for feed in feeds:
-            ys = sess.run(names, {**feed, **{k: v.astype(np.int32) for k, v in biases.items()}})
-            for k, y in enumerate(ys):
-                c = io._channels_first(y)
-                total[k] = total[k] + c.sum(axis=1)
-                count[k] += c.shape[1]
-        for k, (n, b, scale) in enumerate(group):
-            shift = total[k] / count[k] - target[float_out[n.name]]
+        means = io.channel_means(sess, [n.output[0] for n, _, _ in group], feeds,
+                                 {k: v.astype(np.int32) for k, v in biases.items()})
+        for n, b, scale in group:
+            shift = means[n.output[0]] - target[float_out[n.name]]
             step = np.rint(shift / np.broadcast_to(scale, shift.shape)).astype(np.int64)
             biases[b] = np.clip(biases[b] - step, np.iinfo(np.int32).min, np.iinfo(np.int32).max)
             res.layers.append(n.name)

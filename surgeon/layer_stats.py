@@ -269,12 +269,6 @@ def sampler_for(graph: gs.Graph, ctx, tag: str, passes: int, rows: int) -> Seque
     return s
 
 
-def layer_sample(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.Node], Request | None],
-                 tag: str) -> Sample | None:
-    """The sample for one candidate (fit=data), collected on the graph as rewritten so far."""
-    return layer_fit(graph, layer, ctx, opts, request_for, tag)[0]
-
-
 def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.Node], Request | None], tag: str,
               job_for: Callable | None = None) -> tuple[Sample | None, object]:
     """(sample, fit) for one candidate (fit=data). When its stage's samples are drawn,
@@ -310,5 +304,5 @@ def fc_request(node: gs.Node) -> Request:
     return Request(node.name, node.inputs[0].name, None)
 
 
-__all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_fit", "layer_sample", "patches_at", "SequentialSampler", "sampler_for",
+__all__ = ["ConvWindow", "Request", "Sample", "collect", "layer_fit", "patches_at", "SequentialSampler", "sampler_for",
            "conv_request", "fc_request", "report"]

@@ -944,7 +944,8 @@ def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported on its own layer
             return exc
 
-    workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(len(jobs), workers or cores))
     with _single_blas_thread():
         _pinned += 1
         try:
