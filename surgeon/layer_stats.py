@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from surgeon.pass_cache import PassRunner
+
 log = logging.getLogger(__name__)
 
 
@@ -130,18 +132,13 @@ def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np
     return patches_at(x, window, picks)
 
 
-def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = 8,
-            threads: int = 0, reference=None) -> dict[str, Sample]:
-    """Run `model` over `data` once and sample, for every request, at most `rows` rows (about
-    rows / batches from each batch, uniformly without replacement, seeded by layer name).
-    With a `reference` model (the original), it runs in lockstep and the same positions are
-    taken from it too, so a fit can aim at the original outputs."""
-    from surgeon.validate import stream_tensors
-
-    names = [r.tensor for r in requests]
-    model = upstream_of(model, names)
-    reference = upstream_of(reference, names) if reference is not None else None
-
+def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = 8,
+            reference=None) -> dict[str, Sample]:
+    """Sample, for every request, at most `rows` rows (about rows / batches from each batch,
+    uniformly without replacement, seeded by layer name) from `stream`, the batches of one run of
+    the model over `data` ({tensor: value}, like surgeon.validate.stream_tensors). With a
+    `reference` stream (the original model over the same batches), the same positions are taken
+    from it too, so a fit can aim at the original outputs."""
     step = getattr(data, "batch", None) or batch
     n_batches = max(1, math.ceil(len(data) / step))
     quota = max(1, math.ceil(rows / n_batches))
@@ -151,10 +148,8 @@ def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, b
     groups: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
     seen = dict.fromkeys(parts, 0)
     offset = 0  # calibration samples before this batch: rows are grouped by sample for held-out scoring
-    stream = stream_tensors(model, names, data, batch=batch, threads=threads)
-    ref = stream_tensors(reference, names, data, batch=batch, threads=threads) if reference is not None else None
     for values in stream:
-        ref_values = next(ref) if ref is not None else None
+        ref_values = next(reference) if reference is not None else None
         for r in requests:
             x = np.asarray(values[r.tensor])
             total = positions(x, r.window)
@@ -165,6 +160,8 @@ def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, b
                 targets[r.layer].append(take_rows(np.asarray(ref_values[r.tensor]), r.window, picks).astype(np.float32))
             seen[r.layer] += total
         offset += max([np.shape(values[r.tensor])[0] for r in requests if np.ndim(values[r.tensor]) > 1] or [1])
+    if reference is not None:
+        next(reference, None)  # run it to its end, where it keeps its activations for the next pass
     out = {}
     for k, v in parts.items():
         x = np.concatenate(v)[:rows] if v else np.zeros((0, 0), np.float32)
@@ -172,17 +169,6 @@ def collect(model, requests: list[Request], data, *, rows: int, seed: int = 0, b
         g = np.concatenate(groups[k])[:rows] if groups[k] else None
         out[k] = Sample(x, t, seen[k], len(data), g)
     return out
-
-
-def upstream_of(model, tensors: list[str]):
-    """The part of `model` that computes `tensors` (they become its outputs): a stage early in
-    the network runs only the layers before it."""
-    from surgeon.model import to_graph, to_model
-
-    graph = to_graph(model)
-    have = graph.tensors()
-    graph.outputs = [have[t] for t in dict.fromkeys(tensors) if t in have]
-    return to_model(graph, like=model)
 
 
 @dataclass
@@ -199,9 +185,13 @@ class SequentialSampler:
     seed: int = 0
     threads: int = 0
     original: object = None  # the model before any rewrite (ModelProto), the fits' target
+    # each pass starts from the activations of the last one that no rewrite has touched since
+    live: PassRunner = field(default_factory=PassRunner)
+    reference: PassRunner = field(default_factory=PassRunner)
     samples: dict[str, Sample] = field(default_factory=dict)
     fits: dict[str, object] = field(default_factory=dict)  # layer -> its fit (or the exception it raised)
     runs: int = 0
+    _original_graph: gs.Graph | None = None
 
     def stage_of(self, layer: str) -> list[str]:
         stages = [list(s) for s in np.array_split(np.array(self.order, dtype=object), max(1, min(self.passes,
@@ -219,7 +209,7 @@ class SequentialSampler:
         stage's fits run in parallel right after its samples are drawn (fit_of gives them)."""
         if layer in self.samples:
             return self.samples.pop(layer)
-        from surgeon.model import to_model
+        from surgeon.model import to_graph
 
         nodes = {n.name: n for n in graph.nodes}
         requests = []
@@ -230,11 +220,22 @@ class SequentialSampler:
                     requests.append(req)
         if not requests:
             return None
-        model = to_model(graph.copy()) if changed or self.original is None else self.original
         self.runs += 1
         log.debug("layer statistics pass %d on the rewritten graph: %d layers", self.runs, len(requests))
-        drawn = collect(model, requests, data, rows=self.rows, seed=self.seed, threads=self.threads,
-                        reference=self.original if changed else None)
+        names = [r.tensor for r in requests]
+        # the candidates from this stage on may be rewritten before the next pass
+        coming = set(self.order[self.order.index(layer):]) if layer in self.order else {layer}
+        changing = {o.name for n in graph.nodes if n.name in coming for o in n.outputs}
+        batch = 8
+        stream = self.live.stream(graph, names, data, like=self.original, changing=changing, batch=batch,
+                                  threads=self.threads)
+        reference = None
+        if changed:
+            if self._original_graph is None:
+                self._original_graph = to_graph(self.original)
+            reference = self.reference.stream(self._original_graph, names, data, like=self.original, batch=batch,
+                                              threads=self.threads)
+        drawn = collect(stream, requests, data, rows=self.rows, seed=self.seed, batch=batch, reference=reference)
         self.samples.update(drawn)
         if job_for is not None:
             from surgeon.lowrank import run_parallel

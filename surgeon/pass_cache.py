@@ -1,0 +1,117 @@
+"""Run the part of a graph that computes some tensors, pass after pass, from where the last pass left off.
+
+Sequential fitting (surgeon.layer_stats) runs the calibration data through the graph once per
+stage, each time up to the inputs of the stage's layers. Run from the model's inputs every time,
+P stages cost about P/2 runs of the whole model (and as much again for the original model,
+which runs in lockstep). Most of that recomputes activations no rewrite has touched: everything
+upstream of the layers rewritten since the last pass. A `PassRunner` keeps, from each pass, the
+activations on the border of what it computed (whole calibration set, axis 0 = sample), and
+the next pass cuts the graph there: the kept tensors that are not downstream of a rewritten
+layer become graph inputs fed from memory, and only the rest is computed.
+
+The values match a run from the inputs up to onnxruntime's rounding (a fused kernel cannot span
+the cut); the same inputs give the same cut, so results still repeat byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# activations kept between passes, per runner; a pass whose border is larger keeps none
+CACHE_BYTES = 1 << 30
+
+
+def downstream(graph: gs.Graph, tensors: Iterable[str]) -> set[str]:
+    """Names of `tensors` and of every tensor computed from them."""
+    readers: dict[str, list[gs.Node]] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            readers.setdefault(t.name, []).append(n)
+    seen = set(tensors)
+    todo = list(seen)
+    while todo:
+        for n in readers.get(todo.pop(), ()):
+            for o in n.outputs:
+                if o.name not in seen:
+                    seen.add(o.name)
+                    todo.append(o.name)
+    return seen
+
+
+@dataclass
+class PassRunner:
+    """One model's passes (the graph as rewritten so far, or the original) and what they keep."""
+
+    limit: int = CACHE_BYTES
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
+    changing: set[str] = field(default_factory=set)  # what the last pass's caller was about to rewrite
+    started_from: list[str] = field(default_factory=list)  # the last pass's cut (tests, logs)
+
+    def stream(self, graph: gs.Graph, names: list[str], data, *, like: onnx.ModelProto | None = None,
+               changing: Iterable[str] = (), batch: int = 8, threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield {name: value} batch by batch, like surgeon.validate.stream_tensors over the part
+        of `graph` that computes `names`. `changing`: the tensors whose values the caller may
+        change before the next pass (the outputs of the layers it may rewrite): the next pass
+        recomputes them and everything computed from them, and this pass keeps nothing there."""
+        from surgeon.calibration import DataSet
+        from surgeon.model import to_model
+        from surgeon.validate import stream_tensors
+
+        names = list(dict.fromkeys(names))
+        stale = downstream(graph, self.changing)      # changed since the last pass
+        self.changing = set(changing)
+        will_change = downstream(graph, self.changing)  # useless to keep
+        g = graph.copy()
+        have = g.tensors()
+        g.outputs = [have[t] for t in names if t in have]
+        g.cleanup()
+        stacked = getattr(data, "stacked", False)
+        computed = {o.name for n in g.nodes for o in n.outputs}
+        cut = [] if stacked else sorted(t for t in self.cache if t in computed and t not in stale and t not in names)
+        for t in cut:
+            v = self.cache[t]
+            have[t].inputs.clear()  # fed from memory: its producers are no longer needed
+            have[t].dtype, have[t].shape = v.dtype, ["batch", *v.shape[1:]]
+        if cut:
+            g.inputs = list(g.inputs) + [have[t] for t in cut]
+            g.cleanup()
+            read = {t.name for n in g.nodes for t in n.inputs} | {t.name for t in g.outputs}
+            g.inputs = [i for i in g.inputs if i.name in read]
+        # kept for the next pass: what this pass computes that no coming rewrite changes and that
+        # the rest of the graph, or a part the coming rewrites change, reads
+        inside = {n.name for n in g.nodes}
+        computed = {o.name for n in g.nodes for o in n.outputs}
+        wanted = {t.name for n in graph.nodes if n.name not in inside or any(o.name in will_change for o in n.outputs)
+                  for t in n.inputs}
+        border = [] if stacked else sorted((computed & wanted | set(names)) - will_change)
+        model = to_model(g, like=like)
+        feed_names = {i.name for i in g.inputs}
+        inputs = {k: v for k, v in data.inputs.items() if k in feed_names or not cut}
+        inputs.update({t: self.cache[t] for t in cut if t in feed_names})
+        feed = DataSet(inputs, None, data.synthetic, data.source, data.batch, stacked)
+        fetch = names + [t for t in border if t not in names and t not in feed_names]
+        keep: dict[str, list[np.ndarray]] | None = {t: [] for t in border if t not in feed_names} or None
+        size = 0
+        for values, fed in zip(stream_tensors(model, fetch, feed, batch=batch, threads=threads), feed.batches(batch)):
+            if keep is not None:
+                n = len(next(iter(fed.values())))
+                for t in list(keep):
+                    v = values[t]
+                    # only per-sample activations can be cut at and fed back batch by batch
+                    if not (isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype.kind == "f" and v.shape[0] == n):
+                        del keep[t]
+                        continue
+                    keep[t].append(v)
+                    size += v.nbytes
+                if size > self.limit:
+                    keep = None
+            yield {t: values[t] for t in names}
+        self.started_from = [t for t in cut if t in feed_names]
+        kept = {t: np.concatenate(v) for t, v in keep.items() if v} if keep is not None else {}
+        # the part of the cut this pass read stays valid where no coming rewrite reaches
+        self.cache = {**{t: self.cache[t] for t in cut if t in feed_names and t not in will_change}, **kept}

@@ -1,0 +1,103 @@
+"""Sequential passes that start from the activations of the last pass (surgeon.pass_cache)."""
+
+import numpy as np
+import pytest
+
+import surgeon
+from surgeon.calibration import DataSet
+from surgeon.model import to_graph
+from surgeon.pass_cache import PassRunner, downstream
+from tests.models import detector_model
+
+
+def _data(model, samples=4):
+    x = np.random.default_rng(0).standard_normal((samples, 3, 16, 16)).astype(np.float32)
+    return DataSet({"images": x}, source="random", batch=1)
+
+
+def _scale(graph, node_name, factor):
+    """A stand-in for a rewrite: the node computes something else from now on."""
+    node = next(n for n in graph.nodes if n.name == node_name)
+    node.inputs[1].values = node.inputs[1].values * factor
+
+
+def _run(runner, graph, names, data, changing):
+    out = {t: [] for t in names}
+    for values in runner.stream(graph, names, data, changing=changing, batch=8):
+        for t in names:
+            out[t].append(values[t])
+    return {t: np.concatenate(v) for t, v in out.items()}
+
+
+def test_downstream_follows_every_reader():
+    graph = to_graph(detector_model())
+    d = downstream(graph, ["f"])
+    assert {"f", "res", "up", "n", "n_r", "nhwc", "out"} <= d
+    assert not d & {"s", "s_r", "a", "b", "cat"}
+
+
+def test_each_pass_starts_after_what_was_rewritten_and_matches_a_run_from_the_inputs():
+    model = detector_model()
+    data = _data(model)
+    graph = to_graph(model)
+    cached, fresh = PassRunner(), PassRunner(limit=0)
+    stages = [(["s_r"], ["a", "b", "f", "n"], "branch_a"),  # names, outputs that may change, then rewrite
+              (["cat"], ["f", "n"], "fuse"),
+              (["up"], ["n"], None)]
+    cuts = []
+    for names, changing, rewrite in stages:
+        got = _run(cached, graph, names, data, changing)
+        want = _run(fresh, graph, names, data, changing)
+        for t in names:
+            np.testing.assert_allclose(got[t], want[t], rtol=1e-5, atol=1e-6)
+        cuts.append(list(cached.started_from))
+        assert fresh.started_from == [] and fresh.cache == {}
+        if rewrite:
+            _scale(graph, rewrite, 0.5)
+    # pass 1 runs from the images; pass 2 from the stem's output (branch_a changed what follows
+    # it); pass 3 from the Concat and the residual's other input (fuse changed what follows it)
+    assert cuts == [[], ["s_r"], ["cat", "s_r"]]
+
+
+def test_a_cache_over_the_limit_keeps_nothing_and_the_next_pass_runs_from_the_inputs():
+    model = detector_model()
+    data = _data(model)
+    graph = to_graph(model)
+    runner = PassRunner(limit=1000)  # bytes: less than one activation
+    _run(runner, graph, ["s_r"], data, ["a"])
+    assert runner.cache == {}
+    _run(runner, graph, ["cat"], data, [])
+    assert runner.started_from == []
+
+
+@pytest.mark.parametrize("passes", [2, 12])
+def test_tucker_data_fit_is_the_same_with_and_without_the_pass_cache(monkeypatch, passes):
+    model = detector_model(c=8)
+    data = _data(model, samples=8)
+    opts = {"ratio": 0.5, "guard": "none", "passes": passes, "samples": 8}
+    cuts = []
+    stream = PassRunner.stream
+
+    def spy(self, *args, **kwargs):
+        yield from stream(self, *args, **kwargs)
+        cuts.append(list(self.started_from))
+
+    monkeypatch.setattr(PassRunner, "stream", spy)
+    with_cache = surgeon.apply(model, "tucker", opts, data=data)
+    assert any(cuts) == (passes > 2)  # with 2 stages the first holds the stem: nothing upstream to keep
+    monkeypatch.setattr(PassRunner, "stream", stream)
+    monkeypatch.setattr(PassRunner, "__init__", lambda self, limit=0, **kw: _init(self, 0, **kw))
+    without = surgeon.apply(model, "tucker", opts, data=data)
+    a = {l.layer: l.details for l in with_cache.rewritten}
+    b = {l.layer: l.details for l in without.rewritten}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name]["fit_choice"] == b[name]["fit_choice"]
+        assert a[name]["out_error"] == pytest.approx(b[name]["out_error"], rel=1e-4, abs=1e-6)
+
+
+_original_init = PassRunner.__init__
+
+
+def _init(self, limit, **kw):
+    _original_init(self, limit=limit, **kw)
