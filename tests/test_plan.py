@@ -199,3 +199,33 @@ def test_refinement_never_repeats_a_failed_move():
             assert failed_a is None or strength[s["a"]] < failed_a
             failed_a = strength[s["a"]] if failed_a is None else min(failed_a, strength[s["a"]])
     assert failed_a is not None  # a was tried, and failed
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_a_uniform_plan_measured_faster_end_to_end_replaces_the_searched_one(monkeypatch, faster):
+    """Per-layer savings timed alone do not add up inside a model: when a uniform ratio that met
+    the budget runs measurably faster than the searched plan (A/B, interval below 1), it is the
+    plan; a tie (interval across 1) keeps the searched one."""
+    timed = []
+
+    def fake_ab(a, b, feed, threads, budget_s):
+        timed.append(1)
+        lo, hi = (0.7, 0.9) if faster else (0.9, 1.1)
+        return {"original_ms": 1.0, "ms": 0.8, "ratio": 0.8 if faster else 1.0, "ratio_low": lo, "ratio_high": hi,
+                "pairs": 20}
+
+    monkeypatch.setattr(plan, "measure_ab", fake_ab)
+    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.5), [0.25, 0.5], {"fit": "weights"}, attribution=False,
+                             max_verifications=2)
+    opts = pipeline.RunOptions(data=CNN_TEST, calib=CNN_CALIB, latency=True, repeats=5)
+    res = plan.make_plan(CNN, popts, opts)
+    passed_uniform = [v["plan"] for v in res.verifications if v["meets"] and v["why"] == "cut"
+                      and len(set(v["plan"].values())) == 1 and len(v["plan"]) > 1]
+    assert passed_uniform, "the case needs a uniform plan that met the budget"
+    ratios = {c["ratio"] for c in res.choices}
+    switched = [n for n in res.notes if "ran faster than the searched plan" in n]
+    if faster:
+        assert switched and len(ratios) == 1 and len(res.choices) == len(passed_uniform[-1])
+    else:
+        assert not switched
+    assert len(timed) >= 2  # the original, then the plan against each rival
