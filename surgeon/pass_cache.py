@@ -72,7 +72,10 @@ class PassRunner:
         g.cleanup()
         stacked = getattr(data, "stacked", False)
         computed = {o.name for n in g.nodes for o in n.outputs}
-        cut = [] if stacked else sorted(t for t in self.cache if t in computed and t not in stale and t not in names)
+        # a tensor is cut off from its producer, so only the single output of a node can be cut at:
+        # detaching one output of a Split would shift the others
+        cut = [] if stacked else sorted(t for t in self.cache if t in computed and t not in stale and t not in names
+                                        and len(have[t].inputs[0].outputs) == 1)
         for t in cut:
             v = self.cache[t]
             have[t].inputs.clear()  # fed from memory: its producers are no longer needed
