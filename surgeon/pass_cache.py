@@ -70,12 +70,13 @@ class PassRunner:
         have = g.tensors()
         g.outputs = [have[t] for t in names if t in have]
         g.cleanup()
-        stacked = getattr(data, "stacked", False)
+        # no cut without a batch axis, nor around subgraphs, whose outer-scope reads are not edges
+        no_cut = getattr(data, "stacked", False) or any(n.op in ("If", "Loop", "Scan") for n in graph.nodes)
         computed = {o.name for n in g.nodes for o in n.outputs}
         # a tensor is cut off from its producer, so only the single output of a node can be cut at:
         # detaching one output of a Split would shift the others
-        cut = [] if stacked else sorted(t for t in self.cache if t in computed and t not in stale and t not in names
-                                        and len(have[t].inputs[0].outputs) == 1)
+        cut = [] if no_cut else sorted(t for t in self.cache if t in computed and t not in stale and t not in names
+                                       and len(have[t].inputs[0].outputs) == 1)
         for t in cut:
             v = self.cache[t]
             have[t].inputs.clear()  # fed from memory: its producers are no longer needed
@@ -91,12 +92,12 @@ class PassRunner:
         computed = {o.name for n in g.nodes for o in n.outputs}
         wanted = {t.name for n in graph.nodes if n.name not in inside or any(o.name in will_change for o in n.outputs)
                   for t in n.inputs}
-        border = [] if stacked else sorted((computed & wanted | set(names)) - will_change)
+        border = [] if no_cut else sorted((computed & wanted | set(names)) - will_change)
         model = to_model(g, like=like)
         feed_names = {i.name for i in g.inputs}
         inputs = {k: v for k, v in data.inputs.items() if k in feed_names or not cut}
         inputs.update({t: self.cache[t] for t in cut if t in feed_names})
-        feed = DataSet(inputs, None, data.synthetic, data.source, data.batch, stacked)
+        feed = DataSet(inputs, None, data.synthetic, data.source, data.batch, getattr(data, "stacked", False))
         fetch = names + [t for t in border if t not in names and t not in feed_names]
         keep: dict[str, list[np.ndarray]] | None = {t: [] for t in border if t not in feed_names} or None
         size = 0
