@@ -70,6 +70,14 @@ def test_a_cache_over_the_limit_keeps_nothing_and_the_next_pass_runs_from_the_in
     assert runner.started_from == []
 
 
+_original_init = PassRunner.__init__
+
+
+def _uncached(self, limit=0, **kw):
+    """PassRunner.__init__ with nothing kept between passes."""
+    _original_init(self, limit=0, **kw)
+
+
 @pytest.mark.parametrize("passes", [2, 12])
 def test_tucker_data_fit_is_the_same_with_and_without_the_pass_cache(monkeypatch, passes):
     model = detector_model(c=8)
@@ -86,7 +94,7 @@ def test_tucker_data_fit_is_the_same_with_and_without_the_pass_cache(monkeypatch
     with_cache = surgeon.apply(model, "tucker", opts, data=data)
     assert any(cuts) == (passes > 2)  # with 2 stages the first holds the stem: nothing upstream to keep
     monkeypatch.setattr(PassRunner, "stream", stream)
-    monkeypatch.setattr(PassRunner, "__init__", lambda self, limit=0, **kw: _init(self, 0, **kw))
+    monkeypatch.setattr(PassRunner, "__init__", _uncached)
     without = surgeon.apply(model, "tucker", opts, data=data)
     a = {l.layer: l.details for l in with_cache.rewritten}
     b = {l.layer: l.details for l in without.rewritten}
@@ -95,12 +103,6 @@ def test_tucker_data_fit_is_the_same_with_and_without_the_pass_cache(monkeypatch
         assert a[name]["fit_choice"] == b[name]["fit_choice"]
         assert a[name]["out_error"] == pytest.approx(b[name]["out_error"], rel=1e-4, abs=1e-6)
 
-
-_original_init = PassRunner.__init__
-
-
-def _init(self, limit, **kw):
-    _original_init(self, limit=limit, **kw)
 
 
 def test_the_outputs_of_a_split_are_not_cut_at():
