@@ -402,3 +402,69 @@ def test_tucker_trials_share_sides_without_changing_a_fit():
         approx, shift = trials[name](train)
         expect = lowrank.tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T
         assert approx.tobytes() == expect.tobytes() and np.asarray(shift).tobytes() == fit.shift.tobytes()
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_pooled_moments_are_the_moments_of_every_row(centered):
+    """The final fit pools the trial split's moments with the held-out rows' (Chan et al.): the
+    same S~, C and means as computed on all rows at once, up to float32 round-off."""
+    rng = np.random.default_rng(60)
+    x = anisotropic_rows(300, 7, seed=61).astype(np.float32)
+    t = (x + rng.standard_normal(x.shape)).astype(np.float32)
+    held = lowrank.held_out(np.repeat(np.arange(6), 50), 300)
+    both = lowrank.pooled(lowrank.moments(x[~held], t[~held], centered=centered),
+                          lowrank.moments(x[held], t[held], centered=centered))
+    every = lowrank.moments(x, t, centered=centered)
+    assert both.n == 300
+    for name in ("mean_x", "mean_t", "xx", "xt"):
+        np.testing.assert_allclose(getattr(both, name), getattr(every, name), rtol=1e-5,
+                                   atol=1e-5 * np.abs(every.xx).max())
+    if centered:  # the between-split term matters: the splits' means differ
+        assert np.abs(lowrank.moments(x[held]).mean_x - lowrank.moments(x[~held]).mean_x).max() > 0.01
+
+
+def test_a_fit_on_pooled_moments_is_the_fit_on_every_row():
+    rng = np.random.default_rng(62)
+    w = rng.standard_normal((9, 12))
+    x = anisotropic_rows(400, 9, seed=63).astype(np.float32)
+    t = (x @ (np.eye(9) + 0.2 * rng.standard_normal((9, 9)))).astype(np.float32)
+    stats = lowrank.SampleMoments(w, x, t, centered=True, damp=0.05)
+    train = ~lowrank.held_out(np.repeat(np.arange(8), 50), 400)
+    for kind, (rows, target) in {"data": (x, None), "sequential": (x, t), "original": (t, None)}.items():
+        pooled = lowrank.data_linear(w, rows, target, damp=0.05, stats=stats.every_row(kind, train)).fit(4)
+        direct = lowrank.data_linear(w, rows, target, damp=0.05).fit(4)
+        # float32 round-off of the sample products, relative to the layer's scale
+        scale = np.abs(w).max()
+        np.testing.assert_allclose(pooled.a @ pooled.b, direct.a @ direct.b, rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(pooled.shift, direct.shift, rtol=0, atol=1e-4 * scale * np.abs(x).max())
+
+
+def test_run_parts_outside_a_pool_runs_them_in_order():
+    seen = []
+    assert lowrank.run_parts([lambda i=i: seen.append(i) or i * i for i in range(4)]) == [0, 1, 4, 9]
+    assert seen == [0, 1, 2, 3]
+
+
+def test_an_idle_worker_takes_parts_of_a_running_fit():
+    """A stage with one large layer: its independent parts (held-out trials) run on the worker
+    that has no layer left. The first part waits for the second to start, so it can only finish
+    when another thread runs the second; a failing part's error reaches the fit."""
+    import threading
+
+    started = threading.Event()
+
+    def first():
+        return started.wait(timeout=30)
+
+    def second():
+        started.set()
+        return threading.current_thread().name
+
+    def failing():
+        raise ValueError("part failed")
+
+    out = lowrank.run_parallel({"big": lambda: lowrank.run_parts([first, second]),
+                                "bad": lambda: lowrank.run_parts([lambda: 1, failing])}, workers=2)
+    assert out["big"][0] is True and out["big"][1].startswith("surgeon-fit")
+    assert isinstance(out["bad"], ValueError)
+    assert lowrank._pool is None
