@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from surgeon.pass_cache import PassRunner
+from surgeon.validate import STREAM_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np
     return patches_at(x, window, picks)
 
 
-def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = 8,
+def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = STREAM_BATCH,
             reference=None) -> dict[str, Sample]:
     """Sample, for every request, at most `rows` rows (about rows / batches from each batch,
     uniformly without replacement, seeded by layer name) from `stream`, the batches of one run of
@@ -226,7 +227,7 @@ class SequentialSampler:
         # the candidates from this stage on may be rewritten before the next pass
         coming = set(self.order[self.order.index(layer):]) if layer in self.order else {layer}
         changing = {o.name for n in graph.nodes if n.name in coming for o in n.outputs}
-        batch = 8
+        batch = STREAM_BATCH
         stream = self.live.stream(graph, names, data, like=self.original, changing=changing, batch=batch,
                                   threads=self.threads)
         reference = None

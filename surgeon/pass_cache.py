@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from surgeon.validate import STREAM_BATCH
+
 # activations kept between passes, per runner; a pass whose border is larger keeps none
 CACHE_BYTES = 1 << 30
 
@@ -53,7 +55,7 @@ class PassRunner:
     started_from: list[str] = field(default_factory=list)  # the last pass's cut (tests, logs)
 
     def stream(self, graph: gs.Graph, names: list[str], data, *, like: onnx.ModelProto | None = None,
-               changing: Iterable[str] = (), batch: int = 8, threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+               changing: Iterable[str] = (), batch: int = STREAM_BATCH, threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield {name: value} batch by batch, like surgeon.validate.stream_tensors over the part
         of `graph` that computes `names`. `changing`: the tensors whose values the caller may
         change before the next pass (the outputs of the layers it may rewrite): the next pass

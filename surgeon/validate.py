@@ -96,7 +96,12 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
     return m
 
 
-def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, *, batch: int = 8,
+# rows per onnxruntime run when streaming activations (data without a batch of its own): enough
+# to amortise a run, few enough that one batch of a detector's activations stays small
+STREAM_BATCH = 8
+
+
+def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, *, batch: int = STREAM_BATCH,
                    threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` over `data` batch by batch and yield {tensor: value} for the named tensors
     (graph inputs, intermediate tensors or outputs). Only one batch of activations is held at a
