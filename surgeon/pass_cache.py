@@ -101,23 +101,30 @@ class PassRunner:
         inputs.update({t: self.cache[t] for t in cut if t in feed_names})
         feed = DataSet(inputs, None, data.synthetic, data.source, data.batch, getattr(data, "stacked", False))
         fetch = names + [t for t in border if t not in names and t not in feed_names]
-        keep: dict[str, list[np.ndarray]] | None = {t: [] for t in border if t not in feed_names} or None
-        size = 0
+        # each border tensor is written batch by batch into one array of the whole data's size,
+        # allocated at the first batch (concatenating the batches at the end cost a copy of it all)
+        keep: dict[str, np.ndarray | None] | None = {t: None for t in border if t not in feed_names} or None
+        size, done, total = 0, 0, len(feed)
         for values, fed in zip(stream_tensors(model, fetch, feed, batch=batch, threads=threads), feed.batches(batch)):
+            n = len(next(iter(fed.values())))
             if keep is not None:
-                n = len(next(iter(fed.values())))
                 for t in list(keep):
                     v = values[t]
                     # only per-sample activations can be cut at and fed back batch by batch
-                    if not (isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype.kind == "f" and v.shape[0] == n):
+                    if not (isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype.kind == "f" and v.shape[0] == n
+                            and (keep[t] is None or v.shape[1:] == keep[t].shape[1:])):
                         del keep[t]
                         continue
-                    keep[t].append(v)
-                    size += v.nbytes
-                if size > self.limit:
-                    keep = None
+                    if keep[t] is None:
+                        if size + v.nbytes // n * total > self.limit:
+                            keep = None
+                            break
+                        keep[t] = np.empty((total, *v.shape[1:]), v.dtype)
+                        size += keep[t].nbytes
+                    keep[t][done:done + n] = v
+            done += n
             yield {t: values[t] for t in names}
         self.started_from = [t for t in cut if t in feed_names]
-        kept = {t: np.concatenate(v) for t, v in keep.items() if v} if keep is not None else {}
+        kept = {t: v for t, v in keep.items() if v is not None and done == total} if keep is not None else {}
         # the part of the cut this pass read stays valid where no coming rewrite reaches
         self.cache = {**{t: self.cache[t] for t in cut if t in feed_names and t not in will_change}, **kept}
