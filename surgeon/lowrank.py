@@ -240,7 +240,7 @@ class RankOptions:
     # settings and tied in 4; 24 instead of 12, with 64 samples, three seeds: EfficientNet-Lite0
     # at 0.25 0.76-0.79 -> 0.60-0.61, the detector at 0.25 0.27-0.34 -> 0.25, at 0.5 -5%, the OCR
     # recognizer -1 to -2%, ratio 0.75 unchanged, EfficientNet-Lite0 at 0.5 +5%; ResNet-50's
-    # surgery +5% (docs/tucker.md, "How many sequential stages")
+    # surgery +4-9% (docs/tucker.md, "How many sequential stages")
     passes: int = field(default=24, metadata={
         "help": "fit=data: sequential stages (at most one per layer); each is fitted on the output "
                 "of the layers already rewritten (1: every layer on the original model's activations)"})
