@@ -119,6 +119,100 @@ def test_conv_gram_matches_an_explicit_im2col():
     X = np.stack(cols, axis=-1)  # (G, D, P)
     np.testing.assert_allclose(gram, X @ np.swapaxes(X, 1, 2), rtol=1e-10)
     assert count == X.shape[2]
+    # with one flag per image, the flagged images' sum too (image 1: the second 16 columns)
+    _, _, held, held_count = gq._conv_gram(x, layer, 10_000, np.random.default_rng(0), np.array([False, True]))
+    np.testing.assert_allclose(held, X[..., 16:] @ np.swapaxes(X[..., 16:], 1, 2), rtol=1e-10)
+    assert held_count == 16
+
+
+
+def gemm_model(w: np.ndarray):
+    return make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")],
+                      [tensor("x", ["N", w.shape[0]])], [tensor("y", ["N", w.shape[1]])], [init("w", w)])
+
+
+def test_held_out_grams_are_those_of_every_fourth_image():
+    """accumulate_grams splits by image: H over all rows and over images 3, 7, 11, ... alone,
+    across batches (70 images: batches of 64 and 6)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    x = rng.standard_normal((70, 6)).astype(np.float32)
+    layer = gq.Layer("fc", "Gemm", "x", w, np.ones(3), None, {"transB": False})
+    gq.accumulate_grams(gemm_model(w), [layer], DataSet({"x": x}, source="test"), positions=1)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(layer.gram[0], x64.T @ x64, rtol=1e-10)
+    held = x64[3::4]
+    np.testing.assert_allclose(layer.held[0], held.T @ held, rtol=1e-10)
+    assert (layer.count, layer.held_count) == (70, 17)
+    assert not gq.held_out_images(3).any()  # too few images to split: no check
+
+
+def test_held_out_rows_of_a_sequence_first_matmul_are_found_by_the_batch_axis():
+    """An OCR recognizer's MatMul reads (T, N, K): the held-out rows are those of images 3 and 7
+    on axis 1, not rows 3 and 7 of axis 0; where the first axis is not the batch's and two others
+    have its size, the layer gets no split (held count 0) rather than a guessed one."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    seq = make_model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+                      helper.make_node("MatMul", ["xt", "w"], ["y"], name="mm")],
+                     [tensor("x", ["N", 5, 6])], [tensor("y", [5, "N", 3])], [init("w", w)])
+    x = rng.standard_normal((8, 5, 6)).astype(np.float32)
+    layer = gq.Layer("mm", "MatMul", "xt", w, np.ones(3), None, {"transB": False})
+    gq.accumulate_grams(seq, [layer], DataSet({"x": x}, source="test"), positions=1)
+    rows = x.reshape(-1, 6).astype(np.float64)
+    held = x[[3, 7]].reshape(-1, 6).astype(np.float64)
+    np.testing.assert_allclose(layer.gram[0], rows.T @ rows, rtol=1e-10)
+    np.testing.assert_allclose(layer.held[0], held.T @ held, rtol=1e-10)
+    assert (layer.count, layer.held_count) == (40, 10)
+    # (5, N, 8, 6) with N = 8: two axes past the first have the batch's size; no split
+    odd = make_model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2, 3]),
+                      helper.make_node("MatMul", ["xt", "w"], ["y"], name="mm")],
+                     [tensor("x", ["N", 5, 8, 6])], [tensor("y", [5, "N", 8, 3])], [init("w", w)])
+    layer = gq.Layer("mm", "MatMul", "xt", w, np.ones(3), None, {"transB": False})
+    x4 = rng.standard_normal((8, 5, 8, 6)).astype(np.float32)
+    gq.accumulate_grams(odd, [layer], DataSet({"x": x4}, source="test"), positions=1)
+    assert (layer.count, layer.held_count) == (320, 0)
+
+
+def test_gptq_is_refused_where_it_fits_its_images_but_not_the_held_out_ones():
+    """Images 3, 7, 11, 15 (held out) excite input directions the others never do. GPTQ fitted on
+    the others pushes rounding error into those directions freely, so on the held-out images it
+    is worse than round-to-nearest: the layer keeps round-to-nearest (the same int8 weights as
+    weight_rounding=nearest), and the recorded errors are the ones computed here by hand."""
+    rng = np.random.default_rng(3)
+    d, f, n = 24, 8, 16
+    w = rng.standard_normal((d, f)).astype(np.float32)
+    w[0] *= 6  # one large input row sets every column's scale: round-to-nearest error is large
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    held = gq.held_out_images(n)
+    coef = rng.standard_normal((n, d)) * 0.01
+    coef[~held, :4] += rng.standard_normal((int((~held).sum()), 4)) * 3  # the fitted images: 4 directions
+    coef[held, 4:] += rng.standard_normal((int(held.sum()), d - 4))      # the held-out ones: the rest
+    x = (coef @ basis.T).astype(np.float32)
+    data = DataSet({"x": x}, source="test")
+    common = {"bias_correction": "off", "equalize": "off", "sequential_bias": "off", "calibration": "minmax"}
+    gptq = surgeon.apply(gemm_model(w), "int8", {**common, "weight_rounding": "gptq"}, data=data)
+    near = surgeon.apply(gemm_model(w), "int8", {**common, "weight_rounding": "nearest"}, data=data)
+    info = gptq.extras["weight_rounding"]
+    assert info["layers"] == 0 and "held-out" in info["skipped"]["fc"]
+    e_rtn, e_gptq = info["held_out_error_rtn_gptq"]["fc"]
+    # by hand: the model's per-column scales, H of the fitted / held-out rows, the errors on the latter
+    qi = {i.name: numpy_helper.to_array(i) for i in near.model.graph.initializer}
+    wq = next(v for v in qi.values() if v.dtype == np.int8 and v.shape == w.shape)
+    scale = next(v for k, v in qi.items() if v.shape == (f,) and v.dtype == np.float32 and "scale" in k)
+    W, s = w.T.astype(np.float64)[None], scale.astype(np.float64)[None]
+    x64 = x.astype(np.float64)
+    h_fit, h_held = (x64[m].T @ x64[m] / m.sum() for m in (~held, held))
+    trial = gq.gptq_quantize(W, s, h_fit[None], 0.01)
+    rows = x64[held]
+    by_hand = [np.linalg.norm(rows @ (w.T.astype(np.float64) - q[0] * s[0][:, None]).T) / np.linalg.norm(rows @ w)
+               for q in (np.clip(np.round(W / s[..., None]), -127, 127), trial)]
+    np.testing.assert_allclose([e_rtn, e_gptq], by_hand, atol=6e-6)  # the report rounds to 5 decimals
+    assert e_gptq > e_rtn
+    np.testing.assert_array_equal(wq.T, np.clip(np.round(w.T / scale[:, None]), -127, 127))  # onnxruntime's RTN
+    ints = lambda m: sorted((i.name, numpy_helper.to_array(i).tobytes()) for i in m.graph.initializer
+                            if i.data_type == onnx.TensorProto.INT8)
+    assert ints(gptq.model) == ints(near.model)
 
 
 # --- explain ----------------------------------------------------------------------------------
