@@ -246,3 +246,13 @@ def test_plugins_show_effective_defaults():
     opts = {p["name"]: {o["name"]: o["default"] for o in p["options"]} for p in json.loads(r.stdout)["plugins"]}
     assert opts["tucker"]["ratio"].startswith("0.5") and opts["svd"]["ratio"].startswith("0.25")
     assert "None" not in r.stdout
+
+
+def test_help_keeps_bracketed_text():
+    """Help texts name `surgeon[ray]` and `[tool.surgeon.gate]`; rich's markup mode took
+    bracketed words for style tags and printed "pip install 'surgeon'" and "the recipe's , then"."""
+    sweep = runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "200"})
+    gate = runner.invoke(app, ["gate", "--help"], env={"COLUMNS": "200"})
+    assert sweep.exit_code == gate.exit_code == 0
+    assert "surgeon[ray]" in sweep.output
+    assert "[gate]" in gate.output and "[tool.surgeon.gate]" in gate.output
