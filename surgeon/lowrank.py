@@ -723,7 +723,7 @@ def _spectra(w: np.ndarray, inputs: tuple, outputs: tuple) -> DataChannelSpectra
 
 @_one_blas_thread
 def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | float = 0.0,
-                 ridge: float = 1e-3, refit: bool = True) -> DataTucker:
+                 ridge: float = 1e-3, refit: bool = True, error: bool = True) -> DataTucker:
     """Input factor B = L^-T V_r1, output factor O = leading r2 response eigenvectors, and the
     core refitted by ridge least squares to the projected target responses:
 
@@ -732,7 +732,9 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     with core0 = O^T W x_1 (L V_r1)^T (the closed form under the separable assumption), so a
     sample with fewer rows than unknowns still gives a sane core. The bias moves so that the
     mean output is kept: b' = b + mean(W p) - W' mean(p~). refit=False keeps core0 (no least
-    squares: what the held-out trials use, since the refit dominates the cost on wide layers)."""
+    squares: what the held-out trials use, since the refit dominates the cost on wide layers);
+    error=False skips the error on the sample (out_error is nan), and with refit=False every
+    product with the patches."""
     from scipy.linalg import solve_triangular
 
     w, xc = spec.w, spec.patches
@@ -746,9 +748,10 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     wk = w.reshape(f, c, K)
     core0 = np.tensordot(o.T, np.tensordot(wk, spec.chol @ v, axes=(1, 0)), axes=(1, 0))  # (R2, K, R1)
     core0 = core0.transpose(0, 2, 1).reshape(r2, r1 * K)                                   # r1-major, k minor
-    h = np.tensordot(xc.reshape(n, c, K), _f32(b), axes=(1, 0)).transpose(0, 2, 1).reshape(n, r1 * K)
-    t = spec.responses @ _f32(o)                                                           # (n, R2)
+    if refit or error:
+        h = patches_through(xc, b)
     if refit:
+        t = spec.responses @ _f32(o)                                                       # (n, R2)
         gram = _gram(h, h)
         lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
         rhs = _gram(h, t) + lam * core0.T
@@ -756,12 +759,22 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
         core = solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos").T                # (R2, R1*K)
     else:
         core = core0
-    approx = tucker2_full(core.reshape((r2, r1) + tuple(kernel)), o, b)
-    shift = spec.response_mean - approx.reshape(f, -1) @ spec.mean
-    m = min(n, ERROR_ROWS)
-    y = spec.responses[:m] + spec.response_mean + bias
-    error = _relative((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
-    return DataTucker(core.reshape((r2, r1) + tuple(kernel)), o, b, shift, error)
+    # W' mean(p~) through the factors: the mean patch through B, the core, then O
+    shift = spec.response_mean - o @ (core @ (b.T @ spec.mean.reshape(c, K)).reshape(-1))
+    out_error = float("nan")
+    if error:
+        m = min(n, ERROR_ROWS)
+        y = spec.responses[:m] + spec.response_mean + bias
+        out_error = _relative((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
+    return DataTucker(core.reshape((r2, r1) + tuple(kernel)), o, b, shift, out_error)
+
+
+def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Patch rows (n, c*K: channel-major) through the in factor B (c x R1) at every kernel
+    offset: (n, R1*K), R1-major like the core's columns."""
+    n, K = len(patches), patches.shape[1] // len(b)
+    h = np.tensordot(_f32(patches).reshape(n, len(b), K), _f32(b), axes=(1, 0))  # (n, K, R1)
+    return h.transpose(0, 2, 1).reshape(n, -1)
 
 
 # --- the fit, chosen per layer by the output error on held-out calibration samples -------------
@@ -815,7 +828,8 @@ class FitChoice:
     held_samples: int
 
 
-# a trial: train mask -> (W' as in x @ W', or its factors (A, B) with W' = A B; the bias shift)
+# a trial: train mask -> (W' as in x @ W', its factors (A, B) with W' = A B, or a function x -> x W';
+# the bias shift)
 
 
 class Trials(dict):
@@ -842,8 +856,11 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
     ref = y + _f32(bias)
 
     def score(name: str) -> float:
-        approx, shift = trials[name](~held)  # W', or its factors (A, B): x A B is cheaper
-        out = (xh @ _f32(approx[0])) @ _f32(approx[1]) if isinstance(approx, tuple) else xh @ _f32(approx)
+        approx, shift = trials[name](~held)  # W', its factors (A, B): x A B is cheaper, or x -> x W'
+        if callable(approx):
+            out = approx(xh)
+        else:
+            out = (xh @ _f32(approx[0])) @ _f32(approx[1]) if isinstance(approx, tuple) else xh @ _f32(approx)
         return _relative(out + _f32(shift) - y, ref)
 
     names = [name for name in FIT_CANDIDATES if name in trials]
@@ -947,8 +964,10 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
         @_one_blas_thread
         def trial(train):
             spec = _spectra(w64, side("in", x, train), side("out", t, train))
-            fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT)
-            return tucker2_full(fit.core, fit.out_factor, fit.in_factor).reshape(f, -1).T, fit.shift
+            fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT, error=False)
+            core, o, b = _f32(fit.core.reshape(r2, -1)).T, _f32(fit.out_factor).T, fit.in_factor
+            # x W' through the factors: fewer products than forming W' (c*K x f) and x W'
+            return (lambda rows: (patches_through(rows, b) @ core) @ o), fit.shift
         return trial
 
     weights = _lazy(weights_approx)
