@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,7 @@ from surgeon.validate import stream_tensors
 log = logging.getLogger(__name__)
 
 BLOCK = 128
+INNER = 16
 MAX_COLUMNS = 4096  # inputs per output row: H is MAX_COLUMNS^2 float64 (128 MiB) and its Cholesky O(D^3)
 
 
@@ -93,18 +95,25 @@ def gptq_quantize(weight_rows: np.ndarray, scale: np.ndarray, hessian: np.ndarra
     L = np.linalg.cholesky(H[:, ::-1, ::-1])
     U = np.stack([_tri_inv(l) for l in L])[:, ::-1, ::-1]
     Q = np.zeros_like(W)
+    s1 = s[..., 0]
     for i1 in range(0, D, BLOCK):
         i2 = min(i1 + BLOCK, D)
         W1 = W[:, :, i1:i2].copy()
         E1 = np.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, :, i]
-            q = np.clip(np.round(w / s[..., 0]), qmin, qmax)
-            Q[:, :, i1 + i] = q
-            err = (w - q * s[..., 0]) / U1[:, i, i][:, None]
-            W1[:, :, i:] -= err[:, :, None] * U1[:, i, i:][:, None, :]
-            E1[:, :, i] = err
+        # the same lazy update once more inside the block: column by column only within INNER
+        # columns, the rest of the block by one product per INNER (the per-column numpy calls
+        # on R x 128 slices were most of GPTQ's time on ResNet-50)
+        for j1 in range(0, i2 - i1, INNER):
+            j2 = min(j1 + INNER, i2 - i1)
+            for i in range(j1, j2):
+                w = W1[:, :, i]
+                q = np.clip(np.round(w / s1), qmin, qmax)
+                Q[:, :, i1 + i] = q
+                err = (w - q * s1) / U1[:, i, i, None]
+                W1[:, :, i + 1:j2] -= err[:, :, None] * U1[:, None, i, i + 1:j2]  # column i is done
+                E1[:, :, i] = err
+            W1[:, :, j2:] -= E1[:, :, j1:j2] @ U1[:, j1:j2, j2:]
         W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
     return Q
 
@@ -118,10 +127,20 @@ def _tri_inv(lower: np.ndarray) -> np.ndarray:
 
 def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
     """||(W - Wq) X||_F / ||W X||_F from H = X X^T, rows (G, R, D)."""
-    d = W - Wq
-    num = float(np.sum((d @ H) * d))
-    den = float(np.sum((W @ H) * W))
-    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return output_errors(W, [Wq], H)[0]
+
+
+def output_errors(W: np.ndarray, candidates: list[np.ndarray], H: np.ndarray) -> list[float]:
+    """output_error of each candidate Wq against the same W and H (||W X|| computed once; the
+    products in float32, twice the speed of float64, good to about 1e-6)."""
+    H32 = np.asarray(H, np.float32)
+    den = float(np.sum((np.asarray(W, np.float32) @ H32) * W, dtype=np.float64))
+    out = []
+    for Wq in candidates:
+        d = np.asarray(W - Wq, np.float32)
+        num = float(np.sum((d @ H32) * d, dtype=np.float64))
+        out.append(float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0)
+    return out
 
 
 def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> list[Layer]:
@@ -176,11 +195,49 @@ def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> 
     return layers
 
 
-def _conv_gram(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Generator,
-               held: np.ndarray | None = None) -> tuple[np.ndarray, int] | tuple[np.ndarray, int, np.ndarray, int]:
-    """Sum over the batch of X X^T for the im2col columns X (G, D, P) of a conv input, at most
-    `positions` output positions per image (the same random ones for every image of the batch).
-    With `held` (one flag per image), also the sum over the flagged images alone."""
+class GramSum:
+    """The sum of X X^T over blocks of columns X (G, D, P), accumulated in place in float32:
+    BLAS syrk for one group (half a GEMM's multiply-adds, and no D x D temporary per image,
+    whose float64 copies and additions took longer than the products on ResNet-50), a batched
+    product for grouped convs (small D). Float32 sums over a few hundred thousand columns are
+    good to about 1e-6, far below GPTQ's 1% damping; float64 on the way out."""
+
+    def __init__(self) -> None:
+        self.single: np.ndarray | None = None   # (D, D) Fortran order, upper triangle, G == 1
+        self.batched: np.ndarray | None = None  # (G, D, D), G > 1
+        self.count = 0
+
+    def add(self, X: np.ndarray) -> None:
+        from scipy.linalg.blas import ssyrk
+
+        if X.shape[2] == 0:
+            return
+        self.count += X.shape[2]
+        if X.shape[0] > 1:
+            part = X @ np.swapaxes(X, 1, 2)
+            self.batched = part if self.batched is None else np.add(self.batched, part, out=self.batched)
+            return
+        x = X[0]
+        if self.single is None:
+            self.single = np.zeros((len(x), len(x)), np.float32, order="F")
+        if x.flags.c_contiguous:  # x^T is Fortran-ordered: trans=1 reads it without a copy
+            self.single = ssyrk(1.0, x.T, beta=1.0, c=self.single, trans=1, overwrite_c=1)
+        else:
+            self.single = ssyrk(1.0, np.asfortranarray(x), beta=1.0, c=self.single, overwrite_c=1)
+
+    def value(self) -> np.ndarray | None:
+        """The sum as (G, D, D) float64; None when nothing was added."""
+        if self.single is not None:
+            u = self.single.astype(np.float64)  # syrk leaves the lower triangle at zero
+            full = u + u.T
+            full[np.diag_indices_from(full)] -= np.diagonal(u)
+            return full[None]
+        return None if self.batched is None else self.batched.astype(np.float64)
+
+
+def _conv_columns(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Each image's im2col columns X (G, D, P) float32 of a conv input, at most `positions`
+    output positions per image (the same random ones for every image of the batch)."""
     kh, kw = layer.w.shape[2:]
     pads = list(layer.attrs.get("pads", [0, 0, 0, 0]))
     sh, sw = layer.attrs.get("strides", [1, 1])
@@ -193,21 +250,31 @@ def _conv_gram(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Gener
     pick = np.sort(rng.choice(total, positions, replace=False)) if total > positions else np.arange(total)
     pi, pj = pick // ow, pick % ow
     g = layer.groups
-    gram, held_gram = 0.0, 0.0
     for k in range(n):
         xk = xp[k]
-        cols = np.empty((c, kh * kw, pick.size), np.float64)
+        cols = np.empty((c, kh * kw, pick.size), np.float32)
         for a in range(kh):
             for b in range(kw):
                 cols[:, a * kw + b, :] = xk[:, pi * sh + a * dh, pj * sw + b * dw]
-        X = cols.reshape(g, (c // g) * kh * kw, pick.size)
-        part = (X[0] @ X[0].T)[None] if g == 1 else X @ np.swapaxes(X, 1, 2)
-        gram = gram + part
-        if held is not None and held[k]:
-            held_gram = held_gram + part
+        yield cols.reshape(g, (c // g) * kh * kw, pick.size)
+
+
+def _conv_gram(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Generator,
+               held: np.ndarray | None = None) -> tuple[np.ndarray, int] | tuple[np.ndarray, int, np.ndarray, int]:
+    """Sum over the batch of X X^T for the im2col columns X (G, D, P) of a conv input
+    (_conv_columns). With `held` (one flag per image), also the sum over the flagged images alone."""
+    fit, out = GramSum(), GramSum()
+    for k, X in enumerate(_conv_columns(x, layer, positions, rng)):
+        (out if held is not None and held[k] else fit).add(X)
+    gram = _total(fit, out)
     if held is None:
-        return gram, n * pick.size
-    return gram, n * pick.size, held_gram, int(np.sum(held)) * pick.size
+        return gram, fit.count
+    return gram, fit.count + out.count, out.value(), out.count
+
+
+def _total(a: GramSum, b: GramSum) -> np.ndarray | None:
+    va, vb = a.value(), b.value()
+    return va if vb is None else vb if va is None else va + vb
 
 
 def held_out_images(n: int) -> np.ndarray:
@@ -225,7 +292,7 @@ def _rows_per_image(x: np.ndarray, n: int) -> np.ndarray | None:
     axes = [a for a, size in enumerate(lead) if size == n]
     if not axes or (len(axes) > 1 and axes[0] != 0):
         return None
-    return np.moveaxis(np.asarray(x, np.float64), axes[0], 0).reshape(n, -1, x.shape[-1])
+    return np.moveaxis(np.asarray(x), axes[0], 0).reshape(n, -1, x.shape[-1])
 
 
 def accumulate_grams(float_model: onnx.ModelProto, layers: list[Layer], data: DataSet, positions: int,
@@ -237,26 +304,29 @@ def accumulate_grams(float_model: onnx.ModelProto, layers: list[Layer], data: Da
     first = next(iter(data.inputs))  # its rows count the images of each batch
     held_images = held_out_images(len(data))
     batch_rows = max(8, min(len(data), 64))  # Gram GEMMs over more rows at once: fewer passes over D x D
+    sums = {l.name: (GramSum(), GramSum()) for l in layers}  # (the images fitted on, the held-out ones)
     offset = 0
     for batch in stream_tensors(float_model, [first, *tensors], data, batch=batch_rows, threads=threads):
         n = len(batch[first])
         held = held_images[offset:offset + n]
         for l in layers:
+            fit, out = sums[l.name]
             x = np.asarray(batch[l.x])
             if l.op == "Conv":
-                g, count, hg, hcount = _conv_gram(x, l, positions, rng, held)
-            else:
-                per_image = _rows_per_image(x, n)
-                rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (P, K)
-                hrows = per_image[held].reshape(-1, x.shape[-1]) if per_image is not None else rows[:0]
-                # 2-D GEMMs: batched matmul skips BLAS
-                g, count = (rows.T @ rows)[None], rows.shape[0]
-                hg, hcount = (hrows.T @ hrows)[None], hrows.shape[0]
-            l.gram = g if l.gram is None else l.gram + g
-            l.count += count
-            l.held = hg if l.held is None else l.held + hg
-            l.held_count += hcount
+                for k, X in enumerate(_conv_columns(x, l, positions, rng)):
+                    (out if held[k] else fit).add(X)
+                continue
+            per_image = _rows_per_image(x, n)
+            if per_image is None:  # no image split: every row is fitted on
+                fit.add(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32).T[None])
+                continue
+            for images, dest in ((per_image[~held], fit), (per_image[held], out)):
+                dest.add(np.ascontiguousarray(images.reshape(-1, x.shape[-1]), np.float32).T[None])
         offset += n
+    for l in layers:
+        fit, out = sums.pop(l.name)
+        l.gram, l.count = _total(fit, out), fit.count + out.count
+        l.held, l.held_count = out.value(), out.count
 
 
 def _weight_rows(l: Layer) -> np.ndarray:
@@ -281,8 +351,7 @@ def apply_gptq(float_model: onnx.ModelProto, q: onnx.ModelProto, data: DataSet, 
     the layers whose output rows read at most `max_inputs` inputs (C/g x kh x kw for a conv).
     A layer keeps round-to-nearest when GPTQ fitted on 3/4 of the images does not lower its output
     error on the other images (held_out_errors), or GPTQ on every image does not lower it on H."""
-    with threadpool_limits(1):  # many small factorizations: BLAS threads only add contention on 2 cores
-        return _apply_gptq(float_model, q, data, damp, positions, threads, seed, min(max_inputs, MAX_COLUMNS))
+    return _apply_gptq(float_model, q, data, damp, positions, threads, seed, min(max_inputs, MAX_COLUMNS))
 
 
 def held_out_errors(l: Layer, W: np.ndarray, s: np.ndarray, damp: float) -> tuple[float, float] | None:
@@ -298,7 +367,7 @@ def held_out_errors(l: Layer, W: np.ndarray, s: np.ndarray, damp: float) -> tupl
     fit, check = (l.gram - l.held) / (l.count - l.held_count), l.held / l.held_count
     rtn = np.clip(np.round(W / s[..., None]), -127, 127)
     trial = gptq_quantize(W, s, fit, damp)
-    e_rtn, e_gptq = (output_error(W, qx * s[..., None], check) for qx in (rtn, trial))
+    e_rtn, e_gptq = output_errors(W, [rtn * s[..., None], trial * s[..., None]], check)
     return e_rtn, e_gptq
 
 
@@ -317,7 +386,19 @@ def _apply_gptq(float_model, q, data, damp, positions, threads, seed, max_inputs
     layers = [l for l in layers if l.name not in res.skipped]
     if not layers:
         return q, res
-    accumulate_grams(float_model, layers, data, positions, threads, seed)
+    accumulate_grams(float_model, layers, data, positions, threads, seed)  # large GEMMs: every BLAS thread
+    # many small factorizations: BLAS threads only add contention on 2 cores (2 threads on the
+    # layers with 1024 inputs or more did not help either: dtrtri and the per-column updates
+    # got slower than the Cholesky factor got faster)
+    with threadpool_limits(1):
+        _round_layers(layers, damp, res)
+    res.seconds = time.perf_counter() - t0
+    return to_model(qg, like=q), res
+
+
+def _round_layers(layers: list[Layer], damp: float, res: GptqResult) -> None:
+    """GPTQ's integers into each layer's int8 initializer, where the held-out check and the
+    layer's own H say they beat round-to-nearest; the rest keep theirs, with the reason."""
     for l in layers:
         W = _weight_rows(l)
         G, R, _ = W.shape
@@ -331,16 +412,13 @@ def _apply_gptq(float_model, q, data, damp, positions, threads, seed, max_inputs
                 res.skipped[l.name] = "GPTQ did not lower the layer's output error on held-out images"
                 continue
         qi = gptq_quantize(W, s, H, damp)
-        e_rtn = output_error(W, rtn * s[..., None], H)
-        e_gptq = output_error(W, qi * s[..., None], H)
+        e_rtn, e_gptq = output_errors(W, [rtn * s[..., None], qi * s[..., None]], H)
         res.rel_err_rtn[l.name], res.rel_err_gptq[l.name] = e_rtn, e_gptq
         if e_gptq >= e_rtn:
             res.skipped[l.name] = "GPTQ did not lower the layer's output error"
             continue
         l.wq.values = _int_weight(l, qi).astype(np.int8)
         res.layers.append(l.name)
-    res.seconds = time.perf_counter() - t0
-    return to_model(qg, like=q), res
 
 
 def transplant(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
