@@ -132,13 +132,15 @@ def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
 
 def output_errors(W: np.ndarray, candidates: list[np.ndarray], H: np.ndarray) -> list[float]:
     """output_error of each candidate Wq against the same W and H (||W X|| computed once; the
-    products in float32, twice the speed of float64, good to about 1e-6)."""
-    H32 = np.asarray(H, np.float32)
-    den = float(np.sum((np.asarray(W, np.float32) @ H32) * W, dtype=np.float64))
+    products in float32, twice the speed of float64, good to about 1e-6; float64 when H's
+    entries are too large for float32 products)."""
+    dtype = np.float32 if float(np.max(np.abs(H), initial=0.0)) < 1e30 else np.float64
+    Hc = np.asarray(H, dtype)
+    den = float(np.sum((np.asarray(W, dtype) @ Hc) * W, dtype=np.float64))
     out = []
     for Wq in candidates:
-        d = np.asarray(W - Wq, np.float32)
-        num = float(np.sum((d @ H32) * d, dtype=np.float64))
+        d = np.asarray(W - Wq, dtype)
+        num = float(np.sum((d @ Hc) * d, dtype=np.float64))
         out.append(float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0)
     return out
 
@@ -195,35 +197,51 @@ def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> 
     return layers
 
 
+# float32 sums are safe while every entry stays below this (float32 overflows at 3.4e38): an
+# entry of the sum is at most the sum over the blocks of P * max|x|^2
+FLOAT32_SUM_BOUND = 1e36
+
+
 class GramSum:
     """The sum of X X^T over blocks of columns X (G, D, P), accumulated in place in float32:
     BLAS syrk for one group (half a GEMM's multiply-adds, and no D x D temporary per image,
     whose float64 copies and additions took longer than the products on ResNet-50), a batched
     product for grouped convs (small D). Float32 sums over a few hundred thousand columns are
-    good to about 1e-6, far below GPTQ's 1% damping; float64 on the way out."""
+    good to about 1e-6, far below GPTQ's 1% damping; float64 on the way out. Activations large
+    enough to overflow a float32 sum (seeded model-zoo weights reach 1e19) switch the sum to
+    float64 before they are added."""
 
     def __init__(self) -> None:
         self.single: np.ndarray | None = None   # (D, D) Fortran order, upper triangle, G == 1
         self.batched: np.ndarray | None = None  # (G, D, D), G > 1
         self.count = 0
+        self.bound = 0.0  # an upper bound of every entry of the sum
+        self.dtype = np.float32
 
     def add(self, X: np.ndarray) -> None:
-        from scipy.linalg.blas import ssyrk
+        from scipy.linalg.blas import dsyrk, ssyrk
 
         if X.shape[2] == 0:
             return
         self.count += X.shape[2]
+        peak = max(float(X.max()), -float(X.min()))
+        self.bound += X.shape[2] * peak * peak
+        if self.dtype == np.float32 and not self.bound < FLOAT32_SUM_BOUND:  # (NaN too)
+            self.dtype = np.float64
+            self.single = None if self.single is None else self.single.astype(np.float64, order="F")
+            self.batched = None if self.batched is None else self.batched.astype(np.float64)
+        X = X.astype(self.dtype, copy=False)
         if X.shape[0] > 1:
             part = X @ np.swapaxes(X, 1, 2)
             self.batched = part if self.batched is None else np.add(self.batched, part, out=self.batched)
             return
-        x = X[0]
+        x, syrk = X[0], (ssyrk if self.dtype == np.float32 else dsyrk)
         if self.single is None:
-            self.single = np.zeros((len(x), len(x)), np.float32, order="F")
+            self.single = np.zeros((len(x), len(x)), self.dtype, order="F")
         if x.flags.c_contiguous:  # x^T is Fortran-ordered: trans=1 reads it without a copy
-            self.single = ssyrk(1.0, x.T, beta=1.0, c=self.single, trans=1, overwrite_c=1)
+            self.single = syrk(1.0, x.T, beta=1.0, c=self.single, trans=1, overwrite_c=1)
         else:
-            self.single = ssyrk(1.0, np.asfortranarray(x), beta=1.0, c=self.single, overwrite_c=1)
+            self.single = syrk(1.0, np.asfortranarray(x), beta=1.0, c=self.single, overwrite_c=1)
 
     def value(self) -> np.ndarray | None:
         """The sum as (G, D, D) float64; None when nothing was added."""

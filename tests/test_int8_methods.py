@@ -132,6 +132,25 @@ def gemm_model(w: np.ndarray):
                       [tensor("x", ["N", w.shape[0]])], [tensor("y", ["N", w.shape[1]])], [init("w", w)])
 
 
+def test_gram_sums_switch_to_float64_before_float32_overflows():
+    """Seeded model-zoo weights make activations of 1e19 and more (light_inception_v1): a
+    float32 sum of their squares overflows. The sum moves to float64 first and stays finite
+    and exact to round-off, for one group (syrk) and for grouped convs."""
+    rng = np.random.default_rng(4)
+    for groups in (1, 3):
+        blocks = [rng.standard_normal((groups, 5, 40)).astype(np.float32) * scale for scale in (1.0, 1e19, 3e19)]
+        total = gq.GramSum()
+        for X in blocks:
+            total.add(X)
+        want = sum(X.astype(np.float64) @ np.swapaxes(X.astype(np.float64), 1, 2) for X in blocks)
+        got = total.value()
+        assert np.isfinite(got).all() and total.count == 120
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    W = rng.standard_normal((1, 3, 5))  # and the output errors on such an H (entries near 1e38)
+    e = gq.output_errors(W, [np.round(W)], want[:1] / total.count)[0]
+    assert np.isfinite(e) and 0 < e < 1
+
+
 def test_held_out_grams_are_those_of_every_fourth_image():
     """accumulate_grams splits by image: H over all rows and over images 3, 7, 11, ... alone,
     across batches (70 images: batches of 64 and 6)."""
