@@ -747,7 +747,7 @@ def plan_cmd(
 
 def _print_plan(res) -> None:
     rows = [[c["layer"], f"{c['ratio']:g}", c["ranks"], f"{c['predicted_drift']:.4f}",
-             f"{c['predicted_agreement']:.2%}", f"{c['predicted_saved_ms']:.4f}",
+             _fmt(c["predicted_agreement"], "{:.2%}"), f"{c['predicted_saved_ms']:.4f}",
              _fmt(c["measured_drift_delta"], "{:+.4f}"), _fmt(c["measured_agreement_delta"], "{:+.2%}")]
             for c in res.choices]
     out.print(report.table(f"plan: {res.plugin} on {Path(res.model).name}, {len(res.choices)} layer(s)",
@@ -757,7 +757,8 @@ def _print_plan(res) -> None:
     lat = v.get("latency") or {}
     p = res.predicted
     summary = [["drift", _fmt(p.get("drift"), "{:.4f}") + " (quadrature)", _fmt(v.get("worst_rel_l2"), "{:.4f}")],
-               ["agreement", _fmt(1 - p["disagreement"], "{:.2%}") if "disagreement" in p else "-",
+               ["agreement", _fmt(1 - p["disagreement"], "{:.2%}")
+                if "disagreement" in p and all(c["predicted_agreement"] is not None for c in res.choices) else "-",
                 _fmt(v.get("top1_agreement"), "{:.2%}")],
                ["latency vs original", _fmt(p.get("latency_ratio"), "{:.3f}"), _fmt(lat.get("ratio"), "{:.3f}")],
                ["MACs", "-", report.human(res.final.get("macs"))]]

@@ -128,6 +128,7 @@ class Option:
     saved_ms: float
     macs_saved: int
     ranks: str
+    has_agreement: bool = True  # False when no output looks like class scores (disagreement is then 0)
 
 
 @dataclass
@@ -380,7 +381,7 @@ def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, An
             ranks = f"{d['R1']},{d['R2']}" if "R1" in d else str(d.get("rank", d.get("channels_after", "")))
             out[name].append(Option(r, row["drift"], 1.0 - (row["agreement"] if row.get("agreement") is not None else 1.0),
                                     (orig_acc - row["accuracy"]) if orig_acc is not None and row.get("accuracy") is not None
-                                    else 0.0, t["saved_ms"], macs_saved, ranks))
+                                    else 0.0, t["saved_ms"], macs_saved, ranks, row.get("agreement") is not None))
             if budget is not None and budget.use(_effects(out[name][-1])) > 1.0:
                 out[name].pop()
     return {k: v for k, v in out.items() if v}
@@ -584,7 +585,8 @@ def _choices(options, state, attribution) -> list[dict[str, Any]]:
         o = next(o for o in options[n] if o.ratio == state[n])
         a = attribution.get(n, {})
         out.append({"layer": n, "ratio": o.ratio, "ranks": o.ranks, "predicted_drift": o.drift,
-                    "predicted_agreement": 1.0 - o.disagreement, "predicted_saved_ms": o.saved_ms,
+                    "predicted_agreement": 1.0 - o.disagreement if o.has_agreement else None,
+                    "predicted_saved_ms": o.saved_ms,
                     "macs_saved": o.macs_saved, "measured_drift_delta": a.get("drift"),
                     "measured_agreement_delta": a.get("agreement")})
     return out

@@ -229,3 +229,17 @@ def test_a_uniform_plan_measured_faster_end_to_end_replaces_the_searched_one(mon
     else:
         assert not switched
     assert len(timed) >= 2  # the original, then the plan against each rival
+
+
+def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path):
+    """A conv whose output is a feature map has no top-1: the plan's choices say so (None in
+    JSON, "-" in the table) instead of a predicted 100% agreement."""
+    from tests.models import conv_model
+
+    path = tmp_path / "conv.onnx"
+    model_io.save(conv_model(c=32, f=64, hw=16), path)
+    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.9), [0.25, 0.5], {"fit": "weights", "guard": "none"},
+                             attribution=False, max_verifications=2)
+    res = plan.make_plan(path, popts, pipeline.RunOptions(latency=False))
+    assert res.choices and all(c["predicted_agreement"] is None for c in res.choices)
+    assert res.final["validation"]["top1_agreement"] is None
