@@ -236,6 +236,9 @@ def make_plan(model: str | Path | onnx.ModelProto, popts: PlanOptions, run_opts:
     st = setup(model, plug.name, popts.options, run_opts, eval_threads=threads, parallel=parallel, split=split)
     if b.min_accuracy is not None and st.original_metrics["accuracy"] is None:
         raise UsageError("an accuracy budget needs labels in the --data file")
+    if b.min_agreement is not None and st.original_metrics["agreement"] is None:  # before the per-layer sweep
+        raise UsageError("an agreement budget needs an output that looks like class scores (N, C); "
+                         "this model has none: use drift<=D")
     sopts = SweepOptions(plug.name, ratios, popts.options, popts.layers, per_layer=True, workers=popts.workers,
                          backend=popts.backend)
     budget = _Budget(b, st.original_metrics["accuracy"])

@@ -167,9 +167,9 @@ def setup(model: str | Path | onnx.ModelProto, plugin: str, options: dict[str, A
     payload = Payload(prepared.SerializeToString(), plug.name, split.calib, split.eval, reference, shapes,
                       eval_threads, run_opts.seed)
     prof = _profile_fn(prepared, shapes, data=split.calib)
-    acc = score(reference, reference, split.eval.labels)["accuracy"]
+    itself = score(reference, reference, split.eval.labels)  # agreement None: no output looks like class scores
     metrics = {"params": prof.total_params, "macs": prof.total_macs, "size_bytes": original.ByteSize(),
-               "accuracy": acc, "rows": len(split.eval)}
+               "accuracy": itself["accuracy"], "agreement": itself["agreement"], "rows": len(split.eval)}
     return Setup(source, original, prepared, plug, split, shapes, base, payload, metrics)
 
 

@@ -231,7 +231,7 @@ def test_a_uniform_plan_measured_faster_end_to_end_replaces_the_searched_one(mon
     assert len(timed) >= 2  # the original, then the plan against each rival
 
 
-def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path):
+def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path, monkeypatch):
     """A conv whose output is a feature map has no top-1: the plan's choices say so (None in
     JSON, "-" in the table) instead of a predicted 100% agreement."""
     from tests.models import conv_model
@@ -243,3 +243,10 @@ def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path):
     res = plan.make_plan(path, popts, pipeline.RunOptions(latency=False))
     assert res.choices and all(c["predicted_agreement"] is None for c in res.choices)
     assert res.final["validation"]["top1_agreement"] is None
+    # an agreement budget cannot be met on such a model: refused before the per-layer sweep
+    swept = []
+    monkeypatch.setattr(plan, "per_layer", lambda *a, **k: swept.append(1) or ([], {}))
+    with pytest.raises(UsageError, match="needs an output that looks like class scores"):
+        plan.make_plan(path, plan.PlanOptions("tucker", Budgets(min_agreement=0.9), [0.5], {"fit": "weights"}),
+                       pipeline.RunOptions(latency=False))
+    assert not swept
