@@ -127,6 +127,25 @@ def unmeasurable(budgets: Budgets, *, latency: bool, labels: bool) -> list[str]:
     return out
 
 
+def may_have_scores(model) -> bool:
+    """Whether some graph output can be class scores (N, C) with C > 1, from the declared
+    shapes: an output of unknown rank might be; a (T, N, C) sequence or a feature map is not."""
+    for o in model.graph.output:
+        if not o.type.HasField("tensor_type"):
+            continue
+        t = o.type.tensor_type
+        if not t.HasField("shape"):
+            return True
+        dims = t.shape.dim
+        if len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
+            return True
+    return False
+
+
+AGREEMENT_UNMEASURABLE = ("min_agreement cannot be measured: no output of the model looks like class scores (N, C); "
+                          "use max_drift")
+
+
 def evaluate(budgets: Budgets, validation: dict[str, Any], size_bytes: int | None) -> list[Check]:
     """Verdicts for every budget that is set, from a validation report (Validation.to_json())."""
     checks: list[Check] = []
@@ -147,8 +166,7 @@ def evaluate(budgets: Budgets, validation: dict[str, Any], size_bytes: int | Non
     if budgets.min_agreement is not None:
         value = validation.get("top1_agreement")
         if value is None and not broken:
-            raise UsageError("min_agreement cannot be measured: no output of the model looks like class scores "
-                             "(N, C); use max_drift")
+            raise UsageError(AGREEMENT_UNMEASURABLE)
         add("min_agreement", value, budgets.min_agreement, False, _agreement_detail(validation))
     if budgets.min_accuracy is not None:
         acc = validation.get("accuracy") or {}

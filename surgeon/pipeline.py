@@ -210,6 +210,8 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
 
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>"
     original = model_io.load(model) if not isinstance(model, onnx.ModelProto) else model
+    if budgets.min_agreement is not None and not _budgets.may_have_scores(original):  # before the surgery
+        raise UsageError(_budgets.AGREEMENT_UNMEASURABLE)
     split, shapes = load_split(original, opts, needs_calibration(resolved))
     if budgets.min_accuracy is not None and (split.eval is None or split.eval.labels is None):
         raise UsageError(_budgets.unmeasurable(budgets, latency=True, labels=False)[0])

@@ -238,3 +238,24 @@ def test_nothing_is_written_to_the_working_directory(tmp_path, monkeypatch):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
     assert files(work) == []
+
+
+def test_an_agreement_budget_without_class_scores_is_refused_before_the_surgery(monkeypatch):
+    """A feature-map output (and a (T, N, C) sequence) has no top-1: refused up front, before
+    a plugin runs; a model whose output rank is unknown is left to the measurement."""
+    from surgeon import budgets as _budgets, engine
+    from surgeon.errors import UsageError
+
+    ran = []
+    monkeypatch.setattr(engine, "apply", lambda *a, **k: ran.append(1))
+    with pytest.raises(UsageError, match="min_agreement cannot be measured"):
+        pipeline.run(conv_model(), [Step("tucker", {"ratio": 0.5})], pipeline.RunOptions(latency=False),
+                     Budgets(min_agreement=0.9))
+    assert not ran
+    seq = make_model([helper.make_node("Identity", ["x"], ["y"])], [tensor("x", [5, "N", 10])],
+                     [tensor("y", [5, "N", 10])])
+    assert not _budgets.may_have_scores(seq)
+    assert _budgets.may_have_scores(onnx.load(CNN))
+    unknown = make_model([helper.make_node("Identity", ["x"], ["y"])], [tensor("x", ["N", 10])],
+                         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    assert _budgets.may_have_scores(unknown)
