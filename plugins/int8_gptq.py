@@ -277,24 +277,6 @@ def _conv_columns(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Ge
         yield cols.reshape(g, (c // g) * kh * kw, pick.size)
 
 
-def _conv_gram(x: np.ndarray, layer: Layer, positions: int, rng: np.random.Generator,
-               held: np.ndarray | None = None) -> tuple[np.ndarray, int] | tuple[np.ndarray, int, np.ndarray, int]:
-    """Sum over the batch of X X^T for the im2col columns X (G, D, P) of a conv input
-    (_conv_columns). With `held` (one flag per image), also the sum over the flagged images alone."""
-    fit, out = GramSum(), GramSum()
-    for k, X in enumerate(_conv_columns(x, layer, positions, rng)):
-        (out if held is not None and held[k] else fit).add(X)
-    gram = _total(fit, out)
-    if held is None:
-        return gram, fit.count
-    return gram, fit.count + out.count, out.value(), out.count
-
-
-def _total(a: GramSum, b: GramSum) -> np.ndarray | None:
-    va, vb = a.value(), b.value()
-    return va if vb is None else vb if va is None else va + vb
-
-
 def held_out_images(n: int) -> np.ndarray:
     """Calibration images whose rows only score GPTQ (every 4th, as the low-rank fits' held-out
     trials; none when there are fewer than 4 images: then the check uses every row)."""
@@ -321,7 +303,7 @@ def accumulate_grams(float_model: onnx.ModelProto, layers: list[Layer], data: Da
     tensors = sorted({l.x for l in layers})
     first = next(iter(data.inputs))  # its rows count the images of each batch
     held_images = held_out_images(len(data))
-    batch_rows = max(8, min(len(data), 64))  # Gram GEMMs over more rows at once: fewer passes over D x D
+    batch_rows = max(8, min(len(data), 64))  # fewer onnxruntime runs (a static batch dim keeps its size)
     sums = {l.name: (GramSum(), GramSum()) for l in layers}  # (the images fitted on, the held-out ones)
     offset = 0
     for batch in stream_tensors(float_model, [first, *tensors], data, batch=batch_rows, threads=threads):
@@ -343,8 +325,10 @@ def accumulate_grams(float_model: onnx.ModelProto, layers: list[Layer], data: Da
         offset += n
     for l in layers:
         fit, out = sums.pop(l.name)
-        l.gram, l.count = _total(fit, out), fit.count + out.count
         l.held, l.held_count = out.value(), out.count
+        fitted = fit.value()
+        l.gram = fitted if l.held is None else l.held if fitted is None else fitted + l.held
+        l.count = fit.count + out.count
 
 
 def _weight_rows(l: Layer) -> np.ndarray:

@@ -101,30 +101,41 @@ def test_gptq_lowers_the_drift_of_a_conv_with_correlated_inputs():
     assert ops(near.model) == ops(out)
 
 
-def test_conv_gram_matches_an_explicit_im2col():
+def test_conv_columns_and_grams_match_an_explicit_im2col():
+    """_conv_columns is im2col (pads, strides, dilations, groups) exactly; accumulate_grams sums
+    X X^T over every image and, apart, over the held-out images (3 and 7 of 8)."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4, 2, 3, 3))
-    layer = gq.Layer("c", "Conv", "x", w, np.ones(4), None, {"pads": [1, 0, 1, 2], "strides": [2, 1],
-                                                            "dilations": [1, 2]}, groups=2)
-    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
-    gram, count = gq._conv_gram(x, layer, 10_000, np.random.default_rng(0))
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    attrs = {"pads": [1, 0, 1, 2], "strides": [2, 1], "dilations": [1, 2]}
+    layer = gq.Layer("c", "Conv", "x", w, np.ones(4), None, attrs, groups=2)
+    x = rng.standard_normal((8, 4, 7, 6)).astype(np.float32)
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 2))).astype(np.float64)  # pads: top, left, bottom, right
-    cols = []
-    for n in range(2):
+
+    def im2col(n):
+        cols = []
         for i in range(4):  # (9 - 2 - 1) // 2 + 1 output rows
             for j in range(4):  # (8 - 4 - 1) // 1 + 1 output columns
                 patch = np.array([[xp[n, c, i * 2 + a, j + 2 * b] for a in range(3) for b in range(3)]
                                   for c in range(4)])  # (C, 9)
                 cols.append(patch.reshape(2, 18))  # group g reads channels 2g, 2g+1
-    X = np.stack(cols, axis=-1)  # (G, D, P)
-    # the products are float32 (summed over images in float64): round-off, not 1e-10
-    np.testing.assert_allclose(gram, X @ np.swapaxes(X, 1, 2), rtol=1e-5, atol=1e-4)
-    assert count == X.shape[2]
-    # with one flag per image, the flagged images' sum too (image 1: the second 16 columns)
-    _, _, held, held_count = gq._conv_gram(x, layer, 10_000, np.random.default_rng(0), np.array([False, True]))
-    np.testing.assert_allclose(held, X[..., 16:] @ np.swapaxes(X[..., 16:], 1, 2), rtol=1e-5, atol=1e-4)
-    assert held_count == 16
+        return np.stack(cols, axis=-1)  # (G, D, P)
 
+    got = list(gq._conv_columns(x, layer, 10_000, np.random.default_rng(0)))
+    assert len(got) == 8
+    for n, X in enumerate(got):
+        np.testing.assert_array_equal(X, im2col(n))
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=2, **attrs)],
+                       [tensor("x", ["N", 4, 7, 6])], [tensor("y", ["N", 4, None, None])], [init("w", w)])
+    gq.accumulate_grams(model, [layer], DataSet({"x": x}, source="test"), positions=10_000)
+
+    def gram(images):
+        X = np.concatenate([im2col(n) for n in images], axis=-1)
+        return X @ np.swapaxes(X, 1, 2)
+
+    # float32 sums: round-off, not 1e-10
+    np.testing.assert_allclose(layer.gram, gram(range(8)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(layer.held, gram([3, 7]), rtol=1e-5, atol=1e-4)
+    assert (layer.count, layer.held_count) == (128, 32)
 
 
 def gemm_model(w: np.ndarray):
