@@ -256,3 +256,29 @@ def test_help_keeps_bracketed_text():
     assert sweep.exit_code == gate.exit_code == 0
     assert "surgeon[ray]" in sweep.output
     assert "[gate]" in gate.output and "[tool.surgeon.gate]" in gate.output
+
+
+def test_progress_in_a_log_prints_every_phase_but_rate_limits_long_counts(monkeypatch):
+    """In a CI log (stderr no terminal) each phase of a short count gets its line at once, so
+    GPTQ's time is not shown under the equalization label; one label per layer of a long count
+    is rate-limited to a line every few seconds."""
+    import io
+
+    from rich.console import Console
+
+    import surgeon.cli as cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=buf, width=80))
+    with cli.ProgressReporter(every_s=60.0) as progress:
+        for done, what in enumerate(["calibrating", "cross-layer equalization", "GPTQ weight rounding",
+                                     "GPTQ weight rounding", "bias correction"]):
+            progress(f"int8: {what}", min(done, 3), 4)
+        for i in range(30):
+            progress(f"tucker: Conv_{i}", i, 30)
+            progress(f"tucker: fitting 4 layers at once (stage {i}): Conv_{i}", i % 4 + 1, 4)
+    lines = buf.getvalue().splitlines()
+    assert [line.split("] ")[1] for line in lines[:4]] == [
+        "int8: calibrating (0/4)", "int8: cross-layer equalization (1/4)", "int8: GPTQ weight rounding (2/4)",
+        "int8: bias correction (3/4)"]
+    assert lines[4:] == [lines[4]] and "tucker: Conv_0 (0/30)" in lines[4]  # the stage change, then quiet
