@@ -30,8 +30,9 @@ from surgeon.errors import SurgeonError, UsageError
 from surgeon.plugin import option_help, registry
 from surgeon.profile import profile
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
-                  help="Model surgery for ONNX: factorize, prune and quantize, then check drift and latency.")
+# markdown, not rich markup: rich took "[ray]" and "[gate]" in help texts for style tags and dropped them
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown", help="Model surgery for ONNX: factorize, prune and quantize, then check drift and latency.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("surgeon")
