@@ -32,7 +32,8 @@ from surgeon.profile import profile
 
 # markdown, not rich markup: rich took "[ray]" and "[gate]" in help texts for style tags and dropped them
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode="markdown", help="Model surgery for ONNX: factorize, prune and quantize, then check drift and latency.")
+                  rich_markup_mode="markdown",
+                  help="Model surgery for ONNX: factorize, prune and quantize, then check drift and latency.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("surgeon")
