@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from surgeon import calibration, engine, model as model_io, pipeline
-from surgeon.calibration import DataSplit, shapes_from_data
+from surgeon.calibration import DataSet, DataSplit, shapes_from_data
 from surgeon.errors import UsageError
 from surgeon.plugin import GraphPlugin, Plugin, option_fields, registry
 from surgeon.sweep_backends import Backend, Config, Payload, make_backend, score
@@ -370,6 +370,11 @@ def eligible_layers(st: Setup, ratios: list[float], layers: str | None) -> list[
     return [l.layer for l in res.rewritten if l.details.get("group", l.layer) == l.layer]
 
 
+def latency_shapes(data: DataSet, batch: int) -> dict[str, tuple[int, ...]]:
+    """Input shapes of the feed latency is measured on (`first_batch(batch)`)."""
+    return {k: tuple(v.shape) for k, v in data.first_batch(batch).items()}
+
+
 def layer_pattern(name: str) -> str:
     return f"^{re.escape(name)}$"
 
@@ -393,10 +398,13 @@ def per_layer(st: Setup, backend: Backend, sopts: SweepOptions, run_opts: pipeli
     if sopts.latency:
         if timed_alone:
             pattern = "|".join(layer_pattern(n) for n in names)
+            # at the shapes the whole-model latency is measured at (--batch), so a plan's
+            # per-layer savings and its end-to-end timing describe the same workload
+            shapes = {**st.shapes, **latency_shapes(st.split.eval, run_opts.batch)}
             for i, r in enumerate(sopts.ratios):
                 tick("timing layers alone (one at a time)", i, len(sopts.ratios))
                 per, node = backend.timed(layer_timings, st.payload.model, st.plugin.name, {**st.base, "ratio": r},
-                                          pattern, st.shapes, run_opts.threads, run_opts.seed)
+                                          pattern, shapes, run_opts.threads, run_opts.seed)
                 for n in names:
                     if n in per:
                         g = per[n]

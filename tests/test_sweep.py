@@ -65,6 +65,24 @@ def test_per_layer_sweep_changes_one_layer_at_a_time(tmp_path):
     assert (tmp_path / "per_layer.png").read_bytes()[:8] == PNG
 
 
+def test_layers_alone_are_timed_at_the_latency_batch(monkeypatch):
+    """--batch sets the whole-model A/B's feed; the per-layer timings a plan adds up must
+    describe the same workload (they were taken at batch 1 whatever --batch said)."""
+    from surgeon import guard
+    seen = []
+    real = guard.time_rewrite
+
+    def spy(node, chain, x_shape, *a, **kw):
+        seen.append((node.name, tuple(x_shape)))
+        return real(node, chain, x_shape, *a, **{**kw, "budget_s": 0.05, "refresh": True})
+
+    monkeypatch.setattr(guard, "time_rewrite", spy)
+    so = sweep.SweepOptions("tucker", [0.5], {"fit": "weights"}, per_layer=True, uniform=False, layers="^conv3$")
+    res = sweep.run_sweep(CNN, so, run_opts(batch=4))
+    assert seen and all(shape[0] == 4 for _, shape in seen), seen
+    assert [t["layer"] for t in res.layer_latency] == ["conv3"]
+
+
 def test_reconstruction_is_data_free_and_exact(tmp_path):
     out = tmp_path / "rec"
     r = runner.invoke(app, ["sweep", str(CNN), "-p", "tucker", "--reconstruction", "--out", str(out), "--json", "-"])
