@@ -366,7 +366,8 @@ def _options(st: Setup, curves: list[dict[str, Any]], timings: list[dict[str, An
     A setting that breaks the budget alone stays an option: effects need not add up. With
     data-aware sequential fits the layers after it are fitted to undo its error (on the sample
     CNN conv2 at 0.25 drifts 0.061 alone, every conv at 0.25 together 0.045), so only an
-    end-to-end check can rule it out; the greedy path reaches such settings last anyway."""
+    end-to-end check can rule it out. The predicted cut never holds one (a plan's predicted
+    drift is at least each layer's own); the bracket search and the single moves reach them."""
     saved = {(t["layer"], t["ratio"]): t for t in timings}
     orig_acc = st.original_metrics["accuracy"]
     order = compression_order(st.plugin.name, ratios)
