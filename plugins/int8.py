@@ -59,7 +59,11 @@ class Int8Options:
     entropy_bins: int = field(default=512, metadata={
         "help": "histogram bins for the entropy candidate of --calibration auto (more: finer, slower)"})
     per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
-    reduce_range: bool = field(default=False, metadata={"help": "7-bit weights (for CPUs without VNNI)"})
+    # auto since 6 Dec 2026: on an AVX2-only EPYC (no VNNI) full-range weights took the digits CNN's
+    # drift from 0.02 to 0.34 and its gate failed; where products do not saturate, 7-bit weights
+    # only cost accuracy (EfficientNet-Lite0 0.128 -> 0.262 on a VNNI machine, docs/int8.md)
+    reduce_range: bool | Literal["auto"] = field(default="auto", metadata={
+        "help": "7-bit weights; auto: when onnxruntime on this CPU saturates 8-bit products (x86 without VNNI)"})
     activation_type: Literal["U8", "S8"] = field(default="U8", metadata={
         "help": "U8 runs fastest on x86 (S8 activations measured 1.7x slower, see docs/int8.md)"})
     weight_type: Literal["S8", "U8"] = field(default="S8", metadata={"help": "weight integer type"})
@@ -211,12 +215,24 @@ def calibration_data(model: onnx.ModelProto, ctx: Context, opts: Int8Options, ex
 
 # --- static -----------------------------------------------------------------------------------
 
+def reduce_range(opts: Int8Options, activation_type: str) -> tuple[bool, str]:
+    """7-bit weights or 8, and why: `auto` asks whether onnxruntime's kernels here would saturate."""
+    if opts.reduce_range != "auto":
+        return bool(opts.reduce_range), "set by reduce_range"
+    if io.products_saturate(activation_type, opts.weight_type):
+        return True, ("onnxruntime on this CPU saturates 8-bit products (x86 without VNNI): 7-bit weights; "
+                      "quantize on the deployment CPU, or set reduce_range=false for a VNNI target")
+    return False, "onnxruntime on this CPU does not saturate 8-bit products: full-range weights"
+
+
 def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
-    cfg = io.StaticConfig(opts.per_channel, opts.reduce_range, opts.activation_type, opts.weight_type,
+    seven_bit, why = reduce_range(opts, opts.activation_type)
+    cfg = io.StaticConfig(opts.per_channel, seven_bit, opts.activation_type, opts.weight_type,
                           opts.calibration, opts.percentile)
     extras["types"] = {"activations": opts.activation_type, "weights": opts.weight_type,
                        "why": "U8 activations with S8 weights: the fast x86 path (S8 activations measured "
-                              "about 1.7x slower on this project's benchmark machine)"}
+                              "about 1.7x slower on this project's benchmark machine)",
+                       "reduce_range": seven_bit, "reduce_range_why": why}
     extras["calibration"] = opts.calibration + (f" ({opts.percentile})" if opts.calibration == "percentile" else "")
     if opts.calibration in ("auto", "entropy", "minmax-or-percentile"):
         # minmax-or-percentile: minmax first, then percentile ranges if they lower the drift.
@@ -570,13 +586,15 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
     converted = gemm_to_matmul(float_model, excluded)
     if converted:
         extras["gemm_as_matmul"] = converted
-    extras["types"] = {"activations": "U8 (dynamic)", "weights": opts.weight_type}
+    seven_bit, why = reduce_range(opts, "U8")
+    extras["types"] = {"activations": "U8 (dynamic)", "weights": opts.weight_type,
+                       "reduce_range": seven_bit, "reduce_range_why": why}
     evaluate = io.Evaluator(model, data["measure"], ctx.threads)
-    q = io.quantize_dynamic(float_model, opts.per_channel, opts.reduce_range, opts.weight_type, excluded, ws)
+    q = io.quantize_dynamic(float_model, opts.per_channel, seven_bit, opts.weight_type, excluded, ws)
     m = evaluate(q)
     budget = opts.budget
     if budget is not None and not budget.holds(m):
-        trials = fb.Trials(lambda kept: io.quantize_dynamic(float_model, opts.per_channel, opts.reduce_range,
+        trials = fb.Trials(lambda kept: io.quantize_dynamic(float_model, opts.per_channel, seven_bit,
                                                             opts.weight_type, set(excluded) | kept, ws), evaluate)
         trials.memo[frozenset()] = (q, m)
         cands = [n.name for n in float_model.graph.node if n.name not in excluded and is_dynamic_quantized(q, n)]

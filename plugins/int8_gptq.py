@@ -58,6 +58,9 @@ class Layer:
     count: int = 0
     held: np.ndarray | None = None  # (G, D, D), over the held-out images' rows alone
     held_count: int = 0
+    # the largest |integer| onnxruntime wrote: 127, or 64 with reduce_range (7-bit weights, where
+    # u8 x s8 products would saturate); GPTQ's integers stay within it
+    qmax: int = 127
 
 
 @dataclass
@@ -170,6 +173,7 @@ def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> 
             continue
         w = np.asarray(fn.inputs[1].values)
         scale = np.asarray(sc.values, np.float64).reshape(-1)
+        qmax = max(int(np.abs(np.asarray(wq.values, np.int32)).max(initial=0)), 1)
         if n.op == "Conv":
             if w.ndim != 4 or fn.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
                 res.skipped[n.name] = "only 2-D convs with explicit pads"
@@ -178,7 +182,7 @@ def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> 
                 res.skipped[n.name] = "weight scale is not per output channel"
                 continue
             layers.append(Layer(n.name, "Conv", fn.inputs[0].name, w, np.broadcast_to(scale, (w.shape[0],)).copy(), wq,
-                                dict(fn.attrs), int(fn.attrs.get("group", 1))))
+                                dict(fn.attrs), int(fn.attrs.get("group", 1)), qmax=qmax))
         else:
             if n.op == "Gemm" and (fn.attrs.get("transA", 0) or float(fn.attrs.get("alpha", 1.0)) != 1.0):
                 res.skipped[n.name] = "Gemm with transA or alpha != 1"
@@ -193,7 +197,8 @@ def find_layers(float_model: onnx.ModelProto, qg: gs.Graph, res: GptqResult) -> 
                 res.skipped[n.name] = "weight scale is not per output column"
                 continue
             attrs = {"transB": trans_b}
-            layers.append(Layer(n.name, n.op, fn.inputs[0].name, w, np.broadcast_to(scale, (rows,)).copy(), wq, attrs))
+            layers.append(Layer(n.name, n.op, fn.inputs[0].name, w, np.broadcast_to(scale, (rows,)).copy(), wq, attrs,
+                                qmax=qmax))
     return layers
 
 
@@ -367,8 +372,8 @@ def held_out_errors(l: Layer, W: np.ndarray, s: np.ndarray, damp: float) -> tupl
     if not l.held_count or l.held_count >= l.count:
         return None
     fit, check = (l.gram - l.held) / (l.count - l.held_count), l.held / l.held_count
-    rtn = np.clip(np.round(W / s[..., None]), -127, 127)
-    trial = gptq_quantize(W, s, fit, damp)
+    rtn = np.clip(np.round(W / s[..., None]), -l.qmax, l.qmax)
+    trial = gptq_quantize(W, s, fit, damp, -l.qmax, l.qmax)
     e_rtn, e_gptq = output_errors(W, [rtn * s[..., None], trial * s[..., None]], check)
     return e_rtn, e_gptq
 
@@ -406,14 +411,14 @@ def _round_layers(layers: list[Layer], damp: float, res: GptqResult) -> None:
         G, R, _ = W.shape
         s = l.scale.reshape(G, R)
         H = l.gram / max(l.count, 1)
-        rtn = np.clip(np.round(W / s[..., None]), -127, 127)
+        rtn = np.clip(np.round(W / s[..., None]), -l.qmax, l.qmax)
         checked = held_out_errors(l, W, s, damp)
         if checked is not None:
             res.held_out[l.name] = checked
             if checked[1] >= checked[0]:
                 res.skipped[l.name] = "GPTQ did not lower the layer's output error on held-out images"
                 continue
-        qi = gptq_quantize(W, s, H, damp)
+        qi = gptq_quantize(W, s, H, damp, -l.qmax, l.qmax)
         e_rtn, e_gptq = output_errors(W, [rtn * s[..., None], qi * s[..., None]], H)
         res.rel_err_rtn[l.name], res.rel_err_gptq[l.name] = e_rtn, e_gptq
         if e_gptq >= e_rtn:

@@ -128,6 +128,40 @@ def test_calibration_reader_feeds_every_input_and_two_input_model_quantizes():
     assert any(n.input[0] == "y" and n.op_type == "QuantizeLinear" for n in out.graph.node)
 
 
+def int8_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    return [a for a in (onnx.numpy_helper.to_array(i) for i in model.graph.initializer) if a.dtype == np.int8]
+
+
+def test_saturation_probe_agrees_with_a_full_range_quantized_product():
+    """The probe's answer is what a full-range u8 x s8 layer actually does here: a MatMulInteger
+    whose pairs of products exceed int16 is exact exactly when the probe says no saturation."""
+    k = 32
+    a = np.full((2, k), 255, np.uint8)
+    b = np.random.default_rng(0).choice(np.array([127, 126, 120], np.int8), size=(k, 3))
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [2, k])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2, 3])],
+                          [onnx.numpy_helper.from_array(b, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    got = io.session(m, threads=1).run(None, {"a": a})[0]
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.array_equal(got, exact) != io.products_saturate("U8", "S8")
+    assert io.products_saturate("U8", "S8") is io.products_saturate("U8", "S8")  # measured once, cached
+
+
+def test_reduce_range_auto_follows_the_probe_and_says_why():
+    model = two_input_model()
+    rng = np.random.default_rng(2)
+    ds = DataSet({"x": rng.standard_normal((20, 16)).astype(np.float32),
+                  "y": rng.standard_normal((20, 12)).astype(np.float32) * 3}, source="test")
+    res = surgeon.apply(model, "int8", {"bias_correction": "off", "equalize": "off", "weight_rounding": "nearest"},
+                        data=ds)
+    seven_bit = io.products_saturate("U8", "S8")
+    assert res.extras["types"]["reduce_range"] is seven_bit
+    assert ("saturates" in res.extras["types"]["reduce_range_why"]) is seven_bit
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights(res.model)) == (64 if seven_bit else 127)
+
+
 # --- static on the sample CNN -----------------------------------------------------------------
 
 def test_static_cnn_keeps_accuracy_and_quantizes_every_conv_and_gemm(cnn, cnn_static):

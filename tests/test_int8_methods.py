@@ -83,6 +83,22 @@ def correlated_conv_data(n: int = 32, seed: int = 0) -> DataSet:
     return DataSet({"x": x.astype(np.float32)}, source="test")
 
 
+@pytest.mark.parametrize("setting, bound", [(True, 64), (False, 127)])
+def test_gptq_integers_stay_within_the_weight_range_reduce_range_sets(setting, bound):
+    """7-bit weights are there so that u8 x s8 products cannot saturate: GPTQ's error feedback
+    must not push an integer past them (with uniform weights it pushed one to 65 when it
+    clamped at 127)."""
+    w = np.random.default_rng(0).uniform(-1, 1, (16, 8, 3, 3)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                       [tensor("x", ["N", 8, 10, 10])], [tensor("y", ["N", 16, 10, 10])], [init("w", w)])
+    res = surgeon.apply(model, "int8", {"bias_correction": "off", "equalize": "off", "weight_rounding": "gptq",
+                                        "reduce_range": setting}, data=correlated_conv_data())
+    assert res.extras["weight_rounding"]["layers"] == 1 and res.extras["types"]["reduce_range"] is setting
+    q = [onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer]
+    q = [a.astype(np.int32) for a in q if a.dtype == np.int8]
+    assert q and max(int(np.abs(a).max()) for a in q) == bound
+
+
 def test_gptq_lowers_the_drift_of_a_conv_with_correlated_inputs():
     model = correlated_conv_model()
     data = correlated_conv_data()
