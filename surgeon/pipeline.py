@@ -193,6 +193,13 @@ def needs_calibration(resolved: list[tuple[Step, Plugin]]) -> bool:
     return any(plug.uses_data(plug.make_options(step.options)) for step, plug in resolved)
 
 
+def _scores_on(model: onnx.ModelProto, data: DataSet) -> bool:
+    """Whether some output of `model`, run on the first sample of `data`, is class scores (N, C)."""
+    from surgeon.validate import looks_like_scores
+
+    return any(looks_like_scores(o) for o in run_model(session(model, threads=1), data.take(1)))
+
+
 def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions | None = None,
         budgets: Budgets | None = None, progress: Progress | None = None) -> PipelineResult:
     """Apply the steps in order, measure, and check the budgets. Writes nothing."""
@@ -213,6 +220,10 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
     if budgets.min_agreement is not None and not _budgets.may_have_scores(original):  # before the surgery
         raise UsageError(_budgets.AGREEMENT_UNMEASURABLE)
     split, shapes = load_split(original, opts, needs_calibration(resolved))
+    if budgets.min_agreement is not None and split.eval is not None and not _scores_on(original, split.eval):
+        # declared shapes can lie (the OCR recognizer declares (1, seqlen) and returns (T, 1, 8210)):
+        # one sample through the original settles it before minutes of surgery
+        raise UsageError(_budgets.AGREEMENT_UNMEASURABLE)
     if budgets.min_accuracy is not None and (split.eval is None or split.eval.labels is None):
         raise UsageError(_budgets.unmeasurable(budgets, latency=True, labels=False)[0])
     warnings = [split.note] if split.note.startswith("--calib and --data") else []

@@ -240,6 +240,26 @@ def test_nothing_is_written_to_the_working_directory(tmp_path, monkeypatch):
     assert files(work) == []
 
 
+def test_an_agreement_budget_is_refused_before_the_surgery_when_declared_shapes_lie(monkeypatch, tmp_path):
+    """The OCR recognizer declares a (1, seqlen) output and returns (T, 1, 8210): the declared
+    shape says class scores, one sample through the model says otherwise, before any plugin runs."""
+    from surgeon import engine
+    from surgeon.errors import UsageError
+
+    w = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("Unsqueeze", ["h", "axes"], ["y"], name="seq")]
+    lying = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", [1, "T"])],
+                       [init("w", w), init("axes", np.array([1], np.int64))])
+    ran = []
+    monkeypatch.setattr(engine, "apply", lambda *a, **k: ran.append(1))
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 8), np.float32))
+    opts = pipeline.RunOptions(data=tmp_path / "d.npz", latency=False)
+    with pytest.raises(UsageError, match="min_agreement cannot be measured"):
+        pipeline.run(lying, [Step("svd", {"ratio": 0.5})], opts, Budgets(min_agreement=0.9))
+    assert not ran
+
+
 def test_an_agreement_budget_without_class_scores_is_refused_before_the_surgery(monkeypatch):
     """A feature-map output (and a (T, N, C) sequence) has no top-1: refused up front, before
     a plugin runs; a model whose output rank is unknown is left to the measurement."""
