@@ -146,6 +146,25 @@ def drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
         return _drift_metrics(ref, out)
 
 
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def rel_l2_interval(ref: np.ndarray, out: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of the relative L2 drift over the rows (axis 0, the samples):
+    how much the figure could move on other data like this. A plan searched to a budget sits at
+    its edge on the rows it was verified on: ResNet-50's (zoo) drift <= 0.8 plan read 0.785 on
+    its 8 rows and 0.801 on 32 fresh ones. Seeded, so a report repeats byte for byte."""
+    if ref.ndim < 1 or len(ref) < 2:
+        return None
+    e = np.square(out.astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).sum(1)
+    r = np.square(ref.astype(np.float64)).reshape(len(ref), -1).sum(1)
+    idx = np.random.default_rng(0).integers(0, len(ref), size=(BOOTSTRAP_RESAMPLES, len(ref)))
+    num, den = e[idx].sum(1), r[idx].sum(1)
+    rel = np.sqrt(np.divide(num, den, out=np.full_like(num, np.inf), where=den > 0))
+    lo, hi = np.quantile(rel, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
 def _drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     r = ref.astype(np.float64).ravel()
     o = out.astype(np.float64).ravel()
@@ -164,6 +183,8 @@ def _drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     }
     if m["non_finite"]:
         m["rel_l2"] = m["max_abs"] = m["mean_abs"] = m["cosine"] = float("nan")
+    else:
+        m["rel_l2_interval"] = rel_l2_interval(ref, out)
     if looks_like_scores(ref):
         top_r, ok_r = unique_top1(ref)
         top_o, ok_o = unique_top1(out)
@@ -254,6 +275,13 @@ class Validation:
         return max((m["rel_l2"] for m in self.outputs.values()), default=0.0)
 
     @property
+    def worst_rel_l2_interval(self) -> list[float] | None:
+        """The 95% bootstrap interval over rows of the output with the largest drift."""
+        if self.non_finite_outputs or not self.outputs:
+            return None
+        return max(self.outputs.values(), key=lambda m: m["rel_l2"]).get("rel_l2_interval")
+
+    @property
     def top1_agreement(self) -> float | None:
         vals = [m["top1_agreement"] for m in self.outputs.values() if m.get("top1_agreement") is not None]
         if self.non_finite_outputs and vals:
@@ -277,7 +305,8 @@ class Validation:
     def to_json(self) -> dict[str, Any]:
         return {"data": self.data_source, "synthetic_data": self.synthetic, "samples": self.samples,
                 "outputs": self.outputs, "accuracy": self.accuracy, "latency": self.latency,
-                "worst_rel_l2": self.worst_rel_l2, "top1_agreement": self.top1_agreement,
+                "worst_rel_l2": self.worst_rel_l2, "worst_rel_l2_interval": self.worst_rel_l2_interval,
+                "top1_agreement": self.top1_agreement,
                 "agreement_rows": self.agreement_rows, "non_finite_outputs": self.non_finite_outputs,
                 "constant_outputs": self.constant_outputs}
 

@@ -282,3 +282,14 @@ def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path, monke
         plan.make_plan(path, plan.PlanOptions("tucker", Budgets(min_agreement=0.9), [0.5], {"fit": "weights"}),
                        pipeline.RunOptions(latency=False))
     assert not swept
+
+
+def test_a_plan_at_the_edge_of_its_drift_budget_says_so():
+    from surgeon.budgets import Budgets as B
+
+    v = {"samples": 8, "worst_rel_l2": 0.785, "worst_rel_l2_interval": [0.74, 0.83]}
+    note = plan._edge_note(B(max_drift=0.8), v)
+    assert note and "0.7400-0.8300" in note and "8 evaluation rows" in note
+    assert plan._edge_note(B(max_drift=0.9), v) is None       # a margin above the interval
+    assert plan._edge_note(B(min_agreement=0.5), v) is None   # no drift budget
+    assert plan._edge_note(B(max_drift=0.8), {"samples": 1, "worst_rel_l2_interval": None}) is None

@@ -153,3 +153,27 @@ def test_timing_sessions_do_not_spin():
     from surgeon.validate import session
     s = session(model_io.load(CNN))
     assert s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_drift_interval_is_a_bootstrap_over_rows():
+    """The interval brackets the drift, is zero-wide when every row drifts alike, reaches down
+    to no drift when one row carries all of it (resamples without that row), and repeats."""
+    from surgeon.validate import drift_metrics
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((40, 10))
+    noisy = ref + 0.1 * rng.standard_normal((40, 10))
+    m = drift_metrics(ref, noisy)
+    lo, hi = m["rel_l2_interval"]
+    assert lo < m["rel_l2"] < hi and hi - lo < m["rel_l2"]
+    assert drift_metrics(ref, noisy)["rel_l2_interval"] == [lo, hi]
+    alike = drift_metrics(np.ones((8, 4)), np.full((8, 4), 1.1))["rel_l2_interval"]
+    assert np.allclose(alike, [0.1, 0.1])
+    one_row = ref.copy()
+    one_row[3] += 5.0
+    lo1, hi1 = drift_metrics(ref, one_row)["rel_l2_interval"]
+    assert lo1 == 0.0 and hi1 > drift_metrics(ref, one_row)["rel_l2"]
+    assert drift_metrics(ref[:1], noisy[:1]).get("rel_l2_interval") is None
+    nan = noisy.copy()
+    nan[0, 0] = np.nan
+    assert "rel_l2_interval" not in drift_metrics(ref, nan)
