@@ -59,9 +59,10 @@ class Int8Options:
     entropy_bins: int = field(default=512, metadata={
         "help": "histogram bins for the entropy candidate of --calibration auto (more: finer, slower)"})
     per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
-    # auto since 6 Dec 2026: on an AVX2-only EPYC (no VNNI) full-range weights took the digits CNN's
-    # drift from 0.02 to 0.34 and its gate failed; where products do not saturate, 7-bit weights
-    # only cost accuracy (EfficientNet-Lite0 0.128 -> 0.262 on a VNNI machine, docs/int8.md)
+    # auto since 6 Dec 2026: on an AVX2-only EPYC (no VNNI) full-range weights took the digits
+    # CNN's drift from 0.0039 to 0.160 and the README's chain failed its gate; where products do
+    # not saturate, 7-bit weights only cost accuracy (EfficientNet-Lite0 0.128 -> 0.262 on a VNNI
+    # machine, docs/int8.md)
     reduce_range: bool | Literal["auto"] = field(default="auto", metadata={
         "help": "7-bit weights; auto: when onnxruntime on this CPU saturates 8-bit products (x86 without VNNI)"})
     activation_type: Literal["U8", "S8"] = field(default="U8", metadata={
