@@ -137,9 +137,10 @@ def products_saturate(activation_type: str = "U8", weight_type: str = "S8") -> b
 
     k = 64
     a_dtype, b_dtype = (np.uint8 if t == "U8" else np.int8 for t in (activation_type, weight_type))
-    a = np.full((1, k), np.iinfo(a_dtype).max if a_dtype == np.uint8 else -128, a_dtype)
-    b = np.full((k, 1), np.iinfo(b_dtype).max if b_dtype == np.uint8 else (127 if a_dtype == np.uint8 else -128),
-                b_dtype)
+    # the largest products: 255 (or -128 when signed) times the largest weight of the same sign
+    signed = a_dtype == np.int8 and b_dtype == np.int8
+    a = np.full((1, k), np.iinfo(a_dtype).min if a_dtype == np.int8 else np.iinfo(a_dtype).max, a_dtype)
+    b = np.full((k, 1), np.iinfo(b_dtype).min if signed else np.iinfo(b_dtype).max, b_dtype)
     exact = int((a.astype(np.int64) @ b.astype(np.int64))[0, 0])
     elem = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "saturation-probe",

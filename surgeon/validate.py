@@ -159,8 +159,14 @@ def rel_l2_interval(ref: np.ndarray, out: np.ndarray, level: float = 0.95) -> li
         return None
     e = np.square(out.astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).sum(1)
     r = np.square(ref.astype(np.float64)).reshape(len(ref), -1).sum(1)
-    idx = np.random.default_rng(0).integers(0, len(ref), size=(BOOTSTRAP_RESAMPLES, len(ref)))
-    num, den = e[idx].sum(1), r[idx].sum(1)
+    rng, n = np.random.default_rng(0), len(ref)
+    step = max(1, (1 << 22) // n)  # resamples per block: at most ~4M indices in memory at once
+    num, den = [], []
+    for start in range(0, BOOTSTRAP_RESAMPLES, step):
+        idx = rng.integers(0, n, size=(min(step, BOOTSTRAP_RESAMPLES - start), n))
+        num.append(e[idx].sum(1))
+        den.append(r[idx].sum(1))
+    num, den = np.concatenate(num), np.concatenate(den)
     rel = np.sqrt(np.divide(num, den, out=np.full_like(num, np.inf), where=den > 0))
     lo, hi = np.quantile(rel, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
