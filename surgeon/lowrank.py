@@ -247,9 +247,9 @@ class RankOptions:
     damp: float = field(default=0.05, metadata={
         "help": "fit=data: added to the input covariance, as a fraction of its mean variance"})
     select: Literal["heldout", "none"] = field(default="heldout", metadata={
-        "help": "fit=data: heldout = per layer, the fit (sequential refit, data-aware on the rewritten or "
-                "the original inputs, or weights) with the lowest output error on held-out calibration "
-                "samples; none = always the sequential data-aware fit"})
+        "help": "fit=data: heldout = per layer, the fit (sequential refit, data-aware on the rewritten "
+                "graph's inputs, or weights) with the lowest output error on held-out calibration samples; "
+                "none = always the sequential data-aware fit"})
 
     def check_common(self, explicit: bool, method: str | None = None) -> None:
         chosen = [n for n, v in (("ratio", self.ratio), ("energy", self.energy)) if v is not None]
@@ -422,10 +422,15 @@ def regularised(cov: np.ndarray, damp: float) -> np.ndarray:
     dead channels or fewer rows than dimensions. `damp` trades output fit on the calibration
     rows against robustness on others: directions the data never excites get a small weight
     instead of none."""
-    cov = np.asarray(cov, dtype=np.float64)
+    out = np.array(cov, dtype=np.float64)
+    out[np.diag_indices_from(out)] += damping(out, damp)  # (an identity matrix the size of cov cost more)
+    return out
+
+
+def damping(cov: np.ndarray, damp: float) -> float:
+    """What regularised adds to the diagonal of `cov`."""
     scale = float(np.trace(cov)) / len(cov) if len(cov) else 0.0
-    eps = damp * scale if scale > 0 else 1.0
-    return cov + (eps + 1e-12) * np.eye(len(cov))
+    return (damp * scale if scale > 0 else 1.0) + 1e-12
 
 
 def _eigh_desc(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -447,7 +452,7 @@ class WhitenedFactors:
     vectors: np.ndarray
     values: np.ndarray
     chol: np.ndarray | None  # L with S = L L^T, when the input side was whitened
-    whitened: bool = False   # w holds the whitened target L^T W already
+    lw: np.ndarray | None = None  # the whitened target L^T W (with chol)
 
     @_one_blas_thread
     def pair(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -457,8 +462,7 @@ class WhitenedFactors:
             return self.w @ v, v.T
         from scipy.linalg import solve_triangular
         a = solve_triangular(self.chol.T, v, lower=False)  # L^-T U_r
-        lw = self.w if self.whitened else self.chol.T @ self.w
-        return a, v.T @ lw                                  # U_r^T L^T W = S_r V_r^T
+        return a, v.T @ self.lw                             # U_r^T L^T W = S_r V_r^T
 
 
 @_one_blas_thread
@@ -482,7 +486,7 @@ def whitened_factors(w: np.ndarray, cov: np.ndarray, damp: float = 1e-2, chol: n
             chol = np.linalg.cholesky(s)
     lw = chol.T @ w
     u, vals = _eigh_desc(gram(lw))
-    return WhitenedFactors(w, u, vals, chol)
+    return WhitenedFactors(w, u, vals, chol, lw)
 
 
 def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
@@ -493,7 +497,7 @@ def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
         # M_r = M V V^T, so W' = (L^-T M V) V^T: store L^-T M as the "w" of the out-side route
         return WhitenedFactors(solve_triangular(chol.T, m, lower=False), v, vals, None)
     u, vals = _eigh_desc(gram(m))
-    return WhitenedFactors(m, u, vals, chol, whitened=True)
+    return WhitenedFactors(m, u, vals, chol, m)
 
 
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -575,18 +579,21 @@ class DataLinear:
 
 @dataclass
 class Moments:
-    """What a linear fit needs of its sample: the row count, the means of x~ (the rewritten
-    graph's rows) and x (the original's; x~ when there is no target), the second moment S~ of
-    x~ and its cross moment C with x, centred on the means unless the fit is not, and (once
-    computed) the Cholesky factor of S~ + damping. Moments of disjoint splits pool exactly
-    (pooled), so the fit on every row reuses its held-out trial's products."""
+    """What a linear fit y = x W needs of its sample: the row count, the means of x~ (the
+    rewritten graph's rows) and x (the original's; x~ when there is no target), the second
+    moment S~ of x~ and, with a target, C W (C the cross moment of x~ with x: the fit reads C
+    only through C W, which costs rows x in x out to form where C costs rows x in^2 and then
+    in^2 x out), centred on the means unless the fit is not, and (once computed) the Cholesky
+    factor of S~ + damping. Moments of disjoint splits pool exactly (pooled), so the fit on
+    every row reuses its held-out trial's products."""
 
     n: int
     mean_x: np.ndarray
     mean_t: np.ndarray
     centered: bool
     xx: np.ndarray
-    xt: np.ndarray | None = None
+    xtw: np.ndarray | None = None
+    w: np.ndarray | None = None  # the W of xtw
     chol: np.ndarray | None = None
     damp: float | None = None  # the damping chol was computed with
 
@@ -597,20 +604,27 @@ class Moments:
         return self
 
 
-def moments(rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True) -> Moments:
-    """S~ (and, with target rows, C) of a sample, the products float32 like the rows (_gram)."""
+def moments(rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
+            w: np.ndarray | None = None) -> Moments:
+    """S~ (and, with target rows and the layer's W, C W) of a sample, the products float32 like
+    the rows (_gram)."""
     x = _f32(rows)
     xc, mx = _centred(x)
     t, tc, mt = (x, xc, mx) if target_rows is None else (_f32(target_rows), *_centred(_f32(target_rows)))
     if not centered:
         xc, tc = x, t
-    return Moments(len(x), mx, mt, centered, _gram(xc, xc), None if target_rows is None else _gram(xc, tc))
+    if target_rows is None:
+        return Moments(len(x), mx, mt, centered, _gram(xc, xc))
+    if w is None:
+        raise ValueError("moments with target rows need the layer's W (they keep C W)")
+    w = np.asarray(w, dtype=np.float64)
+    return Moments(len(x), mx, mt, centered, _gram(xc, xc), _gram(xc, tc @ _f32(w)), w)
 
 
 def pooled(a: Moments, b: Moments) -> Moments:
     """The moments of two disjoint splits together: with weights p, q = n_a/n, n_b/n,
     S = p S_a + q S_b + p q (mu_a - mu_b)(mu_a - mu_b)^T when centred (the between-split term;
-    Chan, Golub & LeVeque), and C alike with the means of x~ and x."""
+    Chan, Golub & LeVeque), and C W alike with the means of x~ and of x W."""
     n = a.n + b.n
     p, q = a.n / n, b.n / n
     dx, dt = a.mean_x - b.mean_x, a.mean_t - b.mean_t
@@ -619,19 +633,20 @@ def pooled(a: Moments, b: Moments) -> Moments:
     def pool(sa, sb, d1, d2):
         return None if sa is None or sb is None else p * sa + q * sb + k * np.outer(d1, d2)
 
+    dtw = dt @ a.w if a.w is not None else None
     return Moments(n, p * a.mean_x + q * b.mean_x, p * a.mean_t + q * b.mean_t, a.centered,
-                   pool(a.xx, b.xx, dx, dx), pool(a.xt, b.xt, dx, dt))
+                   pool(a.xx, b.xx, dx, dx), pool(a.xtw, b.xtw, dx, dtw), a.w)
 
 
 @_one_blas_thread
 def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
                 damp: float = 1e-2, stats: Moments | None = None) -> DataLinear:
-    """The fit of DataLinear; `stats`: the sample's moments (with C when there is a target), when
+    """The fit of DataLinear; `stats`: the sample's moments (with C W when there is a target), when
     the caller has them (the held-out trials share them, see linear_trials)."""
     w = np.asarray(w, dtype=np.float64)
     x = _f32(rows)
     t = x if target_rows is None else _f32(target_rows)
-    m = stats if stats is not None else moments(x, target_rows, centered=centered)
+    m = stats if stats is not None else moments(x, target_rows, centered=centered, w=w)
     cov = m.xx
     if target_rows is None:
         chol = m.with_chol(damp).chol if m.chol is not None or len(w) <= w.shape[1] else None
@@ -642,10 +657,8 @@ def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None 
 
     # W* = argmin ||x~ W* - x W||^2 + damping ||W* - W||^2: directions the sample does not
     # excite keep W instead of collapsing to zero (and x~ = x gives W* = W exactly).
-    reg = regularised(cov, damp)
     chol = m.with_chol(damp).chol
-    # (reg - cov is the damping's diagonal: a scaling, not a d x d product)
-    target = solve_triangular(chol, m.xt @ w + np.diagonal(reg - cov)[:, None] * w, lower=True)
+    target = solve_triangular(chol, m.xtw + damping(cov, damp) * w, lower=True)
     return DataLinear(w, x, t, m.mean_x, m.mean_t, _whitened_target(target, chol), centered)
 
 
@@ -694,24 +707,32 @@ def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.
     al.), whose eigenvalues are the output energy each direction carries."""
     w = np.asarray(w, dtype=np.float64)
     x = _f32(patches)
-    return _spectra(w, _input_side(w, x, damp), _output_side(w, x if target_patches is None else _f32(target_patches)))
+    return _spectra(w, _input_side(w, x, damp), _output_side(responses(w, x if target_patches is None else
+                                                                         target_patches)))
 
 
-def _input_side(w: np.ndarray, x: np.ndarray, damp: float) -> tuple:
-    """(centred patches, their mean, L, input eigenvectors, values) of data_channel_spectra."""
+def responses(w: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """y = W p for patch rows (n, c*K): (n, f), float32 like the patches."""
+    return _f32(patches) @ _f32(np.reshape(w, (w.shape[0], -1))).T
+
+
+def _input_side(w: np.ndarray, x: np.ndarray, damp: float, mode1: np.ndarray | None = None) -> tuple:
+    """(centred patches, their mean, L, input eigenvectors, values) of data_channel_spectra.
+    `mode1`: sum_k W_k^T W_k (c x c), when the caller has it: L^T M L is then two c x c
+    products instead of two c x (f*K) ones."""
     f, c = w.shape[:2]
     K = int(np.prod(w.shape[2:]))
     xc, mu = _centred(x)
     per_offset = xc.reshape(len(xc), c, K).transpose(0, 2, 1).reshape(len(xc) * K, c)
     with _single_blas_thread():
         chol = np.linalg.cholesky(regularised(_gram(per_offset, per_offset), damp))
-    lm = chol.T @ unfold(w, 1)
-    return (xc, mu, chol, *_eigh_desc(lm @ lm.T))
+    m = gram(unfold(w, 1)) if mode1 is None else mode1
+    return (xc, mu, chol, *_eigh_desc(chol.T @ m @ chol))
 
 
-def _output_side(w: np.ndarray, t: np.ndarray) -> tuple:
+def _output_side(y: np.ndarray) -> tuple:
     """(centred responses y = W p of the target patches, their mean, output eigenvectors, values)."""
-    y, ymean = _centred(t @ _f32(w.reshape(w.shape[0], -1)).T)
+    y, ymean = _centred(_f32(y))
     return (y, ymean, *_eigh_desc(_gram(y, y)))
 
 
@@ -756,7 +777,8 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
         lam = ridge * float(np.trace(gram)) / len(gram) + 1e-12
         rhs = _gram(h, t) + lam * core0.T
         from scipy.linalg import solve
-        core = solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos").T                # (R2, R1*K)
+        gram[np.diag_indices_from(gram)] += lam
+        core = solve(gram, rhs, assume_a="pos", overwrite_a=True).T                        # (R2, R1*K)
     else:
         core = core0
     # W' mean(p~) through the factors: the mean patch through B, the core, then O
@@ -782,16 +804,20 @@ def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
 # Which fit keeps a layer's outputs best on data it was not fitted on depends on the layer: the
 # sequential refit (W* = argmin ||x~ W* - x W||, corrects upstream error) can overfit a sample
 # with fewer rows than inputs (EfficientNet-Lite0's 1152-channel 1x1 convs at 7x7, 16 images),
-# the whitened fit on the original activations ignores upstream error, and the weight fit uses
-# no data at all. So each candidate is fitted on 3/4 of the calibration samples and scored on the
-# rest, the layer gets the best one, refitted on all samples.
+# the whitened fit on the rewritten graph's inputs ignores upstream error, and the weight fit
+# uses no data at all. So each candidate is fitted on 3/4 of the calibration samples and scored
+# on the rest, the layer gets the best one, refitted on all samples. (A fourth candidate,
+# whitened on the original model's inputs, was dropped on 6 Dec 2026, for a fifth of the fit
+# time: without it the held-out drift stayed within 1% on the digits CNN, the detector and
+# EfficientNet-Lite0 at 0.25, and was 1.5-2.7% worse on EfficientNet-Lite0 at 0.5 / 0.75 and on
+# the detector's 3x3 convs at 0.5; docs/tucker.md, "Three candidates instead of four".)
 
 # Tucker-2 trials refit the core by least squares only up to this many unknowns per output
 # channel (R1 * K); wider cores are scored with the closed-form core (see tucker_trials).
 TRIAL_REFIT = 1024
 
 # candidates, in the order that breaks ties
-FIT_CANDIDATES = ("sequential", "data", "original", "weights")
+FIT_CANDIDATES = ("sequential", "data", "weights")
 
 
 def held_out(groups: np.ndarray | None, n: int) -> np.ndarray:
@@ -834,11 +860,16 @@ class FitChoice:
 
 class Trials(dict):
     """Trials (name -> trial) whose shared work is run first, as independent parts:
-    shared(train mask) -> zero-argument callables (see run_parts)."""
+    shared(train mask) -> zero-argument callables (see run_parts). ahead(train mask) -> parts
+    that run beside the trials: the work of the final fit on every row that does not depend on
+    which fit wins (its results are kept where the final fit finds them). Run beside the trials
+    instead of after the choice, they keep the second core busy: a stage's largest layer used to
+    finish its fit alone."""
 
-    def __init__(self, trials: dict, shared):
+    def __init__(self, trials: dict, shared, ahead=None):
         super().__init__(trials)
         self.shared = shared
+        self.ahead = ahead or (lambda train: [])
 
 
 def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, groups: np.ndarray | None,
@@ -864,9 +895,13 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
         return _relative(out + _f32(shift) - y, ref)
 
     names = [name for name in FIT_CANDIDATES if name in trials]
+    ahead = []
     if isinstance(trials, Trials):
-        run_parts(trials.shared(~held))
-    errors = dict(zip(names, run_parts([functools.partial(score, name) for name in names])))
+        # the weight fit needs none of the shared work: it runs beside it
+        weights = [functools.partial(trials["weights"], ~held)] if "weights" in names else []
+        run_parts(trials.shared(~held) + weights)
+        ahead = trials.ahead(~held)
+    errors = dict(zip(names, run_parts([functools.partial(score, name) for name in names] + ahead)))
     best = min(errors, key=lambda k: (errors[k], FIT_CANDIDATES.index(k)))
     samples = len(np.unique(groups[held])) if groups is not None and len(groups) == n else 0
     return FitChoice(best, errors, int(held.sum()), samples)
@@ -880,42 +915,56 @@ class SampleMoments:
     Cholesky factor were most of a fit."""
 
     def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, *, centered: bool, damp: float):
-        self.sources = {"data": (rows, None), "sequential": (rows, target), "original": (target, None)}
+        self.w = np.asarray(w, dtype=np.float64)
+        self.sources = {"data": (rows, None), "sequential": (rows, target)}
         self.has_target = target is not None
         self.centered, self.damp = centered, damp
-        self.whitened = len(w) <= np.shape(w)[1]  # data and original need the Cholesky factor too
+        self.whitened = len(w) <= np.shape(w)[1]  # the data fit needs the Cholesky factor too
         self.cache: dict = {}
 
     def split(self, kind: str, rows: np.ndarray, chol: bool = False) -> Moments:
         """The moments the fit `kind` needs, of the sample rows selected by the mask `rows`; with
         `chol`, the Cholesky factor too when a fit on them will need it."""
-        source = "original" if kind == "original" else "sequential"
-        key = (source, rows.tobytes())
+        key = rows.tobytes()
         if key not in self.cache:
-            x, t = self.sources[source]
-            self.cache[key] = moments(x[rows], None if t is None else t[rows], centered=self.centered)
+            x, t = self.sources["sequential"]
+            self.cache[key] = moments(x[rows], None if t is None else t[rows], centered=self.centered, w=self.w)
         m = self.cache[key]
-        if chol and (self.whitened or (source == "sequential" and self.has_target)):
+        if chol and (self.whitened or self.has_target):
             m.with_chol(self.damp)
         # the data fit reads x~ alone: its "target" mean is x~'s own
-        return replace(m, mean_t=m.mean_x, xt=None) if kind == "data" and self.has_target else m
+        return replace(m, mean_t=m.mean_x, xtw=None, w=None) if kind == "data" and self.has_target else m
 
     def parts(self, train: np.ndarray) -> list:
-        """The training split's moments as independent parts (run_parts), before the trials."""
-        kinds = ["sequential", "original"] if self.has_target else ["data"]
-        return [_one_blas_thread(functools.partial(self.split, kind, train, True)) for kind in kinds]
+        """The moments of the training split (with its Cholesky factor) and of the held-out rows, as
+        independent parts (run_parts), before the trials."""
+        kind = "sequential" if self.has_target else "data"
+        return [_one_blas_thread(functools.partial(self.split, kind, train, True)),
+                _one_blas_thread(functools.partial(self.split, kind, ~train))]
 
-    def every_row(self, kind: str, train: np.ndarray) -> Moments:
-        return pooled(self.split(kind, train), self.split(kind, ~train))
+    def ahead(self, train: np.ndarray) -> list:
+        """The moments of every row and their Cholesky factor (whichever data fit wins uses them),
+        as a part that runs beside the trials."""
+        return [_one_blas_thread(functools.partial(self.every_row, "sequential" if self.has_target else "data", train,
+                                                   True))]
+
+    def every_row(self, kind: str, train: np.ndarray, chol: bool = False) -> Moments:
+        """The moments of every row, pooled from the split `train` and the rest (computed once)."""
+        key = ("every", train.tobytes())
+        if key not in self.cache:
+            self.cache[key] = pooled(self.split("sequential", train), self.split("sequential", ~train))
+        m = self.cache[key]
+        if chol and (self.whitened or self.has_target):
+            m.with_chol(self.damp)
+        return replace(m, mean_t=m.mean_x, xtw=None, w=None) if kind == "data" and self.has_target else m
 
 
 def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, rank: int, *, centered: bool,
                   damp: float, weights_approx: np.ndarray, bias: np.ndarray | float = 0.0,
                   stats: SampleMoments | None = None) -> dict:
     """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is a
-    target), data (whitened on x~), original (whitened on x, the inputs of the original model)
-    and weights (the given weight-space W', no data). `stats`: the sample's moments, shared
-    with the caller's final fit."""
+    target), data (whitened on x~) and weights (the given weight-space W', no data). `stats`: the
+    sample's moments, shared with the caller's final fit."""
     stats = stats or SampleMoments(w, rows, target, centered=centered, damp=damp)
 
     def linear(kind: str):
@@ -928,42 +977,74 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
         return trial
 
     weights = _lazy(weights_approx)
-    trials = Trials({"data": linear("data"), "weights": lambda train: (weights(), 0.0)}, shared=stats.parts)
+    trials = Trials({"data": linear("data"), "weights": lambda train: (weights(), 0.0)}, shared=stats.parts,
+                    ahead=stats.ahead)
     if target is not None:
-        trials.update(sequential=linear("sequential"), original=linear("original"))
+        trials.update(sequential=linear("sequential"))
     return trials
 
 
+class ConvSample:
+    """A conv's patch sample, shared by its held-out trials and its final fit: the kernel's
+    mode-1 Gram sum_k W_k^T W_k, the responses W p of the rewritten graph's patches ("rows") and
+    of the original's ("target") on every row (sliced per split), and each side of
+    data_channel_spectra per (side, source, split), each computed once."""
+
+    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, damp: float):
+        self.w = np.asarray(w, dtype=np.float64)
+        self.sources = {"rows": rows, "target": target}
+        self.damp = damp
+        self.cache: dict = {}
+
+    def _once(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def side(self, kind: str, source: str, rows: np.ndarray):
+        """The input side ("in", of the patches of `source`) or the output side ("out", of their
+        responses) on the sample rows selected by the mask `rows`."""
+        if kind == "in":
+            mode1 = self._once("mode1", lambda: gram(unfold(self.w, 1)))
+            return self._once(("in", source, rows.tobytes()), lambda: _input_side(
+                self.w, _f32(self.sources[source][rows]), self.damp, mode1))
+        y = self._once(("responses", source), lambda: responses(self.w, self.sources[source]))
+        return self._once(("out", source, rows.tobytes()), lambda: _output_side(y[rows]))
+
+    def spectra(self, kind: str, rows: np.ndarray) -> DataChannelSpectra:
+        """data_channel_spectra of the fit `kind` (data: x~ -> x~ W, sequential: x~ -> x W)."""
+        return _spectra(self.w, self.side("in", "rows", rows), self.side("out", "target" if kind == "sequential"
+                                                                         else "rows", rows))
+
+    def parts(self, train: np.ndarray) -> list:
+        """The training split's sides as independent parts (run_parts), before the trials."""
+        used = [("in", "rows"), ("out", "rows")] + ([("out", "target")] if self.sources["target"] is not None else [])
+        return [_one_blas_thread(functools.partial(self.side, kind, source, train)) for kind, source in used]
+
+    def ahead(self, train: np.ndarray) -> list:
+        """The sides on every row, as parts that run beside the trials: the input side serves
+        whichever data fit wins, and both output sides are cheap next to it."""
+        return self.parts(np.ones(len(train), dtype=bool))
+
+
 def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1: int, r2: int, *, damp: float,
-                  weights_approx: np.ndarray, bias: np.ndarray | float = 0.0) -> dict:
+                  weights_approx: np.ndarray, bias: np.ndarray | float = 0.0, stats: ConvSample | None = None) -> dict:
     """Trial Tucker-2 fits of a conv (patch rows, W' as (c*K x f)) for choose_fit, as
-    linear_trials: sequential, data, original, weights. Above TRIAL_REFIT core unknowns per
-    output (R1*K) the trials keep the closed-form core (data_tucker2 refit=False): the
-    least-squares refit, which the chosen fit then gets, cost 3x the rest of a trial on a
-    512-channel 3x3 conv at R1 = 256."""
+    linear_trials: sequential, data, weights (`weights_approx`: W' (f, c, *k), or its factors
+    (core, O, I)). Above TRIAL_REFIT core unknowns per output (R1*K)
+    the trials keep the closed-form core (data_tucker2 refit=False): the least-squares refit,
+    which the chosen fit then gets, cost 3x the rest of a trial on a 512-channel 3x3 conv at
+    R1 = 256. `stats`: the sample's shared products, shared with the caller's final fit."""
     f = w.shape[0]
     K = int(np.prod(w.shape[2:]))
-    w64 = np.asarray(w, dtype=np.float64)
-    sources = {"rows": rows, "target": target}
-    # data and sequential whiten the same rows, sequential and original aim at the same target
-    # responses: each side is computed once per training split (Trials.shared, before the trials)
-    sides: dict = {}
+    # data and sequential whiten the same rows: each side is computed once per training split
+    # (Trials.shared, before the trials)
+    stats = stats or ConvSample(w, rows, target, damp)
 
-    def side(kind: str, source: str, train: np.ndarray):
-        key = (kind, source, train.tobytes())
-        if key not in sides:
-            x = _f32(sources[source][train])
-            sides[key] = _input_side(w64, x, damp) if kind == "in" else _output_side(w64, x)
-        return sides[key]
-
-    def shared(train: np.ndarray) -> list:
-        used = [("in", "rows"), ("out", "rows")] + ([("in", "target"), ("out", "target")] if target is not None else [])
-        return [_one_blas_thread(functools.partial(side, kind, source, train)) for kind, source in used]
-
-    def tucker(x: str, t: str):
+    def tucker(kind: str):
         @_one_blas_thread
         def trial(train):
-            spec = _spectra(w64, side("in", x, train), side("out", t, train))
+            spec = stats.spectra(kind, train)
             fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT, error=False)
             core, o, b = _f32(fit.core.reshape(r2, -1)).T, _f32(fit.out_factor).T, fit.in_factor
             # x W' through the factors: fewer products than forming W' (c*K x f) and x W'
@@ -971,11 +1052,18 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
         return trial
 
     weights = _lazy(weights_approx)
-    trials = Trials({"data": tucker("rows", "rows"),
-                     "weights": lambda train: (np.asarray(weights(), dtype=np.float64).reshape(f, -1).T, 0.0)},
-                    shared=shared)
+
+    def weights_trial(train):
+        approx = weights()
+        if isinstance(approx, tuple):  # (core, O, I): applied through the factors, like the other trials
+            core, o, i = approx
+            core_t, o_t = _f32(core.reshape(core.shape[0], -1)).T, _f32(o).T
+            return (lambda rows: (patches_through(rows, i) @ core_t) @ o_t), 0.0
+        return np.asarray(approx, dtype=np.float64).reshape(f, -1).T, 0.0
+
+    trials = Trials({"data": tucker("data"), "weights": weights_trial}, shared=stats.parts, ahead=stats.ahead)
     if target is not None:
-        trials.update(sequential=tucker("rows", "target"), original=tucker("target", "target"))
+        trials.update(sequential=tucker("sequential"))
     return trials
 
 
@@ -1028,8 +1116,6 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
 
     def full(kind: str) -> DataLinear:  # the fit of `kind` on every sampled row
         stats_all = stats.every_row(kind, ~held) if stats is not None else None
-        if kind == "original":  # whitened on the original model's inputs
-            return data_linear(w, target, None, centered=centered, damp=damp, stats=stats_all)
         # sequential: aimed at the original outputs; data: whitened on the rewritten graph's inputs
         return data_linear(w, rows, target if kind == "sequential" else None, centered=centered, damp=damp,
                            stats=stats_all)
@@ -1043,12 +1129,13 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
     kind, choice, weights = first, None, None
     if select == "heldout":
         weights = _lazy(lambda: weights_fit(r))  # computed in the weights trial, beside the others
+        # scored through the pair: (x A) B costs less than forming A B
         trials = linear_trials(w, rows, target, r, centered=centered, damp=damp,
-                               weights_approx=lambda: weights()[0] @ weights()[1], bias=bias, stats=stats)
+                               weights_approx=lambda: tuple(weights()[:2]), bias=bias, stats=stats)
         choice = choose_fit(w, rows, target, sample.groups, trials, bias)
         kind = choice.choice if choice is not None else kind
-        weights = weights()
     if kind == "weights":
+        weights = weights()
         a, b = weights[0], weights[1]
         return LayerFit((r,), None, (a, b), None, output_error(w, a @ b, rows, target, 0.0, bias), kind, choice,
                         weights=weights)
@@ -1068,11 +1155,11 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
     weights_fit(R1, R2) -> (core, O, I), the weight-space Tucker-2."""
     rows, target = sample.rows, sample.target
     f = w.shape[0]
+    stats = ConvSample(w, rows, target, damp)
+    every = np.ones(len(rows), dtype=bool)
 
     def full(kind: str) -> DataChannelSpectra:
-        if kind == "original":
-            return data_channel_spectra(w, target, None, damp)
-        return data_channel_spectra(w, rows, target if kind == "sequential" else None, damp)
+        return stats.spectra(kind, every)
 
     first = "sequential" if target is not None else "data"
     spec = full(first) if spectrum else None
@@ -1086,10 +1173,11 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
         weights = _lazy(lambda: weights_fit(r1, r2))  # computed in the weights trial, beside the others
         choice = choose_fit(flat, rows, target, sample.groups,
                             tucker_trials(w, rows, target, r1, r2, damp=damp,
-                                          weights_approx=lambda: tucker2_full(*weights()), bias=bias), bias)
+                                          weights_approx=lambda: tuple(weights()), bias=bias, stats=stats),
+                            bias)
         kind = choice.choice if choice is not None else kind
-        weights = weights()
     if kind == "weights":
+        weights = weights()
         approx = tucker2_full(*weights).reshape(f, -1).T
         return LayerFit((r1, r2), None, weights, None, output_error(flat, approx, rows, target, 0.0, bias), kind,
                         choice)

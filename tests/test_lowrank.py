@@ -386,9 +386,10 @@ def test_an_interrupted_stage_drops_the_fits_not_started():
 
 
 def test_tucker_trials_share_sides_without_changing_a_fit():
-    """data and sequential share the input side, sequential and original the target responses:
-    each trial is still exactly data_channel_spectra + data_tucker2 on its own rows (its
-    outputs up to float32 round-off: the trial applies the factors instead of forming W')."""
+    """data and sequential share the input side: each trial is still exactly
+    data_channel_spectra + data_tucker2 on its own rows (its outputs up to float32 round-off:
+    the trial applies the factors instead of forming W'), and the weight fit given as factors
+    scores like the kernel they make."""
     rng = np.random.default_rng(50)
     f, c = 8, 6
     w = rng.standard_normal((f, c, 3, 3))
@@ -397,7 +398,7 @@ def test_tucker_trials_share_sides_without_changing_a_fit():
     core, o, i = lowrank.hosvd_channels(w, 3, 4)
     trials = lowrank.tucker_trials(w, xt, x, 3, 4, damp=0.05, weights_approx=lowrank.tucker2_full(core, o, i))
     train = ~lowrank.held_out(np.repeat(np.arange(8), 50), 400)
-    for name, (rows, target) in {"data": (xt, None), "sequential": (xt, x), "original": (x, None)}.items():
+    for name, (rows, target) in {"data": (xt, None), "sequential": (xt, x)}.items():
         fit = lowrank.data_tucker2(lowrank.data_channel_spectra(w, rows[train], None if target is None else
                                                                 target[train], 0.05), 3, 4, refit=True)
         apply, shift = trials[name](train)  # x -> x W' through the factors
@@ -405,21 +406,32 @@ def test_tucker_trials_share_sides_without_changing_a_fit():
         held = xt[~train]
         np.testing.assert_allclose(apply(held), held.astype(np.float64) @ expect, rtol=1e-4, atol=1e-4)
         assert np.asarray(shift).tobytes() == fit.shift.tobytes()
+    by_factors = lowrank.tucker_trials(w, xt, x, 3, 4, damp=0.05, weights_approx=(core, o, i))
+    apply, shift = by_factors["weights"](train)
+    held = xt[~train]
+    expect = lowrank.tucker2_full(core, o, i).reshape(f, -1).T
+    np.testing.assert_allclose(apply(held), held.astype(np.float64) @ expect, rtol=1e-4, atol=1e-4)
+    assert shift == 0.0
 
 
 @pytest.mark.parametrize("centered", [True, False])
 def test_pooled_moments_are_the_moments_of_every_row(centered):
     """The final fit pools the trial split's moments with the held-out rows' (Chan et al.): the
-    same S~, C and means as computed on all rows at once, up to float32 round-off."""
+    same S~, C W and means as computed on all rows at once, up to float32 round-off."""
     rng = np.random.default_rng(60)
     x = anisotropic_rows(300, 7, seed=61).astype(np.float32)
     t = (x + rng.standard_normal(x.shape)).astype(np.float32)
     held = lowrank.held_out(np.repeat(np.arange(6), 50), 300)
-    both = lowrank.pooled(lowrank.moments(x[~held], t[~held], centered=centered),
-                          lowrank.moments(x[held], t[held], centered=centered))
-    every = lowrank.moments(x, t, centered=centered)
+    w = rng.standard_normal((7, 5))
+    both = lowrank.pooled(lowrank.moments(x[~held], t[~held], centered=centered, w=w),
+                          lowrank.moments(x[held], t[held], centered=centered, w=w))
+    every = lowrank.moments(x, t, centered=centered, w=w)
     assert both.n == 300
-    for name in ("mean_x", "mean_t", "xx", "xt"):
+    # C W is the cross moment of x~ with x, times W
+    xc, tc = (x - x.mean(0), t - t.mean(0)) if centered else (x, t)
+    np.testing.assert_allclose(every.xtw, (xc.T.astype(np.float64) @ tc / 300) @ w, rtol=1e-4,
+                               atol=1e-5 * np.abs(every.xtw).max())
+    for name in ("mean_x", "mean_t", "xx", "xtw"):
         np.testing.assert_allclose(getattr(both, name), getattr(every, name), rtol=1e-5,
                                    atol=1e-5 * np.abs(every.xx).max())
     if centered:  # the between-split term matters: the splits' means differ
@@ -433,7 +445,7 @@ def test_a_fit_on_pooled_moments_is_the_fit_on_every_row():
     t = (x @ (np.eye(9) + 0.2 * rng.standard_normal((9, 9)))).astype(np.float32)
     stats = lowrank.SampleMoments(w, x, t, centered=True, damp=0.05)
     train = ~lowrank.held_out(np.repeat(np.arange(8), 50), 400)
-    for kind, (rows, target) in {"data": (x, None), "sequential": (x, t), "original": (t, None)}.items():
+    for kind, (rows, target) in {"data": (x, None), "sequential": (x, t)}.items():
         pooled = lowrank.data_linear(w, rows, target, damp=0.05, stats=stats.every_row(kind, train)).fit(4)
         direct = lowrank.data_linear(w, rows, target, damp=0.05).fit(4)
         # float32 round-off of the sample products, relative to the layer's scale
