@@ -9,6 +9,11 @@ quantizer; drift and top-1 agreement (classifier only) are measured against fp32
 which no quantizer saw. Latency: each model timed interleaved with plain quantize_static's at
 batch 1 and 8 (the detector has a static batch of 1). Quantization time is wall clock.
 
+On a CPU whose u8 x s8 kernels saturate (x86 without VNNI; surgeon's probe decides, see
+docs/int8.md) plain quantize_static's 8-bit weights give wrong integers, and onnxruntime's own
+documentation advises `reduce_range=True` there: that run is added as a second baseline, so the
+comparison is with what a careful user of onnxruntime alone would get.
+
 NNCF is an optional extra (pip install 'surgeon[bench]', or a separate interpreter given with
 --nncf-python, e.g. /work/venv-nncf/bin/python): it runs in a subprocess of that interpreter.
 """
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import surgeon
@@ -69,8 +75,10 @@ def nncf_quantize(python: str, model_path: Path, calib: np.ndarray, name: str, b
         return onnx.load(str(out))
 
 
-def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", batch: int = 8) -> onnx.ModelProto:
-    """What a user gets from onnxruntime alone: pre-process, then QDQ per-channel U8S8 MinMax.
+def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", batch: int = 8,
+                   reduce_range: bool = False) -> onnx.ModelProto:
+    """What a user gets from onnxruntime alone: pre-process, then QDQ per-channel U8S8 MinMax
+    (with 7-bit weights when `reduce_range`).
     A model below opset 13 is first converted to 13 (onnx.version_converter), as surgeon does:
     onnxruntime writes per-channel DequantizeLinear(axis) either way, which opset 11 rejects."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -93,7 +101,7 @@ def plain_quantize(model_path: Path, calib: np.ndarray, name: str = "input", bat
         quant_pre_process(str(model_path), str(pre))
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
         return onnx.load(str(out))
 
 
@@ -106,11 +114,17 @@ def bench(which: str, args, options: dict, console: Console) -> dict:
     t0 = time.perf_counter()
     models["plain"] = plain_quantize(path, calib, name, batch)
     seconds["plain"] = time.perf_counter() - t0
+    from surgeon.plugins.int8_ort import products_saturate
+    if products_saturate("U8", "S8"):
+        t0 = time.perf_counter()
+        models["plain_rr"] = plain_quantize(path, calib, name, batch, reduce_range=True)
+        seconds["plain_rr"] = time.perf_counter() - t0
+        notes["plain_rr"] = "this CPU saturates u8 x s8 products: quantize_static also run with reduce_range=True"
     t0 = time.perf_counter()
     got = nncf_quantize(args.nncf_python, path, calib, name, batch)
     if isinstance(got, str):
         notes["nncf"] = got
-        console.print(f"[yellow]{which}: NNCF skipped: {got}[/]")
+        console.print(f"[yellow]{which}: NNCF skipped: {escape(got)}[/]")  # (escaped: "[bench]" is no markup)
     else:
         models["nncf"] = got
         seconds["nncf"] = time.perf_counter() - t0
@@ -144,7 +158,8 @@ def print_table(r: dict, console: Console) -> None:
     t = Table(title=f"{r['model']}: {r['calibration_rows']} calibration / {r['evaluation_rows']} held-out photos")
     for col in ("model", "agree", "drift", "b1 ms", "b8 ms", "quant s"):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
-    names = {"fp32": "fp32", "plain": "ort quantize_static", "nncf": "nncf.quantize", "surgeon": "surgeon int8"}
+    names = {"fp32": "fp32", "plain": "ort quantize_static", "plain_rr": "ort ..., reduce_range",
+             "nncf": "nncf.quantize", "surgeon": "surgeon int8"}
     for k, label in names.items():
         if k not in r["latency_ms"]:
             continue
@@ -156,7 +171,7 @@ def print_table(r: dict, console: Console) -> None:
         t.add_row(label, agree, drift, f"{lat.get(1, float('nan')):.2f}",
                   f"{lat[8]:.2f}" if 8 in lat else "-", f"{sec:.1f}" if sec is not None else "")
     console.print(t)
-    for k in ("surgeon", "nncf"):
+    for k in ("surgeon", "nncf", "plain_rr"):
         for bs, (m, lo, hi) in r["latency_ratio_to_plain"].get(k, {}).items():
             console.print(f"{names[k]} / plain, batch {bs}: {m:.3f} (95% interval {lo:.3f}-{hi:.3f}, same pairs)")
 
