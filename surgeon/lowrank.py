@@ -807,8 +807,9 @@ def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
 # the whitened fit on the rewritten graph's inputs ignores upstream error, and the weight fit
 # uses no data at all. So each candidate is fitted on 3/4 of the calibration samples and scored
 # on the rest, the layer gets the best one, refitted on all samples. (A fourth candidate,
-# whitened on the original model's inputs, was dropped on 6 Dec 2026, for a fifth of the fit
-# time: without it the held-out drift stayed within 1% on the digits CNN, the detector and
+# whitened on the original model's inputs, was dropped on 6 Dec 2026: one of five
+# factorizations per layer (its own moments, Cholesky factor and eigendecomposition beside
+# three other candidates' and the final fit's). Without it the held-out drift stayed within 1% on the digits CNN, the detector and
 # EfficientNet-Lite0 at 0.25, and was 1.5-2.7% worse on EfficientNet-Lite0 at 0.5 / 0.75 and on
 # the detector's 3x3 convs at 0.5; docs/tucker.md, "Three candidates instead of four".)
 
