@@ -862,10 +862,11 @@ class FitChoice:
 class Trials(dict):
     """Trials (name -> trial) whose shared work is run first, as independent parts:
     shared(train mask) -> zero-argument callables (see run_parts). ahead(train mask) -> parts
-    that run beside the trials: the work of the final fit on every row that does not depend on
-    which fit wins (its results are kept where the final fit finds them). Run beside the trials
-    instead of after the choice, they keep the second core busy: a stage's largest layer used to
-    finish its fit alone."""
+    that run beside the trials: work the final fit on every row will or may need, before the
+    choice says which (its results are kept where the final fit finds them; what the losing
+    candidate alone would have read is wasted). Run beside the trials instead of after the
+    choice, they keep the second core busy: a stage's largest layer used to finish its fit
+    alone."""
 
     def __init__(self, trials: dict, shared, ahead=None):
         super().__init__(trials)
@@ -944,8 +945,9 @@ class SampleMoments:
                 _one_blas_thread(functools.partial(self.split, kind, ~train))]
 
     def ahead(self, train: np.ndarray) -> list:
-        """The moments of every row and their Cholesky factor (whichever data fit wins uses them),
-        as a part that runs beside the trials."""
+        """The moments of every row and their Cholesky factor, as a part that runs beside the trials:
+        both data fits read the moments; the factor serves the sequential fit, and the data fit
+        too when in <= out (with in > out it goes unused when the data fit wins)."""
         return [_one_blas_thread(functools.partial(self.every_row, "sequential" if self.has_target else "data", train,
                                                    True))]
 
