@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 from surgeon import layer_stats, lowrank
 from surgeon.lowrank import MatrixFactors, RankOptions, matrix_factors, matrix_rank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
-from surgeon.rewrite import Chain, constant_value, input_or_none, shared_by
+from surgeon.rewrite import Chain, clip_after, constant_value, input_or_none, shared_by
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class GemmToSvd(GraphPlugin):
         details = self._details(ctx, x, w, a, b, alpha, f.s, f.energy, r, before, after)
         details["fit"] = fit
         if fit == "data":
-            details.update(layer_stats.report(sample, out_error, fitted.kind, fitted.choice))
+            details.update(layer_stats.report(sample, out_error, fitted.kind, fitted.choice, fitted.through))
         if note:
             details["fit_note"] = note
         log.debug("%s: rank %d of %d (%s fit), rel. error %.3g", node.name, r, n, fit, details["rel_error"])
@@ -229,9 +229,9 @@ class GemmToSvd(GraphPlugin):
         """(sample, lowrank.LayerFit) of this layer on the graph as rewritten so far; the fits of
         a stage's layers run in parallel when its samples are drawn (layer_stats.layer_fit)."""
         return layer_stats.layer_fit(graph, node.name, ctx, opts, layer_stats.fc_request, "svd",
-                                     lambda n, sample, o: self._fit_job(n, sample, o))
+                                     lambda n, sample, o: self._fit_job(graph, n, sample, o))
 
-    def _fit_job(self, node: gs.Node, sample: layer_stats.Sample, opts: SvdOptions):
+    def _fit_job(self, graph: gs.Graph, node: gs.Node, sample: layer_stats.Sample, opts: SvdOptions):
         """The data-aware fit of one layer as a closure (None: not a candidate, or a shared weight)."""
         cand = self._select_gemm(node) if node.op == "Gemm" else self._select_matmul(node) if node.op == "MatMul" \
             else None
@@ -254,7 +254,8 @@ class GemmToSvd(GraphPlugin):
             alpha * w.astype(np.float64), sample,
             lambda values: matrix_rank(opts, values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO),
             weights_pair, refuse=lambda r: _saves_nothing(r, n_in, n_out, opts), centered=centered, damp=opts.damp,
-            select=opts.select, bias=c_row, spectrum=opts.energy is not None)
+            select=opts.select, bias=c_row, spectrum=opts.energy is not None,
+            clip=clip_after(graph, node) if opts.activation == "through" else None)
 
     @staticmethod
     def _shared_factors(graph: gs.Graph, cand: Candidate, ctx: Context):

@@ -35,7 +35,8 @@ import onnx_graphsurgeon as gs
 
 from surgeon import layer_stats, lowrank
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
-from surgeon.rewrite import Chain, constant_value, input_or_none, pointwise_weight, shared_by, spatial_attrs
+from surgeon.rewrite import (Chain, clip_after, constant_value, input_or_none, pointwise_weight, shared_by,
+                             spatial_attrs)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class ConvToTucker(GraphPlugin):
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (K * c * f) / (c * r1 + K * r1 * r2 + r2 * f)}
         if fit == "data":
-            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice))
+            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice, fitted.through))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         log.debug("%s: Tucker-2 ranks %d,%d (%s fit) error %.3g", node.name, r1, r2, fit, error)
@@ -213,9 +214,10 @@ class ConvToTucker(GraphPlugin):
             w = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
             return layer_stats.conv_request(n, tuple(w.shape[2:])) if w is not None and w.ndim >= 3 else None
         return layer_stats.layer_fit(graph, node.name, ctx, opts, request, "tucker",
-                                     lambda n, sample, o: self._fit_job(n, sample, ctx, o))
+                                     lambda n, sample, o: self._fit_job(graph, n, sample, ctx, o))
 
-    def _fit_job(self, node: gs.Node, sample: layer_stats.Sample, ctx: Context, opts: TuckerOptions):
+    def _fit_job(self, graph: gs.Graph, node: gs.Node, sample: layer_stats.Sample, ctx: Context,
+                 opts: TuckerOptions):
         """The data-aware fit of one conv as a closure (None: the conv is not a candidate)."""
         cand = self._check(node, opts)
         if isinstance(cand, Skip) or opts.fit != "data":
@@ -223,6 +225,7 @@ class ConvToTucker(GraphPlugin):
         w = cand.data["weight"]
         f, c, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         cost, bias = _Cost(ctx, node, w), _bias_values(cand.data["bias"], f)
+        clip = clip_after(graph, node) if opts.activation == "through" else None
         # ranks from a ratio or explicit ranks need no spectrum: then only the chosen fit runs on all rows
         spectrum = opts.energy is not None or opts.rank_method == "vbmf"
         if cand.data["pointwise"]:  # y = a x: in the x W orientation W = a^T
@@ -237,7 +240,7 @@ class ConvToTucker(GraphPlugin):
 
             return lambda: lowrank.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c), weights_pair,
                                               refuse=refuse_rank, damp=opts.damp, select=opts.select, bias=bias,
-                                              spectrum=spectrum)
+                                              spectrum=spectrum, clip=clip)
 
         def ranks_of(in_values, out_values):
             return choose_ranks(opts, c, f, in_values, out_values, (c, f * K), (f, c * K))
@@ -247,7 +250,7 @@ class ConvToTucker(GraphPlugin):
 
         return lambda: lowrank.fit_tucker(w, sample, ranks_of, lambda r1, r2: self._weight_tucker(w, r1, r2, opts),
                                           refuse=refuse, damp=opts.damp, select=opts.select, bias=bias,
-                                          spectrum=spectrum)
+                                          spectrum=spectrum, clip=clip)
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------
 
@@ -291,7 +294,7 @@ class ConvToTucker(GraphPlugin):
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
                    "complexity_ratio": (c * f) / (r * (c + f))}
         if fit == "data":
-            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice))
+            details.update(layer_stats.report(sample, fitted.out_error, fitted.kind, fitted.choice, fitted.through))
         if note or bias_note:
             details["fit_note"] = note or bias_note
         return Rewrite(chain.nodes, details)

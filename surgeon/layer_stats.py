@@ -291,16 +291,21 @@ def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.
     return sample, (sampler.fit_of(layer) if job_for is not None else None)
 
 
-def report(sample: Sample, out_error: float, kind: str, choice=None) -> dict:
+def report(sample: Sample, out_error: float, kind: str, choice=None, through=None) -> dict:
     """fit=data report fields of one layer: the output-space error on the sampled calibration
     rows (y = W p + b per row: the figure the data-aware fit minimises, next to the weight-space
     rel_error), the sample, which fit the layer got (`fit_choice`) and, when it was chosen on
-    held-out samples (a surgeon.lowrank.FitChoice), every candidate's held-out output error."""
+    held-out samples (a surgeon.lowrank.FitChoice), every candidate's held-out output error;
+    with a refit to the clipped output (a surgeon.clipped_fit.ClippedFit), the error after the
+    clip before and after it, and whether it was kept."""
     d = {"out_error": out_error, "calib_rows": len(sample.rows), "calib_samples": sample.images,
          "sequential": kind == "sequential", "fit_choice": kind}
     if choice is not None:
         d.update({"heldout_errors": choice.errors, "heldout_rows": choice.held_rows,
                   "heldout_samples": choice.held_samples})
+    if through is not None:
+        d.update({"activation": through.clip.describe(), "clipped_error_before": through.before,
+                  "clipped_error": through.after, "clipped_refit": through.kept})
     return d
 
 

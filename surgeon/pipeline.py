@@ -180,7 +180,8 @@ def resolve_steps(steps: list[Step]) -> list[tuple[Step, Plugin]]:
         try:
             plug.make_options(s.options)
         except UsageError as exc:
-            raise UsageError(f"{where}: {exc}") from None
+            # a single step's errors already name the plugin
+            raise UsageError(str(exc) if len(steps) == 1 else f"{where}: {exc}") from None
         if s.select is not None:
             check_regex(s.select, f"{where}: select")
         for o in s.overrides:

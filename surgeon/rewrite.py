@@ -20,6 +20,33 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def clip_after(graph: gs.Graph, node: gs.Node):
+    """The Relu or Clip with constant bounds that alone reads the node's output, as a
+    surgeon.clipped_fit.Clip, or None (other readers, a graph output, another op)."""
+    from surgeon.clipped_fit import Clip
+
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+        return None
+    act = out.outputs[0]
+    if act.op == "Relu":
+        return Clip(0.0, float("inf"), "Relu")
+    if act.op != "Clip":
+        return None
+    bounds = []
+    # opset >= 11: optional inputs min, max; before: attributes of the same names
+    for index, name, default in ((1, "min", float("-inf")), (2, "max", float("inf"))):
+        t = input_or_none(act, index)
+        if t is None:
+            bounds.append(float(act.attrs.get(name, default)))
+            continue
+        value = constant_value(t)
+        if value is None or value.size != 1:
+            return None  # a bound computed at run time
+        bounds.append(float(value.reshape(())))
+    return Clip(*bounds) if bounds[0] < bounds[1] else None
+
+
 def input_or_none(node: gs.Node, index: int) -> gs.Tensor | None:
     """ONNX marks an omitted optional input with an empty name (graphsurgeon: an empty Variable)."""
     if index < len(node.inputs) and node.inputs[index].name != "":

@@ -146,7 +146,7 @@ def test_plugin_options_as_flags(cnn_copy, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--enrgy", "0.9"], "no such option --enrgy (plugin options: allow_growth,"),
+    (["--enrgy", "0.9"], "no such option --enrgy (plugin options: activation, allow_growth,"),
     (["--energy"], "--energy needs a value"),
     (["--energy", "0.9", "--ratio", "0.5"], "choose one way to set ranks"),
     (["stray"], "unexpected argument 'stray'"),
@@ -155,6 +155,14 @@ def test_bad_plugin_flags(cnn_copy, args, message):
     r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", *args, "--no-validate"])
     assert r.exit_code == 2, r.output
     assert message in r.stderr
+
+
+def test_a_bad_option_value_names_the_plugin_once(cnn_copy):
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", "--option", "activation=bogus",
+                            "--no-validate"])
+    assert r.exit_code == 2, r.output
+    assert "plugin 'tucker': bad value 'bogus' for option 'activation'" in r.stderr
+    assert r.stderr.count("plugin 'tucker'") == 1
 
 
 def test_apply_on_a_raw_model_zoo_file(tmp_path):
