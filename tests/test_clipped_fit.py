@@ -181,3 +181,17 @@ def test_svd_fits_the_sample_cnn_hidden_layer_through_its_relu():
     hidden = by_act["Relu"]
     assert hidden["clipped_error"] <= hidden["clipped_error_before"]
     assert hidden["clipped_refit"]
+
+
+def test_a_matmul_without_a_bias_to_move_is_not_refitted():
+    """MatMul -> Relu: the fit is uncentred (no bias to carry the refit's intercept), so it is
+    left as fitted and the report says nothing about the activation."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 24)) / 4).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="linear"),
+             helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    m = make_model(nodes, [tensor("x", ["n", 16])], [tensor("y", ["n", 24])], [init("w", w)])
+    data = DataSet({"x": anisotropic_rows(400, 16, seed=4).astype(np.float32)})
+    r = surgeon.apply(m, "svd", {"guard": "none", "ratio": 0.25}, data=data)
+    assert r.rewritten and "activation" not in r.rewritten[0].details
+    assert r.rewritten[0].details["fit"] == "data"
