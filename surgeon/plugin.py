@@ -203,8 +203,9 @@ def parse_options(plugin: Plugin, values: dict[str, Any]) -> Any:
         try:
             kwargs[key] = _convert(raw, hints[key])
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"plugin '{plugin.name}': bad value {raw!r} for option '{key}' "
-                             f"(expected {_type_name(hints[key])}): {exc}") from None
+            # a choice's error lists the choices already
+            expected = "" if typing.get_origin(hints[key]) is Literal else f" (expected {_type_name(hints[key])})"
+            raise UsageError(f"plugin '{plugin.name}': bad value {raw!r} for option '{key}'{expected}: {exc}") from None
     try:
         opts = plugin.Options(**kwargs)
     except (TypeError, ValueError) as exc:

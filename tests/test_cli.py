@@ -163,6 +163,7 @@ def test_a_bad_option_value_names_the_plugin_once(cnn_copy):
     assert r.exit_code == 2, r.output
     assert "plugin 'tucker': bad value 'bogus' for option 'activation'" in r.stderr
     assert r.stderr.count("plugin 'tucker'") == 1
+    assert r.stderr.count("through") == 1  # the choices once, not again as "(expected ...)"
 
 
 def test_apply_on_a_raw_model_zoo_file(tmp_path):
