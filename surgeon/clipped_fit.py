@@ -72,6 +72,8 @@ def through_clip(ry: np.ndarray, u: np.ndarray, lam: float, clip: Clip) -> np.nd
 
 @dataclass
 class ClippedFit:
+    """A rank-r fit refined to the clipped output, and the clipped error before and after."""
+
     clip: Clip
     a: np.ndarray      # (in, r)
     b: np.ndarray      # (r, out): x W' = x A B
