@@ -1156,7 +1156,8 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
                         choice, factors.values)
     from surgeon.clipped_fit import refine
 
-    chol = stats.every_row(kind, ~held, chol=True).chol if stats is not None else None
+    # the Cholesky factor of S~ + damping, where a fit computed it already
+    chol = stats.every_row(kind, ~held, chol=True).chol if stats is not None else factors.factors.chol
     # aimed at the original model's outputs whichever fit won (aimed at x~ W after a data fit,
     # EfficientNet-Lite0 drifted 0.627 / 0.504 at ratio 0.25 / 0.5 instead of 0.567 / 0.473)
     y = _f32(rows if target is None else target) @ _f32(w) + _f32(bias)

@@ -165,6 +165,14 @@ def test_tucker_fits_a_pointwise_conv_through_its_relu6():
     assert drift["through"] < 0.97 * drift["ignore"], drift  # measured 0.944x
 
 
+def test_select_none_refits_too():
+    """Without the held-out choice the refit reuses the fit's Cholesky factor; it still runs."""
+    r = surgeon.apply(relu6_model(), "tucker", {"guard": "none", "ratio": 0.25, "select": "none"},
+                      data=relu6_data(24))
+    d = r.rewritten[0].details
+    assert d["clipped_refit"] and d["clipped_error"] < d["clipped_error_before"]
+
+
 def test_the_refit_is_deterministic():
     m, calib = relu6_model(), relu6_data(12)
     a = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25}, data=calib).model
