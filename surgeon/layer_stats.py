@@ -80,6 +80,7 @@ class Request:
     layer: str
     tensor: str
     window: ConvWindow | None = None
+    skip: str | None = None  # the other input of the Add that alone reads the layer's output
 
 
 @dataclass
@@ -89,6 +90,10 @@ class Sample:
     seen: int                      # how many rows / positions the data offered
     images: int                    # calibration samples run through the model
     groups: np.ndarray | None = None  # (n,) which calibration sample each row came from
+    # (n, out) float32: at the same output positions, the Add's other input in the original
+    # model minus in the rewritten graph (s - s~), so the fit can aim at y + s - s~ and the
+    # Add's output y~ + s~ at the original's (None: no such Add, or nothing rewritten yet)
+    offset: np.ndarray | None = None
 
 
 def patches_at(x: np.ndarray, window: ConvWindow, picks: np.ndarray) -> np.ndarray:
@@ -133,6 +138,21 @@ def row_images(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> n
     return picks // per_sample
 
 
+def output_rows(s: np.ndarray, x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np.ndarray | None:
+    """The rows of `s`, a tensor shaped like the layer's output, at the output positions
+    `picks` of its input `x` (as take_rows): (len(picks), channels); None when `s` is not
+    shaped like the output (an Add that broadcasts)."""
+    if window is None:
+        if x.ndim < 1 or s.shape[:-1] != x.shape[:-1]:
+            return None
+        return s.reshape(-1, s.shape[-1])[picks]
+    out = window.resolve(x.shape[2:])[2]
+    if s.ndim != x.ndim or s.shape[0] != x.shape[0] or tuple(s.shape[2:]) != tuple(out):
+        return None
+    idx = np.unravel_index(picks, (x.shape[0],) + tuple(out))
+    return s[(idx[0], slice(None), *idx[1:])]  # the advanced indices first: (len(picks), channels)
+
+
 def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np.ndarray:
     if window is None:
         return x.reshape(-1, x.shape[-1])[picks]
@@ -145,7 +165,9 @@ def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, 
     uniformly without replacement, seeded by layer name) from `stream`, the batches of one run of
     the model over `data` ({tensor: value}, like surgeon.validate.stream_tensors). With a
     `reference` stream (the original model over the same batches), the same positions are taken
-    from it too, so a fit can aim at the original outputs."""
+    from it too, so a fit can aim at the original outputs, and for a request with a `skip`
+    tensor the difference of the two streams' skip at the layer's output positions (the
+    Sample's offset). Both streams must carry every request's tensor and skip."""
     step = getattr(data, "batch", None) or batch
     n_batches = max(1, math.ceil(len(data) / step))
     quota = max(1, math.ceil(rows / n_batches))
@@ -153,6 +175,7 @@ def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, 
     parts: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
     targets: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
     groups: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
+    offsets: dict[str, list[np.ndarray] | None] = {r.layer: [] if r.skip else None for r in requests}
     seen = dict.fromkeys(parts, 0)
     offset = 0  # calibration samples before this batch: rows are grouped by sample for held-out scoring
     for values in stream:
@@ -165,6 +188,10 @@ def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, 
             groups[r.layer].append(offset + row_images(x, r.window, picks))
             if ref_values is not None:
                 targets[r.layer].append(take_rows(np.asarray(ref_values[r.tensor]), r.window, picks).astype(np.float32))
+            if offsets[r.layer] is not None:
+                live = output_rows(np.asarray(values[r.skip]), x, r.window, picks) if ref_values is not None else None
+                ref = output_rows(np.asarray(ref_values[r.skip]), x, r.window, picks) if live is not None else None
+                offsets[r.layer] = None if ref is None else offsets[r.layer] + [(ref - live).astype(np.float32)]
             seen[r.layer] += total
         offset += max([np.shape(values[r.tensor])[0] for r in requests if np.ndim(values[r.tensor]) > 1] or [1])
     if reference is not None:
@@ -174,7 +201,8 @@ def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, 
         x = np.concatenate(v)[:rows] if v else np.zeros((0, 0), np.float32)
         t = np.concatenate(targets[k])[:rows] if targets[k] else None
         g = np.concatenate(groups[k])[:rows] if groups[k] else None
-        out[k] = Sample(x, t, seen[k], len(data), g)
+        d = np.concatenate(offsets[k])[:rows] if offsets[k] else None
+        out[k] = Sample(x, t, seen[k], len(data), g, d)
     return out
 
 
@@ -229,7 +257,7 @@ class SequentialSampler:
             return None
         self.runs += 1
         log.debug("layer statistics pass %d on the rewritten graph: %d layers", self.runs, len(requests))
-        names = [r.tensor for r in requests]
+        names = list(dict.fromkeys([r.tensor for r in requests] + [r.skip for r in requests if r.skip]))
         # the candidates from this stage on may be rewritten before the next pass
         coming = set(self.order[self.order.index(layer):]) if layer in self.order else {layer}
         changing = {o.name for n in graph.nodes if n.name in coming for o in n.outputs}
@@ -285,10 +313,26 @@ def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.
     sampler = sampler_for(graph, ctx, tag, opts.passes, opts.rows)
     data = ctx.data.take(min(opts.samples, len(ctx.data)))
     wants = lambda name: getattr(ctx.options_for(name, opts), "fit", "weights") == "data"
+    request_for = _with_skip(graph, request_for, lambda name: getattr(ctx.options_for(name, opts), "residual", ""))
     changed = any(v == "rewritten" for v in ctx.outcomes.values())
     jobs = None if job_for is None else (lambda node, sample: job_for(node, sample, ctx.options_for(node.name, opts)))
     sample = sampler.get(graph, layer, data, request_for, wants, changed, jobs, ctx.tick)
     return sample, (sampler.fit_of(layer) if job_for is not None else None)
+
+
+def _with_skip(graph: gs.Graph, request_for: Callable[[gs.Node], Request | None], residual: Callable[[str], str]
+               ) -> Callable[[gs.Node], Request | None]:
+    """request_for, with the Add's other input as the request's skip where the layer's output
+    feeds a residual Add alone and its options say residual=add."""
+    from dataclasses import replace
+
+    from surgeon.rewrite import add_partner
+
+    def request(node: gs.Node) -> Request | None:
+        req = request_for(node)
+        other = add_partner(graph, node) if req is not None and residual(node.name) == "add" else None
+        return req if other is None else replace(req, skip=other.name)
+    return request
 
 
 def report(sample: Sample, out_error: float, kind: str, choice=None, through=None) -> dict:
@@ -299,7 +343,7 @@ def report(sample: Sample, out_error: float, kind: str, choice=None, through=Non
     with a refit to the clipped output (a surgeon.clipped_fit.ClippedFit), the error after the
     clip before and after it, and whether it was kept."""
     d = {"out_error": out_error, "calib_rows": len(sample.rows), "calib_samples": sample.images,
-         "sequential": kind == "sequential", "fit_choice": kind}
+         "sequential": kind in ("sequential", "residual"), "fit_choice": kind}
     if choice is not None:
         d.update({"heldout_errors": choice.errors, "heldout_rows": choice.held_rows,
                   "heldout_samples": choice.held_samples})

@@ -254,6 +254,10 @@ class RankOptions:
     activation: Literal["through", "ignore"] = field(default="through", metadata={
         "help": "fit=data: through = when a Relu or Clip (ReLU6) alone reads a layer's output, refine its "
                 "data-aware fit to the clipped output (Zhang et al. 2015); ignore = fit the raw output"})
+    residual: Literal["add", "ignore"] = field(default="add", metadata={
+        "help": "fit=data: add = when an Add (a residual connection y + s) alone reads a layer's output, the "
+                "sequential fit aims at y + s - s~, so the sum matches the original's although the skip s~ "
+                "carries the error of the layers rewritten before; ignore = aim at y"})
 
     def check_common(self, explicit: bool, method: str | None = None) -> None:
         chosen = [n for n, v in (("ratio", self.ratio), ("energy", self.energy)) if v is not None]
@@ -562,6 +566,8 @@ class DataLinear:
     mean_t: np.ndarray
     factors: WhitenedFactors
     centered: bool
+    d: np.ndarray | None = None       # the target's offset rows (targets x W + d), see moments
+    mean_d: np.ndarray | float = 0.0
 
     @property
     def values(self) -> np.ndarray:
@@ -571,12 +577,13 @@ class DataLinear:
     def fit(self, rank: int, bias: np.ndarray | float = 0.0, error: bool = True) -> LinearFit:
         """The rank-r factors, the bias shift and (error=False: skipped, NaN) the output error."""
         a, b = self.factors.pair(rank)
-        shift = (self.mean_t @ self.w - (self.mean_x @ a) @ b) if self.centered else np.zeros(self.w.shape[1])
+        shift = (self.mean_t @ self.w + self.mean_d - (self.mean_x @ a) @ b) if self.centered \
+            else np.zeros(self.w.shape[1])
         if not error:
             return LinearFit(a, b, shift, float("nan"))
         # the error is a report figure: measured on the first ERROR_ROWS rows, it costs little
         x, t = self.x[:ERROR_ROWS].astype(np.float64), self.t[:ERROR_ROWS].astype(np.float64)
-        y = t @ self.w + bias
+        y = t @ self.w + bias + (0.0 if self.d is None else self.d[:ERROR_ROWS])
         y2 = (x @ a) @ b + bias + shift
         return LinearFit(a, b, shift, _relative(y2 - y, y))
 
@@ -598,6 +605,10 @@ class Moments:
     xx: np.ndarray
     xtw: np.ndarray | None = None
     w: np.ndarray | None = None  # the W of xtw
+    # with a target offset d (Sample.offset): E[x~_c^T d_c] and the mean of d (the fit aimed at
+    # x W + d reads xtw + xtd, see aimed)
+    xtd: np.ndarray | None = None
+    mean_d: np.ndarray | float = 0.0
     chol: np.ndarray | None = None
     damp: float | None = None  # the damping chol was computed with
 
@@ -607,11 +618,22 @@ class Moments:
                 self.chol, self.damp = np.linalg.cholesky(regularised(self.xx, damp)), damp
         return self
 
+    def aimed(self, kind: str) -> "Moments":
+        """The moments as the fit `kind` reads them: sequential x~ -> x W, residual x~ -> x W + d,
+        data x~ -> x~ W (its "target" mean is x~'s own). Shares the arrays (and the Cholesky
+        factor, when computed first)."""
+        if kind == "data":
+            return replace(self, mean_t=self.mean_x, xtw=None, w=None, xtd=None, mean_d=0.0)
+        if kind == "residual" and self.xtd is not None:
+            return replace(self, xtw=self.xtw + self.xtd, xtd=None)
+        return replace(self, xtd=None, mean_d=0.0)
+
 
 def moments(rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
-            w: np.ndarray | None = None) -> Moments:
+            w: np.ndarray | None = None, offset: np.ndarray | None = None) -> Moments:
     """S~ (and, with target rows and the layer's W, C W) of a sample, the products float32 like
-    the rows (_gram)."""
+    the rows (_gram). `offset` (rows x out, with target rows): added to the target outputs,
+    which are then x W + d."""
     x = _f32(rows)
     xc, mx = _centred(x)
     t, tc, mt = (x, xc, mx) if target_rows is None else (_f32(target_rows), *_centred(_f32(target_rows)))
@@ -622,7 +644,11 @@ def moments(rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered
     if w is None:
         raise ValueError("moments with target rows need the layer's W (they keep C W)")
     w = np.asarray(w, dtype=np.float64)
-    return Moments(len(x), mx, mt, centered, _gram(xc, xc), _gram(xc, tc @ _f32(w)), w)
+    xtd, md = None, 0.0
+    if offset is not None:
+        d, md = _centred(_f32(offset))
+        xtd = _gram(xc, d if centered else _f32(offset))
+    return Moments(len(x), mx, mt, centered, _gram(xc, xc), _gram(xc, tc @ _f32(w)), w, xtd, md)
 
 
 def pooled(a: Moments, b: Moments) -> Moments:
@@ -639,18 +665,23 @@ def pooled(a: Moments, b: Moments) -> Moments:
 
     dtw = dt @ a.w if a.w is not None else None
     return Moments(n, p * a.mean_x + q * b.mean_x, p * a.mean_t + q * b.mean_t, a.centered,
-                   pool(a.xx, b.xx, dx, dx), pool(a.xtw, b.xtw, dx, dtw), a.w)
+                   pool(a.xx, b.xx, dx, dx), pool(a.xtw, b.xtw, dx, dtw), a.w,
+                   pool(a.xtd, b.xtd, dx, np.subtract(a.mean_d, b.mean_d)), p * a.mean_d + q * b.mean_d)
 
 
 @_one_blas_thread
 def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
-                damp: float = 1e-2, stats: Moments | None = None) -> DataLinear:
+                damp: float = 1e-2, stats: Moments | None = None, offset: np.ndarray | None = None) -> DataLinear:
     """The fit of DataLinear; `stats`: the sample's moments (with C W when there is a target), when
-    the caller has them (the held-out trials share them, see linear_trials)."""
+    the caller has them (the held-out trials share them, see linear_trials). `offset` (with target
+    rows): the targets are x W + d (moments)."""
     w = np.asarray(w, dtype=np.float64)
     x = _f32(rows)
     t = x if target_rows is None else _f32(target_rows)
-    m = stats if stats is not None else moments(x, target_rows, centered=centered, w=w)
+    offset = None if target_rows is None else offset
+    m = stats if stats is not None else \
+        moments(x, target_rows, centered=centered, w=w, offset=offset).aimed("sequential" if offset is None
+                                                                             else "residual")
     cov = m.xx
     if target_rows is None:
         chol = m.with_chol(damp).chol if m.chol is not None or len(w) <= w.shape[1] else None
@@ -663,7 +694,8 @@ def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None 
     # excite keep W instead of collapsing to zero (and x~ = x gives W* = W exactly).
     chol = m.with_chol(damp).chol
     target = solve_triangular(chol, m.xtw + damping(cov, damp) * w, lower=True)
-    return DataLinear(w, x, t, m.mean_x, m.mean_t, _whitened_target(target, chol), centered)
+    return DataLinear(w, x, t, m.mean_x, m.mean_t, _whitened_target(target, chol), centered,
+                      None if offset is None else _f32(offset), m.mean_d)
 
 
 @dataclass
@@ -822,7 +854,7 @@ def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
 TRIAL_REFIT = 1024
 
 # candidates, in the order that breaks ties
-FIT_CANDIDATES = ("sequential", "data", "weights")
+FIT_CANDIDATES = ("sequential", "residual", "data", "weights")
 
 
 def held_out(groups: np.ndarray | None, n: int) -> np.ndarray:
@@ -879,10 +911,11 @@ class Trials(dict):
 
 
 def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, groups: np.ndarray | None,
-               trials: dict, bias: np.ndarray | float = 0.0) -> FitChoice | None:
+               trials: dict, bias: np.ndarray | float = 0.0, offset: np.ndarray | None = None) -> FitChoice | None:
     """The candidate whose trial factors (fitted on the training rows) give the lowest output
-    error ||x~_h W' + shift - x_h W|| / ||x_h W + b|| on the held-out rows; None when the
-    sample is too small to split (then the caller keeps its default)."""
+    error ||x~_h W' + shift - (x_h W + d_h)|| / ||x_h W + b + d_h|| on the held-out rows (d: the
+    target's offset, see Sample.offset); None when the sample is too small to split (then the
+    caller keeps its default)."""
     n = len(rows)
     held = held_out(groups, n)
     if not splits(held):
@@ -890,6 +923,8 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
     xh = _f32(rows[held])
     th = xh if target is None else _f32(target[held])
     y = th @ _f32(w)
+    if offset is not None:
+        y += _f32(offset[held])
     ref = y + _f32(bias)
 
     def score(name: str) -> float:
@@ -920,9 +955,11 @@ class SampleMoments:
     recomputing the products; on ResNet-50's 2048-input 1x1 convs those products and the
     Cholesky factor were most of a fit."""
 
-    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, *, centered: bool, damp: float):
+    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, *, centered: bool, damp: float,
+                 offset: np.ndarray | None = None):
         self.w = np.asarray(w, dtype=np.float64)
-        self.sources = {"data": (rows, None), "sequential": (rows, target)}
+        self.sources = {"data": (rows, None), "sequential": (rows, target), "residual": (rows, target)}
+        self.offset = offset  # of the residual fit's targets (moments)
         self.has_target = target is not None
         self.centered, self.damp = centered, damp
         self.whitened = len(w) <= np.shape(w)[1]  # the data fit needs the Cholesky factor too
@@ -931,15 +968,20 @@ class SampleMoments:
     def split(self, kind: str, rows: np.ndarray, chol: bool = False) -> Moments:
         """The moments the fit `kind` needs, of the sample rows selected by the mask `rows`; with
         `chol`, the Cholesky factor too when a fit on them will need it."""
+        m = self._of(rows)
+        if chol and (self.whitened or self.has_target):
+            m.with_chol(self.damp)
+        return m.aimed(kind) if self.has_target else m
+
+    def _of(self, rows: np.ndarray) -> Moments:
+        """Every moment of the rows selected by `rows` (computed once), as every fit's view of it
+        (Moments.aimed) is taken from."""
         key = rows.tobytes()
         if key not in self.cache:
             x, t = self.sources["sequential"]
-            self.cache[key] = moments(x[rows], None if t is None else t[rows], centered=self.centered, w=self.w)
-        m = self.cache[key]
-        if chol and (self.whitened or self.has_target):
-            m.with_chol(self.damp)
-        # the data fit reads x~ alone: its "target" mean is x~'s own
-        return replace(m, mean_t=m.mean_x, xtw=None, w=None) if kind == "data" and self.has_target else m
+            self.cache[key] = moments(x[rows], None if t is None else t[rows], centered=self.centered, w=self.w,
+                                      offset=None if t is None or self.offset is None else self.offset[rows])
+        return self.cache[key]
 
     def parts(self, train: np.ndarray) -> list:
         """The moments of the training split (with its Cholesky factor) and of the held-out rows, as
@@ -959,20 +1001,21 @@ class SampleMoments:
         """The moments of every row, pooled from the split `train` and the rest (computed once)."""
         key = ("every", train.tobytes())
         if key not in self.cache:
-            self.cache[key] = pooled(self.split("sequential", train), self.split("sequential", ~train))
+            self.cache[key] = pooled(self._of(train), self._of(~train))
         m = self.cache[key]
         if chol and (self.whitened or self.has_target):
             m.with_chol(self.damp)
-        return replace(m, mean_t=m.mean_x, xtw=None, w=None) if kind == "data" and self.has_target else m
+        return m.aimed(kind) if self.has_target else m
 
 
 def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, rank: int, *, centered: bool,
                   damp: float, weights_approx: np.ndarray, bias: np.ndarray | float = 0.0,
-                  stats: SampleMoments | None = None) -> dict:
-    """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is a
-    target), data (whitened on x~) and weights (the given weight-space W', no data). `stats`: the
-    sample's moments, shared with the caller's final fit."""
-    stats = stats or SampleMoments(w, rows, target, centered=centered, damp=damp)
+                  stats: SampleMoments | None = None, offset: np.ndarray | None = None) -> dict:
+    """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is
+    a target), residual (x~ -> x W + d, with an `offset` d, see Sample.offset), data (whitened on
+    x~) and weights (the given weight-space W', no data). `stats`: the sample's moments, shared
+    with the caller's final fit."""
+    stats = stats or SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset)
 
     def linear(kind: str):
         x, t = stats.sources[kind]
@@ -988,6 +1031,8 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
                     ahead=stats.ahead)
     if target is not None:
         trials.update(sequential=linear("sequential"))
+        if stats.offset is not None:
+            trials.update(residual=linear("residual"))
     return trials
 
 
@@ -997,9 +1042,11 @@ class ConvSample:
     of the original's ("target") on every row (sliced per split), and each side of
     data_channel_spectra per (side, source, split), each computed once."""
 
-    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, damp: float):
+    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, damp: float,
+                 offset: np.ndarray | None = None):
         self.w = np.asarray(w, dtype=np.float64)
-        self.sources = {"rows": rows, "target": target}
+        self.sources = {"rows": rows, "target": target, "residual": target}
+        self.offset = offset  # added to the target's responses for the residual fit (Sample.offset)
         self.damp = damp
         self.cache: dict = {}
 
@@ -1015,17 +1062,27 @@ class ConvSample:
             mode1 = self._once("mode1", lambda: gram(unfold(self.w, 1)))
             return self._once(("in", source, rows.tobytes()), lambda: _input_side(
                 self.w, _f32(self.sources[source][rows]), self.damp, mode1))
-        y = self._once(("responses", source), lambda: responses(self.w, self.sources[source]))
+        y = self.responses(source)
         return self._once(("out", source, rows.tobytes()), lambda: _output_side(y[rows]))
 
+    def responses(self, source: str) -> np.ndarray:
+        """W p on every row of `source` (residual: the target's, plus the offset)."""
+        if source == "residual":
+            return self._once(("responses", source), lambda: self.responses("target") + _f32(self.offset))
+        return self._once(("responses", source), lambda: responses(self.w, self.sources[source]))
+
+    # the responses each fit aims at: data x~ W, sequential x W, residual x W + d
+    AIM = {"data": "rows", "sequential": "target", "residual": "residual"}
+
     def spectra(self, kind: str, rows: np.ndarray) -> DataChannelSpectra:
-        """data_channel_spectra of the fit `kind` (data: x~ -> x~ W, sequential: x~ -> x W)."""
-        return _spectra(self.w, self.side("in", "rows", rows), self.side("out", "target" if kind == "sequential"
-                                                                         else "rows", rows))
+        """data_channel_spectra of the fit `kind` (data: x~ -> x~ W, sequential: x~ -> x W,
+        residual: x~ -> x W + d)."""
+        return _spectra(self.w, self.side("in", "rows", rows), self.side("out", self.AIM[kind], rows))
 
     def parts(self, train: np.ndarray) -> list:
         """The training split's sides as independent parts (run_parts), before the trials."""
-        used = [("in", "rows"), ("out", "rows")] + ([("out", "target")] if self.sources["target"] is not None else [])
+        used = [("in", "rows"), ("out", "rows")] + ([("out", "target")] if self.sources["target"] is not None else []) \
+            + ([("out", "residual")] if self.sources["target"] is not None and self.offset is not None else [])
         return [_one_blas_thread(functools.partial(self.side, kind, source, train)) for kind, source in used]
 
     def ahead(self, train: np.ndarray) -> list:
@@ -1035,7 +1092,8 @@ class ConvSample:
 
 
 def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1: int, r2: int, *, damp: float,
-                  weights_approx: np.ndarray, bias: np.ndarray | float = 0.0, stats: ConvSample | None = None) -> dict:
+                  weights_approx: np.ndarray, bias: np.ndarray | float = 0.0, stats: ConvSample | None = None,
+                  offset: np.ndarray | None = None) -> dict:
     """Trial Tucker-2 fits of a conv (patch rows, W' as (c*K x f)) for choose_fit, as
     linear_trials: sequential, data, weights (`weights_approx`: W' (f, c, *k), or its factors
     (core, O, I)). Above TRIAL_REFIT core unknowns per output (R1*K)
@@ -1046,7 +1104,7 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
     K = int(np.prod(w.shape[2:]))
     # data and sequential whiten the same rows: each side is computed once per training split
     # (Trials.shared, before the trials)
-    stats = stats or ConvSample(w, rows, target, damp)
+    stats = stats or ConvSample(w, rows, target, damp, offset)
 
     def tucker(kind: str):
         @_one_blas_thread
@@ -1071,16 +1129,27 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
     trials = Trials({"data": tucker("data"), "weights": weights_trial}, shared=stats.parts, ahead=stats.ahead)
     if target is not None:
         trials.update(sequential=tucker("sequential"))
+        if stats.offset is not None:
+            trials.update(residual=tucker("residual"))
     return trials
 
 
 def output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray, target: np.ndarray | None,
-                 shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0) -> float:
-    """||x~ W' + shift - x W|| / ||x W + b|| on the first ERROR_ROWS sampled rows (W, W' as x @ W)."""
+                 shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0,
+                 offset: np.ndarray | None = None) -> float:
+    """||x~ W' + shift - (x W + d)|| / ||x W + b + d|| on the first ERROR_ROWS sampled rows (W, W'
+    as x @ W; d: the target's offset, see Sample.offset)."""
     x = np.asarray(rows[:ERROR_ROWS], dtype=np.float64)
     t = x if target is None else np.asarray(target[:ERROR_ROWS], dtype=np.float64)
-    y = t @ w
+    y = t @ w + (0.0 if offset is None else np.asarray(offset[:ERROR_ROWS], dtype=np.float64))
     return _relative(x @ approx + shift - y, y + bias)
+
+
+def sample_offset(sample, outputs: int) -> np.ndarray | None:
+    """The sample's target offset (Sample.offset) when the fit can use it: there is a target (the
+    graph was rewritten before this layer) and it has one column per output."""
+    d = getattr(sample, "offset", None)
+    return d if d is not None and sample.target is not None and d.shape[1:] == (outputs,) else None
 
 
 # --- one layer's data-aware fit, away from the graph --------------------------------------------
@@ -1116,18 +1185,22 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
     depend on it, rank_of(None), and only the fit the layer gets is computed on all rows);
     refuse(r) -> reason or None; weights_fit(r) -> (A, B, extra), the weight-space pair (a
     held-out candidate). `clip` (a surgeon.clipped_fit.Clip): the activation that alone reads
-    the layer's output; a data-aware fit is then refined to the clipped output (centred fits)."""
+    the layer's output; a data-aware fit is then refined to the clipped output (centred fits).
+    With a Sample.offset d, a fourth candidate, residual, aims at x W + d, and every candidate is
+    scored against x W + d (the residual Add's output)."""
     rows, target = sample.rows, sample.target
+    offset = sample_offset(sample, w.shape[1])
     held = held_out(sample.groups, len(rows))
     # with held-out trials, every fit's moments are pooled from the splits' (shared with the trials)
-    stats = SampleMoments(w, rows, target, centered=centered, damp=damp) if select == "heldout" and splits(held) \
-        else None
+    stats = SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset) \
+        if select == "heldout" and splits(held) else None
 
     def full(kind: str) -> DataLinear:  # the fit of `kind` on every sampled row
         stats_all = stats.every_row(kind, ~held) if stats is not None else None
-        # sequential: aimed at the original outputs; data: whitened on the rewritten graph's inputs
-        return data_linear(w, rows, target if kind == "sequential" else None, centered=centered, damp=damp,
-                           stats=stats_all)
+        # sequential: aimed at the original outputs (residual: plus the offset); data: whitened on
+        # the rewritten graph's inputs
+        return data_linear(w, rows, None if kind == "data" else target, centered=centered, damp=damp,
+                           stats=stats_all, offset=offset if kind == "residual" else None)
 
     first = "sequential" if target is not None else "data"
     factors = full(first) if spectrum else None
@@ -1140,8 +1213,8 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
         weights = _lazy(lambda: weights_fit(r))  # computed in the weights trial, beside the others
         # scored through the pair: (x A) B costs less than forming A B
         trials = linear_trials(w, rows, target, r, centered=centered, damp=damp,
-                               weights_approx=lambda: tuple(weights()[:2]), bias=bias, stats=stats)
-        choice = choose_fit(w, rows, target, sample.groups, trials, bias)
+                               weights_approx=lambda: tuple(weights()[:2]), bias=bias, stats=stats, offset=offset)
+        choice = choose_fit(w, rows, target, sample.groups, trials, bias, offset)
         kind = choice.choice if choice is not None else kind
     if kind == "weights":
         weights = weights()
@@ -1160,10 +1233,12 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
     chol = stats.every_row(kind, ~held, chol=True).chol if stats is not None else factors.factors.chol
     # aimed at the original model's outputs whichever fit won (aimed at x~ W after a data fit,
     # EfficientNet-Lite0 drifted 0.627 / 0.504 at ratio 0.25 / 0.5 instead of 0.567 / 0.473)
-    y = _f32(rows if target is None else target) @ _f32(w) + _f32(bias)
+    aim = offset if kind == "residual" else None
+    y = _f32(rows if target is None else target) @ _f32(w) + _f32(bias) + (0 if aim is None else _f32(aim))
     through = refine(clip, rows, y, fitted.a, fitted.b, bias + fitted.shift, w, damp=damp, chol=chol)
     shift = through.bias - bias
-    error = output_error(w, through.a @ through.b, rows, target, shift, bias) if through.kept else fitted.out_error
+    error = output_error(w, through.a @ through.b, rows, target, shift, bias, aim) if through.kept \
+        else fitted.out_error
     return LayerFit((r,), None, (through.a, through.b), shift, error, kind, choice, factors.values, through=through)
 
 
@@ -1176,10 +1251,12 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
     ranks_of(None, None), as fit_linear); refuse(R1, R2) -> reason or None;
     weights_fit(R1, R2) -> (core, O, I), the weight-space Tucker-2. `clip`: as fit_linear's; with
     the input factor fixed, the core and output factor are a rank-R2 map of the patches through
-    it, refined like a linear layer."""
+    it, refined like a linear layer. With a Sample.offset d, as fit_linear: a residual candidate
+    aims at W p + d."""
     rows, target = sample.rows, sample.target
     f = w.shape[0]
-    stats = ConvSample(w, rows, target, damp)
+    offset = sample_offset(sample, f)
+    stats = ConvSample(w, rows, target, damp, offset)
     every = np.ones(len(rows), dtype=bool)
 
     def full(kind: str) -> DataChannelSpectra:
@@ -1198,7 +1275,7 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
         choice = choose_fit(flat, rows, target, sample.groups,
                             tucker_trials(w, rows, target, r1, r2, damp=damp,
                                           weights_approx=lambda: tuple(weights()), bias=bias, stats=stats),
-                            bias)
+                            bias, offset)
         kind = choice.choice if choice is not None else kind
     if kind == "weights":
         weights = weights()
@@ -1215,7 +1292,8 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
 
     h = patches_through(rows, fitted.in_factor)  # (n, R1*K): what the core reads
     core = fitted.core.reshape(r2, -1).T
-    y = stats.side("out", "target" if target is not None else "rows", every)  # responses W p, centred
+    # responses W p, centred: the original model's (plus the offset after a residual fit) whichever fit won
+    y = stats.side("out", "rows" if target is None else "residual" if kind == "residual" else "target", every)
     through = refine(clip, h, y[0] + y[1] + _f32(bias), core, fitted.out_factor.T, bias + fitted.shift,
                      core @ fitted.out_factor.T, damp=damp)
     core, out = through.a.T.reshape(fitted.core.shape), through.b.T
@@ -1223,7 +1301,7 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
     error = fitted.out_error
     if through.kept:
         approx = tucker2_full(core, out, fitted.in_factor).reshape(f, -1).T
-        error = output_error(flat, approx, rows, target, shift, bias)
+        error = output_error(flat, approx, rows, target, shift, bias, offset if kind == "residual" else None)
     return LayerFit((r1, r2), None, (core, out, fitted.in_factor), shift, error, kind, choice, through=through)
 
 

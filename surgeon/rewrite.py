@@ -47,6 +47,20 @@ def clip_after(graph: gs.Graph, node: gs.Node):
     return Clip(*bounds) if bounds[0] < bounds[1] else None
 
 
+def add_partner(graph: gs.Graph, node: gs.Node) -> gs.Tensor | None:
+    """The other input of the Add that alone reads the node's output (a residual connection:
+    y + s), or None (other readers, a graph output, another op, an Add of the output with
+    itself). Whether the two have the same shape is checked on the data (layer_stats.collect)."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+        return None
+    add = out.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    other = [t for t in add.inputs if t is not out]
+    return other[0] if len(other) == 1 and not isinstance(other[0], gs.Constant) else None
+
+
 def input_or_none(node: gs.Node, index: int) -> gs.Tensor | None:
     """ONNX marks an omitted optional input with an empty name (graphsurgeon: an empty Variable)."""
     if index < len(node.inputs) and node.inputs[index].name != "":
