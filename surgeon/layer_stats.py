@@ -113,16 +113,17 @@ def patches_at(x: np.ndarray, window: ConvWindow, picks: np.ndarray) -> np.ndarr
         xt, lead = np.ascontiguousarray(np.moveaxis(x, 1, -1)), ()
     else:
         xt, lead = x, (slice(None),)
-    cols = []
-    for off in offsets:  # K gathers of (n, C)
-        where = [pos[i] * window.strides[i] + off[i] * window.dilations[i] - begin[i] for i in range(nd)]
-        inside = np.logical_and.reduce([(w >= 0) & (w < size[i]) for i, w in enumerate(where)])
-        if inside.all():
-            cols.append(xt[(b, *lead, *where)])
-        else:
-            clipped = tuple(np.clip(w, 0, size[i] - 1) for i, w in enumerate(where))
-            cols.append(xt[(b, *lead, *clipped)] * inside[:, None])
-    return np.stack(cols, axis=-1).reshape(len(picks), -1)
+    # every offset in one gather: (n, K) positions -> (n, K, C), the advanced indices' shape first
+    # (one gather per offset cost 1.3-6x as much on small activations: the calls, not the copies)
+    where = [pos[i][:, None] * window.strides[i] + offsets[:, i] * window.dilations[i] - begin[i] for i in range(nd)]
+    inside = np.logical_and.reduce([(w >= 0) & (w < size[i]) for i, w in enumerate(where)])
+    padded = not inside.all()
+    if padded:
+        where = [np.clip(w, 0, size[i] - 1) for i, w in enumerate(where)]
+    vals = xt[(b[:, None], *lead, *where)]
+    if padded:
+        vals *= inside[..., None]
+    return vals.transpose(0, 2, 1).reshape(len(picks), -1)
 
 
 def positions(x: np.ndarray, window: ConvWindow | None) -> int:

@@ -45,6 +45,32 @@ def downstream(graph: gs.Graph, tensors: Iterable[str]) -> set[str]:
     return seen
 
 
+def upstream(producers: dict[str, gs.Node], names: Iterable[str], stop: set[str] = frozenset()) -> set[int]:
+    """ids of the nodes that compute `names` (producers: tensor name -> node), not going past the
+    tensors in `stop`."""
+    seen: set[int] = set()
+    todo = [t for t in names if t not in stop]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        todo.extend(t.name for t in node.inputs if t.name and t.name not in stop)
+    return seen
+
+
+def part_copy(graph: gs.Graph, names: list[str], cut: set[str], producers: dict[str, gs.Node]) -> gs.Graph:
+    """A copy of only the part of `graph` that computes `names` from its inputs and the `cut`
+    tensors (which come out with no producer). Copying the whole graph each pass and cleaning it
+    up cost 3.4 s of DenseNet-121's 13 s of statistics passes; the graph is left untouched."""
+    part = upstream(producers, names, cut)
+    tensors = {t.name: t for t in graph.inputs} | {t.name: t for n in graph.nodes for t in n.outputs}
+    view = gs.Graph(nodes=[n for n in graph.nodes if id(n) in part], inputs=graph.inputs,
+                    outputs=[tensors[t] for t in names if t in tensors], name=graph.name, opset=graph.opset,
+                    import_domains=graph.import_domains, functions=graph.functions, ir_version=graph.ir_version)
+    return view.copy()
+
+
 @dataclass
 class PassRunner:
     """One model's passes (the graph as rewritten so far, or the original) and what they keep."""
@@ -68,17 +94,25 @@ class PassRunner:
         stale = downstream(graph, self.changing)      # changed since the last pass
         self.changing = set(changing)
         will_change = downstream(graph, self.changing)  # useless to keep
-        g = graph.copy()
-        have = g.tensors()
-        g.outputs = [have[t] for t in names if t in have]
-        g.cleanup()
         # no cut without a batch axis, nor around subgraphs, whose outer-scope reads are not edges
-        no_cut = getattr(data, "stacked", False) or any(n.op in ("If", "Loop", "Scan") for n in graph.nodes)
-        computed = {o.name for n in g.nodes for o in n.outputs}
+        subgraphs = any(n.op in ("If", "Loop", "Scan") for n in graph.nodes)
+        no_cut = getattr(data, "stacked", False) or subgraphs
+        producers = {o.name: n for n in graph.nodes for o in n.outputs}
+        needed = upstream(producers, names)
+        computed = {o.name for n in graph.nodes if id(n) in needed for o in n.outputs}
         # a tensor is cut off from its producer, so only the single output of a node can be cut at:
         # detaching one output of a Split would shift the others
         cut = [] if no_cut else sorted(t for t in self.cache if t in computed and t not in stale and t not in names
-                                       and len(have[t].inputs[0].outputs) == 1)
+                                       and len(producers[t].outputs) == 1)
+        if subgraphs:  # the whole graph, cleaned up to what computes `names` (cleanup sees subgraph reads)
+            g = graph.copy()
+            have = g.tensors()
+            g.outputs = [have[t] for t in names if t in have]
+            g.cleanup()
+        else:
+            g = part_copy(graph, names, set(cut), producers)
+        have = g.tensors()
+        cut = [t for t in cut if t in have]  # (one upstream of another cut tensor is not read)
         for t in cut:
             v = self.cache[t]
             have[t].inputs.clear()  # fed from memory: its producers are no longer needed
