@@ -67,7 +67,9 @@ def part_copy(graph: gs.Graph, names: list[str], cut: set[str], producers: dict[
     tensors = {t.name: t for t in graph.inputs} | {t.name: t for n in graph.nodes for t in n.outputs}
     view = gs.Graph(nodes=[n for n in graph.nodes if id(n) in part], inputs=graph.inputs,
                     outputs=[tensors[t] for t in names if t in tensors], name=graph.name, opset=graph.opset,
-                    import_domains=graph.import_domains, functions=graph.functions, ir_version=graph.ir_version)
+                    import_domains=graph.import_domains, functions=graph.functions)
+    if hasattr(graph, "ir_version"):  # onnx-graphsurgeon >= 0.5.3 (0.5.2, the floor, has none)
+        view.ir_version = graph.ir_version
     return view.copy()
 
 
