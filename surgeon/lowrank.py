@@ -255,9 +255,9 @@ class RankOptions:
         "help": "fit=data: through = when a Relu or Clip (ReLU6) alone reads a layer's output, refine its "
                 "data-aware fit to the clipped output (Zhang et al. 2015); ignore = fit the raw output"})
     residual: Literal["add", "ignore"] = field(default="add", metadata={
-        "help": "fit=data: add = when an Add (a residual connection y + s) alone reads a layer's output, the "
-                "sequential fit aims at y + s - s~, so the sum matches the original's although the skip s~ "
-                "carries the error of the layers rewritten before; ignore = aim at y"})
+        "help": "fit=data: add = when an Add (a residual connection y + s) alone reads a layer's output, one "
+                "more held-out candidate aims at y + s - s~ (s~: the skip, with the error of the layers "
+                "rewritten before) and every candidate is scored on the sum; ignore = aim at y"})
 
     def check_common(self, explicit: bool, method: str | None = None) -> None:
         chosen = [n for n, v in (("ratio", self.ratio), ("energy", self.energy)) if v is not None]
