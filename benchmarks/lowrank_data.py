@@ -7,8 +7,10 @@
 
 Models: the sample digits CNN (fit on its calib split, measured on its test split), the shared
 EfficientNet-Lite0 (photos224.npz: fit on the first 32, measured on the other 64; RGB
-(p-127)/128) and the shared ddddocr detector (the same photos resized to 416, BGR 0..255,
-batch 1). Shared models are read from ../shared and skipped with a message when absent.
+(p-127)/128), the shared ddddocr detector (the same photos resized to 416, BGR 0..255,
+batch 1) and the shared ddddocr OCR recognizer (`--model ocr`: the photos as grayscale 64x256
+lines, pixel / 255; its output is scored by drift only). Shared models are read from ../shared
+and skipped with a message when absent.
 For each ratio and fit (weights, data): agreement (top-1 for classifiers), output rel. L2
 drift, params, MACs, interleaved A/B latency (batch 1), surgery time and which fit each layer
 got (fit=data chooses per layer on held-out calibration samples). guard=none, so both fits
@@ -67,7 +69,20 @@ def det():
         DataSet({"images": x[32:]}, source="photos416[32:]", batch=1)
 
 
-MODELS = {"cnn": cnn, "effnet": effnet, "det": det}
+def ocr():
+    path, imgs = SHARED / "models" / "ddddocr_ocr.onnx", photos()
+    if not path.exists() or imgs is None:
+        return None
+    from PIL import Image
+    m = surgeon.load(path)
+    # grayscale text-line shape: height 64, width 256 (the model's width is dynamic), pixel / 255
+    x = np.stack([np.asarray(Image.fromarray(i).convert("L").resize((256, 64), Image.BILINEAR), np.float32) / 255
+                  for i in imgs])[:, None]
+    return m, DataSet({"input1": x[:32]}, source="photos64x256[:32]", batch=1), \
+        DataSet({"input1": x[32:]}, source="photos64x256[32:]", batch=1)
+
+
+MODELS = {"cnn": cnn, "effnet": effnet, "det": det, "ocr": ocr}
 
 
 def measure(name, plugin, settings: list[tuple[str, float]], fits: list[str], latency: bool,
