@@ -483,3 +483,15 @@ def test_an_idle_worker_takes_parts_of_a_running_fit():
     assert out["big"][0] is True and out["big"][1].startswith("surgeon-fit")
     assert isinstance(out["bad"], ValueError)
     assert lowrank._pool is None
+
+
+def test_core_refit_with_fewer_rows_than_unknowns_is_the_same_least_squares():
+    """60 patch rows for 72 core unknowns per output go through the n x n (push-through) system;
+    the same rows twice (the same normal equations, 120 rows) through the usual one: one core."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 12, 3, 3))
+    x = rng.standard_normal((60, 12 * 9)).astype(np.float32)
+    thin = lowrank.data_tucker2(lowrank.data_channel_spectra(w, x, damp=0.05), 8, 8)
+    twice = lowrank.data_tucker2(lowrank.data_channel_spectra(w, np.concatenate([x, x]), damp=0.05), 8, 8)
+    np.testing.assert_allclose(thin.core, twice.core, rtol=0, atol=1e-3 * np.abs(twice.core).max())
+    np.testing.assert_allclose(thin.shift, twice.shift, rtol=0, atol=1e-3 * np.abs(twice.shift).max())
