@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from surgeon.pass_cache import PassRunner
+from surgeon.rewrite import add_partner
 from surgeon.validate import STREAM_BATCH
 
 log = logging.getLogger(__name__)
@@ -325,9 +326,6 @@ def _with_skip(graph: gs.Graph, request_for: Callable[[gs.Node], Request | None]
                ) -> Callable[[gs.Node], Request | None]:
     """request_for, with the Add's other input as the request's skip where the layer's output
     feeds a residual Add alone and its options say residual=add."""
-    from dataclasses import replace
-
-    from surgeon.rewrite import add_partner
 
     def request(node: gs.Node) -> Request | None:
         req = request_for(node)

@@ -20,15 +20,23 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def sole_reader(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
+    """The one node that reads the node's (first) output, or None: other readers, or the output
+    is also a graph output."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+        return None
+    return out.outputs[0]
+
+
 def clip_after(graph: gs.Graph, node: gs.Node):
     """The Relu or Clip with constant bounds that alone reads the node's output, as a
     surgeon.clipped_fit.Clip, or None (other readers, a graph output, another op)."""
     from surgeon.clipped_fit import Clip
 
-    out = node.outputs[0]
-    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+    act = sole_reader(graph, node)
+    if act is None:
         return None
-    act = out.outputs[0]
     if act.op == "Relu":
         return Clip(0.0, float("inf"), "Relu")
     if act.op != "Clip":
@@ -51,13 +59,10 @@ def add_partner(graph: gs.Graph, node: gs.Node) -> gs.Tensor | None:
     """The other input of the Add that alone reads the node's output (a residual connection:
     y + s), or None (other readers, a graph output, another op, an Add of the output with
     itself). Whether the two have the same shape is checked on the data (layer_stats.collect)."""
-    out = node.outputs[0]
-    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+    add = sole_reader(graph, node)
+    if add is None or add.op != "Add" or len(add.inputs) != 2:
         return None
-    add = out.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None
-    other = [t for t in add.inputs if t is not out]
+    other = [t for t in add.inputs if t is not node.outputs[0]]
     return other[0] if len(other) == 1 and not isinstance(other[0], gs.Constant) else None
 
 
