@@ -55,7 +55,9 @@ class FitTable:
     their width, long names are elided in the middle and long prose wraps.
 
     Column kinds: "num" (never cut, right-aligned), "text" (never cut), "name" (elided in the
-    middle when space runs out), "wrap" (wraps). Same surface as rich's Table for what we use:
+    middle when space runs out; wrapped instead when eliding would make two different names
+    read the same, as EfficientNet-Lite0's '/_blocks.12/_project_conv/Conv' and
+    '/_blocks.3/_expand_conv/Conv' both did: '/_blocks…nv/Conv'), "wrap" (wraps). Same surface as rich's Table for what we use:
     add_column, add_row, add_section, title, caption."""
 
     MIN_NAME = 12
@@ -128,8 +130,13 @@ class FitTable:
 
     def build(self, max_width: int = 80) -> Table:
         widths, padding, split = self._layout(max_width)
+        kinds = [kind for _, kind, _, _ in self.columns]
+        for i, w in enumerate(widths):
+            names = {r[i] for r, _ in self.rows if i < len(r)}
+            if kinds[i] == "name" and len({elide(c, w) for c in names}) < len(names):
+                kinds[i] = "wrap"
         t = Table(title=self.title, caption=self.caption, padding=(0, padding), **self.table_kwargs)
-        for (header, kind, justify, extra), w in zip(self.columns, widths):
+        for (header, _, justify, extra), kind, w in zip(self.columns, kinds, widths):
             if kind == "wrap":
                 t.add_column(header, justify=justify, width=w, overflow="fold", **extra)
             else:
@@ -139,7 +146,7 @@ class FitTable:
             if section:
                 t.add_section()
             t.add_row(*[elide(c, w) if kind == "name" and w else self._cell(c, kind, split)
-                        for c, (_, kind, _, _), w in zip(cells, self.columns, widths)])
+                        for c, kind, w in zip(cells, kinds, widths)])
         return t
 
     def __rich_console__(self, console, options):

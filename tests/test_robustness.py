@@ -174,6 +174,18 @@ def test_layers_table_stays_readable_at_80_columns():
     assert [re.search(r"…([^│┃ ]*)", r).group(1)[-6:] for r in rows] == ["name_1", "name_2", "name_3"]
 
 
+def test_names_that_elide_alike_wrap_instead():
+    """EfficientNet-Lite0's layers all read '/_blocks…nv/Conv' when elided at 80 columns: the
+    name column then wraps, and every name is there whole."""
+    names = [f"/_blocks.{i}/_{kind}_conv/Conv" for i in range(9, 16) for kind in ("expand", "project")]
+    layers = [LayerReport(n, "Conv", "rewritten", "", _details(1)) for n in names]
+    lines = render(report.layers_table(layers, title="tucker"))
+    assert all(len(l) <= 80 for l in lines)
+    cells = [re.match(r"│([^│]*)│", l).group(1).strip() for l in lines if l.startswith("│")]
+    assert "".join(cells) == "".join(names)  # wrapped pieces, in order, nothing cut
+    assert not any("…" in c for c in cells)
+
+
 def test_every_core_table_fits_80_columns():
     m = model_io.load(CNN)
     prof = profile(m)
