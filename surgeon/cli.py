@@ -769,9 +769,7 @@ def _print_plan(res) -> None:
     lat = v.get("latency") or {}
     p = res.predicted
     summary = [["drift", _fmt(p.get("drift"), "{:.4f}") + " (quadrature)", _fmt(v.get("worst_rel_l2"), "{:.4f}")],
-               ["agreement", _fmt(1 - p["disagreement"], "{:.2%}")
-                if "disagreement" in p and all(c["predicted_agreement"] is not None for c in res.choices) else "-",
-                _fmt(v.get("top1_agreement"), "{:.2%}")],
+               ["agreement", _fmt(p.get("agreement"), "{:.2%}"), _fmt(v.get("top1_agreement"), "{:.2%}")],
                ["latency vs original", _fmt(p.get("latency_ratio"), "{:.3f}"), _fmt(lat.get("ratio"), "{:.3f}")],
                ["MACs", "-", report.human(res.final.get("macs"))]]
     if v.get("accuracy"):

@@ -464,13 +464,21 @@ class WhitenedFactors:
 
     @_one_blas_thread
     def pair(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """(A (in x r), B (r x out)) with W' = A B."""
+        """(A (in x r), B (r x out)) with W' = A B. A rank above min(in, out) is exact; its extra
+        columns of A (rows of B) are zeros, so the pair has the shape the caller builds on (a
+        Tucker-2 core with more outputs than inputs, refitted through its activation)."""
         v = self.vectors[:, :rank]
         if self.chol is None:  # out-side eigenvectors of W^T S W: W' = W V V^T
-            return self.w @ v, v.T
-        from scipy.linalg import solve_triangular
-        a = solve_triangular(self.chol.T, v, lower=False)  # L^-T U_r
-        return a, v.T @ self.lw                             # U_r^T L^T W = S_r V_r^T
+            a, b = self.w @ v, v.T
+        else:
+            from scipy.linalg import solve_triangular
+            a = solve_triangular(self.chol.T, v, lower=False)  # L^-T U_r
+            b = v.T @ self.lw                                   # U_r^T L^T W = S_r V_r^T
+        short = rank - a.shape[1]
+        if short > 0:
+            a = np.pad(a, ((0, 0), (0, short)))
+            b = np.pad(b, ((0, short), (0, 0)))
+        return a, b
 
 
 @_one_blas_thread

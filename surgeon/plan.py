@@ -401,9 +401,13 @@ def _effects(o: Option) -> dict[str, float]:
 
 def _predict(options: dict[str, list[Option]], state: dict[str, float]) -> dict[str, Any]:
     chosen = [next(o for o in options[n] if o.ratio == r) for n, r in state.items()]
-    return {"drift": math.sqrt(sum(o.drift ** 2 for o in chosen)), "disagreement": sum(o.disagreement for o in chosen),
-            "accuracy_loss": sum(o.accuracy_loss for o in chosen), "saved_ms": sum(o.saved_ms for o in chosen),
-            "macs_saved": sum(o.macs_saved for o in chosen)}
+    disagreement = sum(o.disagreement for o in chosen)
+    # the layers' top-1 losses add up (a first-order guess): past 100% it says no more than "none
+    # left" (shown as 1 - sum, EfficientNet-Lite0's 28-layer plan read -469%)
+    agreement = max(0.0, 1.0 - disagreement) if chosen and all(o.has_agreement for o in chosen) else None
+    return {"drift": math.sqrt(sum(o.drift ** 2 for o in chosen)), "disagreement": disagreement,
+            "agreement": agreement, "accuracy_loss": sum(o.accuracy_loss for o in chosen),
+            "saved_ms": sum(o.saved_ms for o in chosen), "macs_saved": sum(o.macs_saved for o in chosen)}
 
 
 def _greedy_path(options: dict[str, list[Option]], target: tuple[str, float] | None, st: Setup,

@@ -203,3 +203,31 @@ def test_a_matmul_without_a_bias_to_move_is_not_refitted():
     r = surgeon.apply(m, "svd", {"guard": "none", "ratio": 0.25}, data=data)
     assert r.rewritten and "activation" not in r.rewritten[0].details
     assert r.rewritten[0].details["fit"] == "data"
+
+
+def test_a_core_with_more_outputs_than_inputs_is_refitted_whole():
+    """A stem conv (3 input channels, 3x3) at R1=1, R2=12: the core maps R1*K = 9 inputs to 12
+    outputs, a rank above its input count. The refit through the ReLU6 used to return 9-column
+    factors that could not be reshaped into the core (EfficientNet-Lite0's stem in `surgeon
+    plan`: "cannot reshape array of size 81 into shape (12,1,3,3)"); the pair keeps its rank."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 3, 3, 3)) / 3).astype(np.float32)
+    b = (rng.standard_normal(32) + 1.0).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], name="stem", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Clip", ["h", "lo", "hi"], ["y"], name="relu6")]
+    inits = [init("w", w), init("b", b), init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32))]
+    m = make_model(nodes, [tensor("x", ["n", 3, 16, 16])], [tensor("y", ["n", 32, 8, 8])], inits)
+    x = rng.standard_normal((12, 3, 16, 16)).astype(np.float32)
+    r = surgeon.apply(m, "tucker", {"guard": "none", "ranks": (1, 12), "select": "none"}, data=DataSet({"x": x}))
+    checked(r.model)
+    (layer,) = r.rewritten
+    assert (layer.details["R1"], layer.details["R2"]) == (1, 12) and layer.details["activation"] == "Clip(0, 6)"
+    out = run(r.model, {"x": x[:4]})[0]
+    assert out.shape == (4, 32, 8, 8) and np.isfinite(out).all()
+    # the padded pair is the same map: x A B with A's extra columns (B's extra rows) zero
+    fit = lowrank.data_linear(rng.standard_normal((9, 32)), rng.standard_normal((200, 9)))
+    a, bb = fit.factors.pair(12)
+    a9, b9 = fit.factors.pair(9)
+    assert a.shape == (9, 12) and bb.shape == (12, 32) and not a[:, 9:].any() and not bb[9:].any()
+    np.testing.assert_allclose(a @ bb, a9 @ b9)

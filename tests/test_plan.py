@@ -293,3 +293,16 @@ def test_a_plan_at_the_edge_of_its_drift_budget_says_so():
     assert plan._edge_note(B(max_drift=0.9), v) is None       # a margin above the interval
     assert plan._edge_note(B(min_agreement=0.5), v) is None   # no drift budget
     assert plan._edge_note(B(max_drift=0.8), {"samples": 1, "worst_rel_l2_interval": None}) is None
+
+
+def test_predicted_agreement_stops_at_zero():
+    """Per-layer top-1 losses add up in the prediction; past 100% the combined agreement reads 0,
+    not a negative percentage (EfficientNet-Lite0's 28-layer plan showed -469%)."""
+    opt = lambda loss, has=True: [plan.Option(0.5, 0.3, loss, 0.0, 0.1, 10, "4,4", has)]
+    many = {f"l{i}": opt(0.25) for i in range(6)}  # 6 x 25% lost
+    pred = plan._predict(many, {n: 0.5 for n in many})
+    assert pred["disagreement"] == pytest.approx(1.5) and pred["agreement"] == 0.0
+    two = {"a": opt(0.25), "b": opt(0.125)}
+    assert plan._predict(two, {"a": 0.5, "b": 0.5})["agreement"] == pytest.approx(0.625)
+    assert plan._predict({"a": opt(0.0, has=False)}, {"a": 0.5})["agreement"] is None
+    assert plan._predict(two, {})["agreement"] is None  # nothing chosen: no prediction
