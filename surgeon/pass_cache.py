@@ -5,7 +5,8 @@ stage, each time up to the inputs of the stage's layers. Run from the model's in
 P stages cost about P/2 runs of the whole model (and as much again for the original model,
 which runs in lockstep). Most of that recomputes activations no rewrite has touched: everything
 upstream of the layers rewritten since the last pass. A `PassRunner` keeps, from each pass, the
-activations on the border of what it computed (whole calibration set, axis 0 = sample), and
+activations on the border of what it computed (whole calibration set, axis 0 = sample), with
+what earlier passes kept that a later node still reads (a skip connection's source), and
 the next pass cuts the graph there: the kept tensors that are not downstream of a rewritten
 layer become graph inputs fed from memory, and only the rest is computed.
 
@@ -163,4 +164,22 @@ class PassRunner:
         self.started_from = [t for t in cut if t in feed_names]
         kept = {t: v for t, v in keep.items() if v is not None and done == total} if keep is not None else {}
         # the part of the cut this pass read stays valid where no coming rewrite reaches
-        self.cache = {**{t: self.cache[t] for t in cut if t in feed_names and t not in will_change}, **kept}
+        cache = {**{t: self.cache[t] for t in cut if t in feed_names and t not in will_change}, **kept}
+        self.cache = cache | self._carried(graph, cache, needed, stale | will_change)
+
+    def _carried(self, graph: gs.Graph, cache: dict[str, np.ndarray], needed: set[int], invalid: set[str]
+                 ) -> dict[str, np.ndarray]:
+        """What the cache held that this pass did not read but a later one may: still valid, and read
+        by a node this pass did not need. A detector's neck reads backbone maps many stages later;
+        dropped, they were recomputed from the images (the ddddocr detector's passes ran 2.6x its
+        forward time). Within the size limit, after what this pass kept."""
+        size = sum(v.nbytes for v in cache.values())
+        read_later = {t.name for n in graph.nodes if id(n) not in needed for t in n.inputs}
+        out = {}
+        for t in sorted(set(self.cache) - set(cache)):
+            v = self.cache[t]
+            if t in invalid or t not in read_later or size + v.nbytes > self.limit:
+                continue
+            out[t] = v
+            size += v.nbytes
+        return out

@@ -70,6 +70,29 @@ def test_a_cache_over_the_limit_keeps_nothing_and_the_next_pass_runs_from_the_in
     assert runner.started_from == []
 
 
+def test_a_kept_tensor_a_pass_does_not_read_waits_for_the_pass_that_does():
+    """The residual Add reads the stem's output long after the stem: pass 2 (fuse) does not read
+    it, pass 3 (the Add) does. It stays in the cache through pass 2, so pass 3 starts from it
+    instead of running the stem again; a limit too small for it drops it."""
+    model = detector_model()
+    data = _data(model)
+    graph = to_graph(model)
+    for limit, want_cut in ((1 << 30, ["cat", "s_r"]), (None, ["cat"])):
+        cached, fresh = PassRunner(), PassRunner(limit=0)
+        cuts = []
+        for names, changing in ((["cat"], []), (["f"], ["f"]), (["res"], [])):
+            if limit is None and names == ["f"]:  # room for what pass 2 reads, not for the stem's output
+                cached.limit = cached.cache["cat"].nbytes
+            got = _run(cached, graph, names, data, changing)
+            want = _run(fresh, graph, names, data, changing)
+            for t in names:
+                np.testing.assert_allclose(got[t], want[t], rtol=1e-5, atol=1e-6)
+            cuts.append(list(cached.started_from))
+            if names == ["f"]:
+                assert ("s_r" in cached.cache) == (limit is not None) and "s_r" not in cached.started_from
+        assert cuts[2] == want_cut, cuts
+
+
 _original_init = PassRunner.__init__
 
 
