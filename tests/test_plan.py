@@ -127,6 +127,21 @@ def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
     assert ranks == {c["layer"]: c["ranks"] for c in doc["choices"]}
 
 
+def test_no_attribution_skips_the_leave_one_out_runs(tmp_path, monkeypatch):
+    """--no-attribution: no end-to-end run per chosen layer; the table shows "-" for the
+    measured effects and the JSON None."""
+    called = []
+    monkeypatch.setattr(plan, "_attribution", lambda *a, **k: called.append(1) or {})
+    r = runner.invoke(app, ["plan", str(CNN), "-p", "tucker", "--budget", "agreement>=0.99", "--ratios", "0.5",
+                            "-O", "fit=weights", "--data", str(CNN_TEST), "--calib", str(CNN_CALIB),
+                            "--max-verifications", "2", "--no-attribution", "-o", str(tmp_path / "plan.toml"),
+                            "--json", str(tmp_path / "plan.json")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    assert doc["choices"] and not called
+    assert all(c["measured_drift_delta"] is None and c["measured_agreement_delta"] is None for c in doc["choices"])
+
+
 def test_the_plan_model_is_the_recipe_model(tmp_path):
     before = CNN.read_bytes()
     popts = plan.PlanOptions("tucker", Budgets(max_drift=0.2), [0.25, 0.5], {"fit": "weights"}, attribution=False,
