@@ -74,41 +74,12 @@ def part_copy(graph: gs.Graph, names: list[str], cut: set[str], producers: dict[
     return view.copy()
 
 
-class Batches:
-    """A tensor over the whole calibration set, kept as the per-batch arrays onnxruntime returned
-    (no copy into one array: on the ddddocr detector those copies were 1.6 s of its passes). A
-    slice on a batch boundary, as DataSet.batches takes them when the next pass feeds it back with
-    the same batch size, is that batch's array; any other slice is cut from the joined array."""
-
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
-        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
-        self.dtype = parts[0].dtype
-        self.nbytes = sum(p.nbytes for p in parts)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        if isinstance(index, slice) and index.step in (None, 1):
-            start, stop, _ = index.indices(len(self))
-            i = int(np.searchsorted(self.starts, start))
-            if i < len(self.parts) and self.starts[i] == start and self.starts[i + 1] == stop:
-                return self.parts[i]
-        return np.asarray(self)[index]
-
-    def __array__(self, dtype=None, copy=None):
-        joined = np.concatenate(self.parts)
-        return joined if dtype is None else joined.astype(dtype)
-
-
 @dataclass
 class PassRunner:
     """One model's passes (the graph as rewritten so far, or the original) and what they keep."""
 
     limit: int = CACHE_BYTES
-    cache: dict[str, Batches] = field(default_factory=dict)
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
     changing: set[str] = field(default_factory=set)  # what the last pass's caller was about to rewrite
     started_from: list[str] = field(default_factory=list)  # the last pass's cut (tests, logs)
 
@@ -167,8 +138,9 @@ class PassRunner:
         inputs.update({t: self.cache[t] for t in cut if t in feed_names})
         feed = DataSet(inputs, None, data.synthetic, data.source, data.batch, getattr(data, "stacked", False))
         fetch = names + [t for t in border if t not in names and t not in feed_names]
-        # each border tensor is kept as the batches it came in (see Batches), within the size limit
-        keep: dict[str, list[np.ndarray]] | None = {t: [] for t in border if t not in feed_names} or None
+        # each border tensor is written batch by batch into one array of the whole data's size,
+        # allocated at the first batch (concatenating the batches at the end cost a copy of it all)
+        keep: dict[str, np.ndarray | None] | None = {t: None for t in border if t not in feed_names} or None
         size, done, total = 0, 0, len(feed)
         for values, fed in zip(stream_tensors(model, fetch, feed, batch=batch, threads=threads), feed.batches(batch)):
             n = len(next(iter(fed.values())))
@@ -177,25 +149,26 @@ class PassRunner:
                     v = values[t]
                     # only per-sample activations can be cut at and fed back batch by batch
                     if not (isinstance(v, np.ndarray) and v.ndim >= 1 and v.dtype.kind == "f" and v.shape[0] == n
-                            and (not keep[t] or v.shape[1:] == keep[t][0].shape[1:])):
+                            and (keep[t] is None or v.shape[1:] == keep[t].shape[1:])):
                         del keep[t]
                         continue
-                    if not keep[t]:
+                    if keep[t] is None:
                         if size + v.nbytes // n * total > self.limit:
                             keep = None
                             break
-                        size += v.nbytes // n * total
-                    keep[t].append(v)
+                        keep[t] = np.empty((total, *v.shape[1:]), v.dtype)
+                        size += keep[t].nbytes
+                    keep[t][done:done + n] = v
             done += n
             yield {t: values[t] for t in names}
         self.started_from = [t for t in cut if t in feed_names]
-        kept = {t: Batches(v) for t, v in keep.items() if v and done == total} if keep is not None else {}
+        kept = {t: v for t, v in keep.items() if v is not None and done == total} if keep is not None else {}
         # the part of the cut this pass read stays valid where no coming rewrite reaches
         cache = {**{t: self.cache[t] for t in cut if t in feed_names and t not in will_change}, **kept}
         self.cache = cache | self._carried(graph, cache, needed, stale | will_change)
 
-    def _carried(self, graph: gs.Graph, cache: dict[str, Batches], needed: set[int], invalid: set[str]
-                 ) -> dict[str, Batches]:
+    def _carried(self, graph: gs.Graph, cache: dict[str, np.ndarray], needed: set[int], invalid: set[str]
+                 ) -> dict[str, np.ndarray]:
         """What the cache held that this pass did not read but a later one may: still valid, and read
         by a node this pass did not need. A detector's neck reads backbone maps many stages later;
         dropped, they were recomputed from the images (the ddddocr detector's passes ran 2.6x its

@@ -6,7 +6,7 @@ import pytest
 import surgeon
 from surgeon.calibration import DataSet
 from surgeon.model import to_graph
-from surgeon.pass_cache import Batches, PassRunner, downstream
+from surgeon.pass_cache import PassRunner, downstream
 from tests.models import detector_model
 
 
@@ -91,21 +91,6 @@ def test_a_kept_tensor_a_pass_does_not_read_waits_for_the_pass_that_does():
             if names == ["f"]:
                 assert ("s_r" in cached.cache) == (limit is not None) and "s_r" not in cached.started_from
         assert cuts[2] == want_cut, cuts
-
-
-def test_kept_batches_feed_back_without_a_copy():
-    """A kept tensor is the list of batches the pass produced: sliced on a batch boundary it is
-    that batch (the same array), anywhere else the slice of the whole."""
-    parts = [np.arange(i * 24, i * 24 + n * 12, dtype=np.float32).reshape(n, 3, 4) for i, n in enumerate((2, 2, 1))]
-    whole = np.concatenate(parts)
-    b = Batches(parts)
-    assert len(b) == 5 and b.shape == (5, 3, 4) and b.dtype == np.float32 and b.nbytes == whole.nbytes
-    assert b[0:2] is parts[0] and b[2:4] is parts[1] and b[4:6] is parts[2]
-    for index in (slice(1, 3), slice(0, 5), slice(3, None), slice(0, 4, 2), 3):
-        np.testing.assert_array_equal(b[index], whole[index])
-    np.testing.assert_array_equal(np.asarray(b), whole)
-    data = DataSet({"x": b}, batch=2)
-    assert [v["x"] is p for v, p in zip(data.batches(), parts)] == [True, True]  # a static batch of 2 drops the last
 
 
 _original_init = PassRunner.__init__
