@@ -57,8 +57,8 @@ class FitTable:
     Column kinds: "num" (never cut, right-aligned), "text" (never cut), "name" (elided in the
     middle when space runs out; wrapped instead when eliding would make two different names
     read the same, as EfficientNet-Lite0's '/_blocks.12/_project_conv/Conv' and
-    '/_blocks.3/_expand_conv/Conv' both did: '/_blocks…nv/Conv'), "wrap" (wraps). Same surface as rich's Table for what we use:
-    add_column, add_row, add_section, title, caption."""
+    '/_blocks.3/_expand_conv/Conv' both did: '/_blocks…nv/Conv'), "wrap" (wraps). Same surface
+    as rich's Table for what we use: add_column, add_row, add_section, title, caption."""
 
     MIN_NAME = 12
 
@@ -132,8 +132,10 @@ class FitTable:
         widths, padding, split = self._layout(max_width)
         kinds = [kind for _, kind, _, _ in self.columns]
         for i, w in enumerate(widths):
+            if kinds[i] != "name":
+                continue
             names = {r[i] for r, _ in self.rows if i < len(r)}
-            if kinds[i] == "name" and len({elide(c, w) for c in names}) < len(names):
+            if len({elide(c, w) for c in names}) < len(names):
                 kinds[i] = "wrap"
         t = Table(title=self.title, caption=self.caption, padding=(0, padding), **self.table_kwargs)
         for (header, _, justify, extra), kind, w in zip(self.columns, kinds, widths):
