@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
@@ -79,7 +80,16 @@ def _blas_threads(n: int):
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - depends on the environment
         return contextlib.nullcontext()
+    _load_scipy_blas()
     return threadpool_limits(2, user_api="blas")
+
+
+def _load_scipy_blas() -> None:
+    """Load scipy's own OpenBLAS before a thread limit is set: threadpoolctl limits the libraries
+    loaded at that moment, and scipy.linalg (imported where first used) brought in one that then
+    ran on every core for the rest of the section. The first stage's fits of a process differed
+    from later ones in the last bits (Cholesky factors and solves on two threads)."""
+    import scipy.linalg  # noqa: F401
 
 
 def _one_blas_thread(fn):
@@ -111,6 +121,7 @@ def _single_blas_thread():
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - depends on the environment
         return contextlib.nullcontext()
+    _load_scipy_blas()
     return threadpool_limits(1, user_api="blas")
 
 
@@ -948,8 +959,9 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
         y += _f32(offset[held])
     ref = y + _f32(bias)
 
-    def score(name: str) -> float:
-        approx, shift = trials[name](~held)  # W', its factors (A, B): x A B is cheaper, or x -> x W'
+    def score(name: str, made: Part | None = None) -> float:
+        # W', its factors (A, B): x A B is cheaper, or x -> x W'
+        approx, shift = made.get() if made is not None else trials[name](~held)
         if callable(approx):
             out = approx(xh)
         else:
@@ -957,13 +969,21 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
         return _relative(out + _f32(shift) - y, ref)
 
     names = [name for name in FIT_CANDIDATES if name in trials]
-    ahead = []
+    ahead, weights = [], None
     if isinstance(trials, Trials):
-        # the weight fit needs none of the shared work: it runs beside it
-        weights = [functools.partial(trials["weights"], ~held)] if "weights" in names else []
-        run_parts(trials.shared(~held) + weights)
+        # the weight fit needs none of the shared work: it starts first, on an idle worker, and is
+        # waited for last (AlexNet's fc6: its 4096 x 4096 eigendecomposition beside the data
+        # trial's instead of before it)
+        weights = spawn(functools.partial(trials["weights"], ~held)) if "weights" in names else None
+        run_parts(trials.shared(~held))
         ahead = trials.ahead(~held)
-    errors = dict(zip(names, run_parts([functools.partial(score, name) for name in names] + ahead)))
+    first = [name for name in names if weights is None or name != "weights"]
+    scored = run_parts([functools.partial(score, name) for name in first] + ahead
+                       + ([functools.partial(score, "weights", weights)] if weights is not None else []))
+    errors = dict(zip(first, scored[:len(first)]))
+    if weights is not None:
+        errors["weights"] = scored[-1]
+    errors = {name: errors[name] for name in names}
     best = min(errors, key=lambda k: (errors[k], FIT_CANDIDATES.index(k)))
     samples = len(np.unique(groups[held])) if groups is not None and len(groups) == n else 0
     return FitChoice(best, errors, int(held.sum()), samples)
@@ -1028,10 +1048,112 @@ class SampleMoments:
             m.with_chol(self.damp)
         return m.aimed(kind) if self.has_target else m
 
+    def trial(self, kind: str, train: np.ndarray) -> DataLinear:
+        """The fit `kind` on the training rows `train` (a held-out trial)."""
+        x, t = self.sources[kind]
+        return data_linear(self.w, x[train], None if t is None else t[train], centered=self.centered,
+                           damp=self.damp, stats=self.split(kind, train))
+
+
+def few_rows(n: int, shape: tuple[int, int]) -> bool:
+    """Whether a linear fit of W (in x out) on n sampled rows takes the row form (SampleRows):
+    fewer rows than inputs, and no more outputs than inputs (its eigenproblem is out x out)."""
+    return n < shape[0] and shape[1] <= shape[0]
+
+
+class SampleRows:
+    """The linear fits of a sample with fewer rows than inputs, in the row form: nothing in x in.
+
+    With X the centred rows over sqrt(n) (n x in), S~ = X^T X and S = S~ + lam I, the fit aimed
+    at the targets' responses T (n x out: x W for sequential, plus d for residual, x~ W for
+    data) is W* = S^-1 (X^T T + lam W), truncated under S: the eigenvectors V of W*^T S W*
+    (out x out) give W' = W* V_r V_r^T (the in > out route of the moment form). By Woodbury
+    (push-through), with Z = X W, Q = X X^T and E = (Q + lam I)^-1 (T - Z) (n x out):
+
+        W* = W + X^T E,    W*^T S W* = T^T (Z + Q E) + lam (W^T W + Z^T E),
+
+    so the fit costs n x in x out products, one n x n solve and the layer's W^T W (shared by every
+    split and candidate) instead of in x in moments, their Cholesky factor and in x in x out
+    solves. On AlexNet's fc6 (9216 inputs, 8 calibration images) the moment form built 680 MB
+    matrices and took about 160 s; on ResNet-50's 2048-input 1x1 convs at 7x7 (784 rows) it
+    paid a 2048 x 2048 Cholesky factor per split."""
+
+    def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, *, centered: bool, damp: float,
+                 offset: np.ndarray | None = None):
+        self.w = np.asarray(w, dtype=np.float64)
+        self.rows, self.target, self.offset = rows, target, offset
+        self.centered, self.damp = centered, damp
+        self.cache: dict = {}
+
+    def _once(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def wtw(self) -> np.ndarray:
+        """W^T W (out x out), once per layer."""
+        return self._once("wtw", lambda: gram(self.w.T))
+
+    def _side(self, source: np.ndarray, rows: np.ndarray) -> tuple:
+        """(X: the rows centred (unless the fit is not) over sqrt(n), float32; their mean)."""
+        x = _f32(source[rows])
+        xc, mean = _centred(x)
+        return (xc if self.centered else x) / np.float32(np.sqrt(len(x))), mean
+
+    def split(self, rows: np.ndarray) -> dict:
+        """What every fit on the rows selected by `rows` reads (computed once per split)."""
+        def make():
+            x, mx = self._side(self.rows, rows)
+            out = {"x": x, "mean_x": mx, "q": gram(x), "lam": damping(np.square(x, dtype=np.float64).sum(0), self.damp),
+                   "z": (x @ _f32(self.w)).astype(np.float64)}
+            if self.target is not None:
+                t, out["mean_t"] = self._side(self.target, rows)
+                out["t"] = (t @ _f32(self.w)).astype(np.float64)
+                if self.offset is not None:
+                    d, out["mean_d"] = self._side(self.offset, rows)
+                    out["d"] = d.astype(np.float64)
+            return out
+        return self._once(("split", rows.tobytes()), make)
+
+    def linear(self, kind: str, rows: np.ndarray) -> DataLinear:
+        """The fit `kind` (data, sequential, residual) on the rows selected by `rows`."""
+        from scipy.linalg import solve
+
+        s = self.split(rows)
+        z, lam = s["z"], s["lam"]
+        if kind == "data" or self.target is None:
+            wstar, m = self.w, z.T @ z + lam * self.wtw()
+            mean_t, mean_d, d = s["mean_x"], 0.0, None
+        else:
+            aim = s["t"] + s["d"] if kind == "residual" and "d" in s else s["t"]
+            k = s["q"].copy()
+            k[np.diag_indices_from(k)] += lam
+            e = solve(k, aim - z, assume_a="pos", overwrite_a=True)
+            wstar = self.w + s["x"].T.astype(np.float64) @ e
+            m = aim.T @ (z + s["q"] @ e) + lam * (self.wtw() + z.T @ e)
+            mean_t = s["mean_t"]
+            mean_d, d = (s["mean_d"], _f32(self.offset[rows])) if kind == "residual" and "d" in s else (0.0, None)
+        v, vals = _eigh_desc(m)
+        x = _f32(self.rows[rows])
+        t = x if kind == "data" or self.target is None else _f32(self.target[rows])
+        return DataLinear(self.w, x, t, s["mean_x"], mean_t, WhitenedFactors(wstar, v, vals, None), self.centered,
+                          d, mean_d)
+
+    def trial(self, kind: str, train: np.ndarray) -> DataLinear:
+        return self.linear(kind, train)
+
+    def parts(self, train: np.ndarray) -> list:
+        """The training split's products and W^T W, as independent parts (run_parts)."""
+        return [_one_blas_thread(functools.partial(self.split, train)), _one_blas_thread(self.wtw)]
+
+    def ahead(self, train: np.ndarray) -> list:
+        """Every row's products, as a part that runs beside the trials."""
+        return [_one_blas_thread(functools.partial(self.split, np.ones(len(train), dtype=bool)))]
+
 
 def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, rank: int, *, centered: bool,
                   damp: float, weights_approx: np.ndarray, bias: np.ndarray | float = 0.0,
-                  stats: SampleMoments | None = None, offset: np.ndarray | None = None) -> dict:
+                  stats: SampleMoments | SampleRows | None = None, offset: np.ndarray | None = None) -> dict:
     """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is
     a target), residual (x~ -> x W + d, with an `offset` d, see Sample.offset), data (whitened on
     x~) and weights (the given weight-space W', no data). `stats`: the sample's moments, shared
@@ -1039,11 +1161,8 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
     stats = stats or SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset)
 
     def linear(kind: str):
-        x, t = stats.sources[kind]
-
         def trial(train):
-            fit = data_linear(w, x[train], None if t is None else t[train], centered=centered, damp=damp,
-                              stats=stats.split(kind, train)).fit(rank, bias, error=False)
+            fit = stats.trial(kind, train).fit(rank, bias, error=False)
             return (fit.a, fit.b), fit.shift
         return trial
 
@@ -1212,11 +1331,16 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
     rows, target = sample.rows, sample.target
     offset = sample_offset(sample, w.shape[1])
     held = held_out(sample.groups, len(rows))
-    # with held-out trials, every fit's moments are pooled from the splits' (shared with the trials)
-    stats = SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset) \
+    # fewer rows than inputs: the row form, for every fit; otherwise, with held-out trials, every
+    # fit's moments are pooled from the splits' (shared with the trials)
+    few = few_rows(len(rows), w.shape)
+    stats = SampleRows(w, rows, target, centered=centered, damp=damp, offset=offset) if few else \
+        SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset) \
         if select == "heldout" and splits(held) else None
 
     def full(kind: str) -> DataLinear:  # the fit of `kind` on every sampled row
+        if few:
+            return stats.linear(kind, np.ones(len(rows), dtype=bool))
         stats_all = stats.every_row(kind, ~held) if stats is not None else None
         # sequential: aimed at the original outputs (residual: plus the offset); data: whitened on
         # the rewritten graph's inputs
@@ -1248,10 +1372,11 @@ def fit_linear(w: np.ndarray, sample, rank_of, weights_fit, *, refuse=None, cent
     if clip is None or not centered:
         return LayerFit((r,), None, (fitted.a, fitted.b), fitted.shift if centered else None, fitted.out_error, kind,
                         choice, factors.values)
-    from surgeon.clipped_fit import refine
+    from surgeon.clipped_fit import refine, refits_whole
 
-    # the Cholesky factor of S~ + damping, where a fit computed it already
-    chol = stats.every_row(kind, ~held, chol=True).chol if stats is not None else factors.factors.chol
+    # the Cholesky factor of S~ + damping, where a fit computed it already, when the refit reads it
+    chol = None if not refits_whole(*rows.shape) else \
+        stats.every_row(kind, ~held, chol=True).chol if stats is not None else factors.factors.chol
     # aimed at the original model's outputs whichever fit won (aimed at x~ W after a data fit,
     # EfficientNet-Lite0 drifted 0.627 / 0.504 at ratio 0.25 / 0.5 instead of 0.567 / 0.473)
     aim = offset if kind == "residual" else None
@@ -1326,52 +1451,65 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, weights_fit, *, refuse=None, dam
     return LayerFit((r1, r2), None, (core, out, fitted.in_factor), shift, error, kind, choice, through=through)
 
 
+# seconds between progress calls while a stage's fits run and none finishes
+HEARTBEAT_S = 5.0
+
 # the pool of the running run_parallel, so that one fit's independent parts (its held-out
 # trials) can run on a worker that has no layer left (see run_parts)
 _pool = None
 
 
-def run_parts(parts: list) -> list:
-    """The results of independent zero-argument callables, in order. Inside run_parallel, idle
-    workers help: every part is queued on the pool, and the caller runs each one no worker has
-    claimed yet itself, then waits for the ones taken (a part never waits on the caller, so
-    this cannot deadlock). A stage of few layers, one of them large, otherwise leaves a core
-    idle while that layer's trials run one after another: on ResNet-50 the fits used 1.57 of
-    the 2 cores. Each part does the same arithmetic on whichever thread, so results repeat."""
-    import threading
+class Part:
+    """A zero-argument callable that an idle worker of the running run_parallel pool may run
+    (spawn); get() runs it in the caller when no worker has claimed it yet, else waits for it.
+    A part never waits on its caller, so this cannot deadlock."""
 
-    pool = _pool
-    if pool is None or len(parts) < 2:
-        return [part() for part in parts]
-    claims = [threading.Lock() for _ in parts]
-    done = [threading.Event() for _ in parts]
-    results: list = [None] * len(parts)
+    def __init__(self, fn):
+        self.fn, self.claim, self.done, self.result = fn, threading.Lock(), threading.Event(), None
 
-    def run(i: int) -> None:
-        if not claims[i].acquire(blocking=False):
+    def run(self) -> None:
+        if not self.claim.acquire(blocking=False):
             return
         try:
-            results[i] = (True, parts[i]())
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
-            results[i] = (False, exc)
+            self.result = (True, self.fn())
+        except BaseException as exc:  # noqa: BLE001 - raised again in get()
+            self.result = (False, exc)
         finally:
-            done[i].set()
+            self.done.set()
 
-    for i in range(1, len(parts)):
-        try:
-            pool.submit(run, i)
-        except RuntimeError:  # the pool is shutting down (Ctrl-C): the caller runs them
-            break
-    for i in range(len(parts)):
-        run(i)
-    out = []
-    for i, event in enumerate(done):
-        event.wait()
-        ok, value = results[i]
+    def get(self):
+        self.run()
+        self.done.wait()
+        ok, value = self.result
         if not ok:
             raise value
-        out.append(value)
-    return out
+        return value
+
+
+def spawn(fn) -> Part:
+    """`fn` as a Part, queued on the running pool (when there is one) for an idle worker."""
+    part = Part(fn)
+    if _pool is not None:
+        try:
+            _pool.submit(part.run)
+        except RuntimeError:  # the pool is shutting down (Ctrl-C): get() runs it
+            pass
+    return part
+
+
+def run_parts(parts: list) -> list:
+    """The results of independent zero-argument callables, in order. Inside run_parallel, idle
+    workers help: every part but the first is queued on the pool (spawn), and the caller runs
+    each one no worker has claimed yet itself, then waits for the ones taken. A stage of few
+    layers, one of them large, otherwise leaves a core idle while that layer's trials run one
+    after another: on ResNet-50 the fits used 1.57 of the 2 cores. Each part does the same
+    arithmetic on whichever thread, so results repeat."""
+    if _pool is None or len(parts) < 2:
+        return [part() for part in parts]
+    queued = [Part(parts[0])] + [spawn(part) for part in parts[1:]]
+    for part in queued:
+        part.run()
+    return [part.get() for part in queued]
 
 
 def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
@@ -1380,9 +1518,10 @@ def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
     where one fit on two BLAS threads gained little: its solves are small). A fit that raises
     gives its exception as the result, raised again where its layer is rewritten. Each fit does
     the same arithmetic whatever the worker count, so the results repeat byte for byte.
-    progress(done, total, name) is called (from this thread) as each fit finishes."""
+    progress(done, total, name) is called (from this thread) as each fit finishes, and every
+    HEARTBEAT_S while none does (name: "<the first fit not done>, still running")."""
     import os
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     global _pinned, _pool
 
@@ -1393,7 +1532,9 @@ def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
             return exc
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(len(jobs), workers or cores))
+    # one pool thread per core even for fewer fits: a stage of one large layer (AlexNet's fc6)
+    # otherwise ran its held-out trials one after another with a core idle (run_parts)
+    workers = max(1, workers or cores)
     with _single_blas_thread():
         _pinned += 1
         try:
@@ -1408,8 +1549,15 @@ def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
             _pool = pool
             try:
                 futures = {pool.submit(guarded, job): name for name, job in jobs.items()}
-                for done, fut in enumerate(as_completed(futures), 1):
-                    tick(done, len(jobs), futures[fut])
+                order = {fut: i for i, fut in enumerate(futures)}
+                pending, done = set(futures), 0
+                while pending:
+                    finished, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                    if not finished:  # a long fit (AlexNet's fc6: a minute): the log shows it still runs
+                        tick(done, len(jobs), f"{futures[min(pending, key=order.get)]}, still running")
+                    for fut in sorted(finished, key=order.get):
+                        done += 1
+                        tick(done, len(jobs), futures[fut])
                 return {name: fut.result() for fut, name in futures.items()}
             finally:  # on Ctrl-C, drop the fits not started instead of finishing the whole stage
                 _pool = None

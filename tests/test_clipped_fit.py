@@ -231,3 +231,25 @@ def test_a_core_with_more_outputs_than_inputs_is_refitted_whole():
     a9, b9 = fit.factors.pair(9)
     assert a.shape == (9, 12) and bb.shape == (12, 32) and not a[:, 9:].any() and not bb[9:].any()
     np.testing.assert_allclose(a @ bb, a9 @ b9)
+
+
+@pytest.mark.parametrize("n", [12, 60], ids=["fewer-rows-than-inputs", "more-rows"])
+def test_a_second_factor_refit_step_is_the_ridge_solution(n):
+    """At the rank of its inputs (refine's second-factor refit) one M step is the closed form
+    W* = (S + lam I)^-1 (E[x_c^T z_c] + lam A0), by the row form when rows < inputs and by the
+    Cholesky factor otherwise; both against numpy's solve of that d x d system."""
+    rng = np.random.default_rng(7)
+    d, o, lam_z = 30, 20, 0.01
+    x = (rng.standard_normal((n, d)) * np.geomspace(3, 0.3, d)).astype(np.float32)
+    w = rng.standard_normal((d, o))
+    y = (x @ w + 0.5 * rng.standard_normal((n, o))).astype(np.float32)
+    a0 = w + 0.3 * rng.standard_normal((d, o))
+    clip, bias = Clip(0.0, 6.0), rng.standard_normal(o)
+    res = refit_through(clip, x, y, d, np.eye(d), a0, bias, a0, damp=0.05, schedule=(lam_z,))
+    z = through_clip(clip(y), x @ a0.astype(np.float32) + bias.astype(np.float32), lam_z, clip).astype(np.float64)
+    xc, zc = x - x.mean(0, dtype=np.float64), z - z.mean(0)
+    s = xc.T @ xc / n
+    lam = lowrank.damping(np.diag(s), 0.05)
+    expect = np.linalg.solve(s + lam * np.eye(d), xc.T @ zc / n + lam * a0)
+    np.testing.assert_allclose(res.a @ res.b, expect, rtol=0, atol=1e-4 * np.abs(expect).max())
+    np.testing.assert_allclose(res.a, np.eye(d))

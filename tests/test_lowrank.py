@@ -314,6 +314,16 @@ def _layer_jobs(spectrum: bool = True) -> dict:
         a, b = lowrank.matrix_factors(w).pair(r)
         return a, b, None
     jobs["fc"] = lambda: lowrank.fit_linear(w, sample, lambda values: 4, pair, damp=0.05, spectrum=spectrum)
+    # fewer rows than inputs (the row form, SampleRows), with a residual offset
+    wf = rng.standard_normal((40, 12))
+    xf = anisotropic_rows(24, 40, seed=44).astype(np.float32)
+    few = Sample(xf + 0.2 * rng.standard_normal(xf.shape).astype(np.float32), xf, 24, 8, np.repeat(np.arange(8), 3),
+                 offset=0.3 * rng.standard_normal((24, 12)).astype(np.float32))
+
+    def few_pair(r):
+        a, b = lowrank.matrix_factors(wf).pair(r)
+        return a, b, None
+    jobs["fc_few"] = lambda: lowrank.fit_linear(wf, few, lambda values: 5, few_pair, damp=0.05, spectrum=spectrum)
     return jobs
 
 
@@ -326,7 +336,7 @@ def test_parallel_fits_equal_serial_fits_to_the_bit():
     after the other, and the held-out choice the same."""
     serial = lowrank.run_parallel(_layer_jobs(), workers=1)
     parallel = lowrank.run_parallel(_layer_jobs(), workers=2)
-    assert set(serial) == set(parallel) == {"conv0", "conv1", "fc"}
+    assert set(serial) == set(parallel) == {"conv0", "conv1", "fc", "fc_few"}
     for name in serial:
         assert _flat(serial[name]) == _flat(parallel[name])
         assert serial[name].kind == parallel[name].kind and serial[name].ranks == parallel[name].ranks
@@ -355,8 +365,8 @@ def test_parallel_fits_report_progress_as_they_finish(workers):
     seen = []
     out = lowrank.run_parallel(_layer_jobs(), workers=workers, progress=lambda done, total, name: seen.append(
         (done, total, name)))
-    assert [d for d, _, _ in seen] == [1, 2, 3] and {t for _, t, _ in seen} == {3}
-    assert sorted(n for _, _, n in seen) == sorted(out) == ["conv0", "conv1", "fc"]
+    assert [d for d, _, _ in seen] == [1, 2, 3, 4] and {t for _, t, _ in seen} == {4}
+    assert sorted(n for _, _, n in seen) == sorted(out) == ["conv0", "conv1", "fc", "fc_few"]
 
 
 def test_an_interrupted_stage_drops_the_fits_not_started():
@@ -495,3 +505,109 @@ def test_core_refit_with_fewer_rows_than_unknowns_is_the_same_least_squares():
     twice = lowrank.data_tucker2(lowrank.data_channel_spectra(w, np.concatenate([x, x]), damp=0.05), 8, 8)
     np.testing.assert_allclose(thin.core, twice.core, rtol=0, atol=1e-3 * np.abs(twice.core).max())
     np.testing.assert_allclose(thin.shift, twice.shift, rtol=0, atol=1e-3 * np.abs(twice.shift).max())
+
+
+def _few_rows(seed: int = 70, n: int = 24, d: int = 40, o: int = 16):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((d, o))
+    x = anisotropic_rows(n, d, seed=seed + 1).astype(np.float32)
+    xt = x + 0.2 * rng.standard_normal(x.shape).astype(np.float32)
+    return w, xt, x, (0.3 * rng.standard_normal((n, o))).astype(np.float32)
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["centred", "uncentred"])
+@pytest.mark.parametrize("kind", ["data", "sequential", "residual"])
+def test_the_row_form_is_the_moment_form(kind, centered):
+    """With fewer rows than inputs, SampleRows (push-through: nothing in x in) gives the fit of
+    data_linear (moments, Cholesky factor): spectrum, W' at several ranks, bias shift."""
+    w, xt, x, d = _few_rows()
+    every = np.ones(len(x), dtype=bool)
+    rows = lowrank.SampleRows(w, xt, x, centered=centered, damp=0.05, offset=d).linear(kind, every)
+    ref = lowrank.data_linear(w, xt, None if kind == "data" else x, centered=centered, damp=0.05,
+                              offset=d if kind == "residual" else None)
+    np.testing.assert_allclose(rows.values, ref.values, rtol=1e-5, atol=1e-6 * ref.values[0])
+    for r in (3, 8, 16):
+        got, want = rows.fit(r, 0.5), ref.fit(r, 0.5)
+        scale = np.abs(want.a @ want.b).max()
+        np.testing.assert_allclose(got.a @ got.b, want.a @ want.b, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(got.shift, want.shift, rtol=0, atol=1e-5 * scale * np.abs(xt).max())
+        assert got.out_error == pytest.approx(want.out_error, rel=1e-4, abs=1e-7)
+
+
+def test_fewer_rows_than_inputs_build_no_input_by_input_matrix(monkeypatch):
+    """fit_linear on fewer rows than inputs takes the row form throughout (trials, choice, final
+    fit): the same layer fit as the moment form, and no moments / Cholesky factor of S~ (AlexNet's
+    fc6: 9216 x 9216 matrices, 160 s)."""
+    from surgeon.layer_stats import Sample
+
+    w, xt, x, d = _few_rows(n=32)
+    sample = Sample(xt, x, 32, 8, np.repeat(np.arange(8), 4), offset=d)
+
+    def pair(r):
+        a, b = lowrank.matrix_factors(w).pair(r)
+        return a, b, None
+
+    fit = lowrank.fit_linear(w, sample, lambda values: 6, pair, damp=0.05)
+    assert fit.choice is not None and set(fit.choice.errors) == {"sequential", "residual", "data", "weights"}
+    monkeypatch.setattr(lowrank, "few_rows", lambda n, shape: False)  # the moment form, for reference
+    ref = lowrank.fit_linear(w, sample, lambda values: 6, pair, damp=0.05)
+    assert (fit.kind, fit.choice.choice) == (ref.kind, ref.choice.choice)
+    for name in fit.choice.errors:
+        assert fit.choice.errors[name] == pytest.approx(ref.choice.errors[name], rel=1e-4)
+    scale = np.abs(w).max()
+    np.testing.assert_allclose(fit.factors[0] @ fit.factors[1], ref.factors[0] @ ref.factors[1], atol=1e-4 * scale)
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an input x input statistic was built")
+    for name in ("moments", "data_linear", "whitened_factors"):
+        monkeypatch.setattr(lowrank, name, refuse)
+    again = lowrank.fit_linear(w, sample, lambda values: 6, pair, damp=0.05)
+    assert again.kind == fit.kind and _flat(again) == _flat(fit)
+
+
+def test_a_spawned_part_runs_once_and_raises_in_its_caller():
+    calls = []
+    part = lowrank.spawn(lambda: calls.append(1) or 7)  # no pool: get() runs it here
+    assert part.get() == 7 and part.get() == 7 and calls == [1]
+
+    def boom():
+        raise ValueError("in a part")
+
+    def job():
+        parts = [lowrank.spawn(boom), lowrank.spawn(lambda: 3)]
+        return [p.get() if i else None for i, p in enumerate(parts)], parts[0]
+    (values, failed), = lowrank.run_parallel({"j": job}, workers=2).values()
+    assert values == [None, 3]
+    with pytest.raises(ValueError, match="in a part"):
+        failed.get()
+
+
+def test_a_thread_limit_reaches_scipys_blas_loaded_after_it():
+    """scipy.linalg is imported where first used; a limit set before that import did not reach
+    its OpenBLAS, and the first stage of fits in a process ran its solves on every core (other
+    last bits than later stages)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import subprocess
+    import sys
+    code = ("import sys; from surgeon import lowrank\n"
+            "assert 'scipy.linalg' not in sys.modules\n"
+            "with lowrank._single_blas_thread():\n"
+            "    import scipy.linalg, threadpoolctl\n"
+            "    print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[1]", out
+
+
+def test_a_long_fit_reports_progress_while_it_runs(monkeypatch):
+    """A stage whose fit takes long still calls progress (a CI log shows it working): every
+    HEARTBEAT_S with the done count so far and a fit still running."""
+    import time
+    monkeypatch.setattr(lowrank, "HEARTBEAT_S", 0.05)
+    seen = []
+    out = lowrank.run_parallel({"slow": lambda: time.sleep(0.4) or 1, "quick": lambda: 2}, workers=2,
+                               progress=lambda done, total, name: seen.append((done, total, name)))
+    assert out == {"slow": 1, "quick": 2}
+    assert seen[-1][0] == 2 and [d for d, _, _ in seen if d == 2] == [2]
+    beats = [s for s in seen if s[0] == 1]
+    assert beats[0] == (1, 2, "quick") and len(beats) >= 4 and set(beats[1:]) == {(1, 2, "slow, still running")}

@@ -128,6 +128,9 @@ def test_progress_lines_when_stderr_is_not_a_terminal(cnn):
     assert r.exit_code == 0, r.output
     lines = [l for l in r.stderr.splitlines() if l.startswith("[")]
     assert any("tucker:" in l for l in lines) and any("validating" in l for l in lines)
+    # the start and the end of the validation read as such, not as two validations
+    assert sum(l.endswith("] validating") for l in lines) == 1
+    assert lines[-1].endswith("validating: done"), lines
 
 
 def nan_model(tmp_path) -> str:
