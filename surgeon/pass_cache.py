@@ -90,7 +90,7 @@ class PassRunner:
         change before the next pass (the outputs of the layers it may rewrite): the next pass
         recomputes them and everything computed from them, and this pass keeps nothing there."""
         from surgeon.calibration import DataSet
-        from surgeon.model import to_model
+        from surgeon.model import detach_large, to_model
         from surgeon.validate import stream_tensors
 
         names = list(dict.fromkeys(names))
@@ -132,6 +132,7 @@ class PassRunner:
         wanted = {t.name for n in graph.nodes if n.name not in inside or any(o.name in will_change for o in n.outputs)
                   for t in n.inputs}
         border = [] if no_cut else sorted((computed & wanted | set(names)) - will_change)
+        large = detach_large(g)  # handed to the session in memory, not copied through the proto
         model = to_model(g, like=like)
         feed_names = {i.name for i in g.inputs}
         inputs = {k: v for k, v in data.inputs.items() if k in feed_names or not cut}
@@ -142,7 +143,7 @@ class PassRunner:
         # allocated at the first batch (concatenating the batches at the end cost a copy of it all)
         keep: dict[str, np.ndarray | None] | None = {t: None for t in border if t not in feed_names} or None
         size, done, total = 0, 0, len(feed)
-        for values, fed in zip(stream_tensors(model, fetch, feed, batch=batch, threads=threads), feed.batches(batch)):
+        for values, fed in zip(stream_tensors(model, fetch, feed, batch=batch, threads=threads, initializers=large), feed.batches(batch)):
             n = len(next(iter(fed.values())))
             if keep is not None:
                 for t in list(keep):

@@ -46,11 +46,16 @@ def ort_message(exc: BaseException) -> str:
     return text[:300]
 
 
-def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir: str | None = None
-            ) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir: str | None = None,
+            initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """A CPU session; `threads` 0 lets onnxruntime pick (all cores). With `profile_dir`,
-    onnxruntime writes each kernel's time there (`end_profiling()` gives the file)."""
+    onnxruntime writes each kernel's time there (`end_profiling()` gives the file).
+    `initializers`: the values of initializers the model declares as external data
+    (surgeon.model.detach_large), handed over in memory."""
     so = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(v) for v in (initializers or {}).values()]
+    if values:
+        so.add_external_initializers(list(initializers), values)
     if profile_dir is not None:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, "profile")
@@ -64,9 +69,11 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+    sess._surgeon_initializers = values  # the session reads them: they live as long as it does
+    return sess
 
 
 def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list[np.ndarray]:
@@ -102,14 +109,16 @@ STREAM_BATCH = 8
 
 
 def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet, *, batch: int = STREAM_BATCH,
-                   threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                   threads: int = 0, initializers: dict[str, np.ndarray] | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` over `data` batch by batch and yield {tensor: value} for the named tensors
     (graph inputs, intermediate tensors or outputs). Only one batch of activations is held at a
-    time, so statistics over large calibration sets stay within memory: accumulate as you go."""
+    time, so statistics over large calibration sets stay within memory: accumulate as you go.
+    `initializers`: as session's."""
     tensors = list(dict.fromkeys(tensors))
     inputs = {i.name for i in model.graph.input}
     fetch = [t for t in tensors if t not in inputs]
-    sess = session(with_outputs(model, fetch), threads)
+    sess = session(with_outputs(model, fetch), threads, initializers=initializers)
     names = [o.name for o in sess.get_outputs()]
     for feed in data.batches(batch):
         try:

@@ -155,3 +155,48 @@ def test_the_outputs_of_a_split_are_not_cut_at():
         for t in names:
             np.testing.assert_allclose(got[t], want[t], rtol=1e-5, atol=1e-6)
     assert cached.started_from == []  # s0 and s1 were kept by the first pass, but not cut at
+
+
+def test_large_weights_reach_the_pass_session_in_memory_not_through_the_proto(monkeypatch):
+    """A pass exports its part of the graph with the constants of DETACH_BYTES or more as
+    external data and hands their values to the session (VGG-19: 548 MB copied four times per
+    pass); its values are those of a run with the weights in the proto, and the graph the caller
+    keeps still holds its weights."""
+    import importlib
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from surgeon import model as model_mod
+    from tests.models import init, make_model
+
+    validate = importlib.import_module("surgeon.validate")  # the module (surgeon.validate is also a function)
+
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((600, 600)).astype(np.float32)  # 1.4 MB: detached
+    w2 = rng.standard_normal((600, 10)).astype(np.float32)   # 24 kB: stays in the proto
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 600])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], [init("w1", w1), init("w2", w2)])
+    data = DataSet({"x": rng.standard_normal((6, 600)).astype(np.float32)}, source="random")
+    seen = []
+    real = validate.session
+
+    def spy(model, *args, **kwargs):
+        seen.append((model, kwargs.get("initializers") or {}))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(validate, "session", spy)
+    graph = to_graph(m)
+    got = _run(PassRunner(), graph, ["h", "y"], data, changing=[])
+    (proto, given), = seen
+    stored = {t.name: t for t in proto.graph.initializer}
+    assert set(given) == {"w1"} and stored["w1"].data_location == onnx.TensorProto.EXTERNAL
+    assert not stored["w1"].raw_data and stored["w2"].raw_data
+    np.testing.assert_array_equal(given["w1"], w1)
+    x = data.inputs["x"]
+    np.testing.assert_allclose(got["h"], x @ w1, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got["y"], np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-3)
+    # the caller's graph keeps its weights
+    assert np.array_equal(next(t for t in graph.tensors().values() if t.name == "w1").values, w1)
+    assert model_mod.DETACH_BYTES <= w1.nbytes
