@@ -1061,7 +1061,19 @@ def few_rows(n: int, shape: tuple[int, int]) -> bool:
     return n < shape[0] and shape[1] <= shape[0]
 
 
-class SampleRows:
+class Computed:
+    """Values computed once per key (a sample's products shared by its trials and its final fit)."""
+
+    def __init__(self) -> None:
+        self.cache: dict = {}
+
+    def _once(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+class SampleRows(Computed):
     """The linear fits of a sample with fewer rows than inputs, in the row form: nothing in x in.
 
     With X the centred rows over sqrt(n) (n x in), S~ = X^T X and S = S~ + lam I, the fit aimed
@@ -1080,15 +1092,10 @@ class SampleRows:
 
     def __init__(self, w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, *, centered: bool, damp: float,
                  offset: np.ndarray | None = None):
+        super().__init__()
         self.w = np.asarray(w, dtype=np.float64)
         self.rows, self.target, self.offset = rows, target, offset
         self.centered, self.damp = centered, damp
-        self.cache: dict = {}
-
-    def _once(self, key, make):
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
 
     def wtw(self) -> np.ndarray:
         """W^T W (out x out), once per layer."""
@@ -1176,7 +1183,7 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
     return trials
 
 
-class ConvSample:
+class ConvSample(Computed):
     """A conv's patch sample, shared by its held-out trials and its final fit: the kernel's
     mode-1 Gram sum_k W_k^T W_k, the responses W p of the rewritten graph's patches ("rows") and
     of the original's ("target") on every row (sliced per split), and each side of
@@ -1186,14 +1193,9 @@ class ConvSample:
                  offset: np.ndarray | None = None):
         self.w = np.asarray(w, dtype=np.float64)
         self.sources = {"rows": rows, "target": target, "residual": target}
+        super().__init__()
         self.offset = offset  # added to the target's responses for the residual fit (Sample.offset)
         self.damp = damp
-        self.cache: dict = {}
-
-    def _once(self, key, make):
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
 
     def side(self, kind: str, source: str, rows: np.ndarray):
         """The input side ("in", of the patches of `source`) or the output side ("out", of their

@@ -143,6 +143,8 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
 
 # Constants from this size on leave the exported proto of a statistics pass (detach_large)
 DETACH_BYTES = 1 << 20
+IN_MEMORY_DTYPES = {"float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                    "uint64", "bool"}
 
 
 def detach_large(graph: gs.Graph, min_bytes: int = DETACH_BYTES) -> dict[str, np.ndarray]:
@@ -156,10 +158,11 @@ def detach_large(graph: gs.Graph, min_bytes: int = DETACH_BYTES) -> dict[str, np
         if not isinstance(t, gs.Constant) or t.name in out:
             continue
         shape, dtype = tuple(t.shape or ()), t.dtype
-        try:
-            code = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        except (TypeError, KeyError, ValueError):  # bfloat16, strings, ...: left in the proto
+        # onnxruntime takes numpy's own number types in memory; bfloat16 / float8 (ml_dtypes), strings
+        # and constants exported in another type than they are stored in stay in the proto
+        if np.dtype(dtype).name not in IN_MEMORY_DTYPES or getattr(t, "export_dtype", dtype) != dtype:
             continue
+        code = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         if np.dtype(dtype).itemsize * int(np.prod(shape)) < min_bytes:
             continue
         values = np.ascontiguousarray(t.values)
@@ -167,7 +170,7 @@ def detach_large(graph: gs.Graph, min_bytes: int = DETACH_BYTES) -> dict[str, np
         for key, value in (("location", "surgeon-in-memory"), ("offset", "0"), ("length", str(values.nbytes))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
-        t._values = gs.ir.tensor.LazyValues(proto)
+        t.values = gs.ir.tensor.LazyValues(proto)
         out[t.name] = values
     return out
 

@@ -200,3 +200,20 @@ def test_large_weights_reach_the_pass_session_in_memory_not_through_the_proto(mo
     # the caller's graph keeps its weights
     assert np.array_equal(next(t for t in graph.tensors().values() if t.name == "w1").values, w1)
     assert model_mod.DETACH_BYTES <= w1.nbytes
+
+
+def test_a_constant_of_a_type_onnxruntime_takes_only_from_the_proto_stays_there():
+    """bfloat16 (ml_dtypes) weights: onnxruntime takes numpy's own types in memory, so
+    detach_large leaves them in the proto; a float32 one of the same size goes."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import onnx_graphsurgeon as gs
+
+    from surgeon.model import detach_large
+
+    big = np.ones((600, 600), np.float32)
+    x = gs.Variable("x", np.float32, (1, 600))
+    graph = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x, gs.Constant("plain", big)], outputs=[gs.Variable("a", np.float32)]),
+                            gs.Node("Identity", inputs=[gs.Constant("half", np.ones((1000, 1000), ml_dtypes.bfloat16))],
+                                    outputs=[gs.Variable("b")])],
+                     inputs=[x])
+    assert set(detach_large(graph)) == {"plain"}
