@@ -16,8 +16,11 @@ partially rewritten graph samples every layer of the next stage at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import threading
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -161,50 +164,70 @@ def take_rows(x: np.ndarray, window: ConvWindow | None, picks: np.ndarray) -> np
     return patches_at(x, window, picks)
 
 
-def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = STREAM_BATCH,
-            reference=None) -> dict[str, Sample]:
-    """Sample, for every request, at most `rows` rows (about rows / batches from each batch,
-    uniformly without replacement, seeded by layer name) from `stream`, the batches of one run of
-    the model over `data` ({tensor: value}, like surgeon.validate.stream_tensors). With a
-    `reference` stream (the original model over the same batches), the same positions are taken
-    from it too, so a fit can aim at the original outputs, and for a request with a `skip`
-    tensor the difference of the two streams' skip at the layer's output positions (the
-    Sample's offset). Both streams must carry every request's tensor and skip."""
+@dataclass
+class Drawn:
+    """One stream's sample, per request layer: the rows taken from each batch, the positions
+    they were taken at (`picks`, so that a second stream over the same batches takes the same
+    ones), which calibration sample each row came from, the skip tensor's rows at the layer's
+    output positions (None for a batch where it is not shaped like the output) and how many
+    positions the data offered."""
+
+    rows: dict[str, list[np.ndarray]]
+    picks: dict[str, list[np.ndarray]]
+    groups: dict[str, list[np.ndarray]]
+    skips: dict[str, list[np.ndarray | None]]
+    seen: dict[str, int]
+
+
+def draw(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = STREAM_BATCH,
+         picks: dict[str, list[np.ndarray]] | None = None) -> Drawn:
+    """Take, for every request, at most `rows` rows from `stream` (the batches of one run of the
+    model over `data`, like surgeon.validate.stream_tensors): about rows / batches from each batch,
+    uniformly without replacement, seeded by layer name, or at the given `picks` (another stream's
+    Drawn.picks). Only the sampled rows are kept, one batch of activations at a time."""
     step = getattr(data, "batch", None) or batch
-    n_batches = max(1, math.ceil(len(data) / step))
-    quota = max(1, math.ceil(rows / n_batches))
+    quota = max(1, math.ceil(rows / max(1, math.ceil(len(data) / step))))
     rngs = {r.layer: np.random.default_rng([seed, zlib.crc32(r.layer.encode())]) for r in requests}
-    parts: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
-    targets: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
-    groups: dict[str, list[np.ndarray]] = {r.layer: [] for r in requests}
-    offsets: dict[str, list[np.ndarray] | None] = {r.layer: [] if r.skip else None for r in requests}
-    seen = dict.fromkeys(parts, 0)
+    out = Drawn(*({r.layer: [] for r in requests} for _ in range(4)), dict.fromkeys([r.layer for r in requests], 0))
     offset = 0  # calibration samples before this batch: rows are grouped by sample for held-out scoring
-    for values in stream:
-        ref_values = next(reference) if reference is not None else None
+    for i, values in enumerate(stream):
         for r in requests:
             x = np.asarray(values[r.tensor])
             total = positions(x, r.window)
-            picks = np.sort(rngs[r.layer].choice(total, size=min(quota, total), replace=False))
-            parts[r.layer].append(take_rows(x, r.window, picks).astype(np.float32))
-            groups[r.layer].append(offset + row_images(x, r.window, picks))
-            if ref_values is not None:
-                targets[r.layer].append(take_rows(np.asarray(ref_values[r.tensor]), r.window, picks).astype(np.float32))
-            if offsets[r.layer] is not None:
-                live = output_rows(np.asarray(values[r.skip]), x, r.window, picks) if ref_values is not None else None
-                ref = output_rows(np.asarray(ref_values[r.skip]), x, r.window, picks) if live is not None else None
-                offsets[r.layer] = None if ref is None else offsets[r.layer] + [(ref - live).astype(np.float32)]
-            seen[r.layer] += total
+            at = picks[r.layer][i] if picks is not None else \
+                np.sort(rngs[r.layer].choice(total, size=min(quota, total), replace=False))
+            out.rows[r.layer].append(take_rows(x, r.window, at).astype(np.float32))
+            out.picks[r.layer].append(at)
+            out.groups[r.layer].append(offset + row_images(x, r.window, at))
+            if r.skip:
+                out.skips[r.layer].append(output_rows(np.asarray(values[r.skip]), x, r.window, at))
+            out.seen[r.layer] += total
         offset += max([np.shape(values[r.tensor])[0] for r in requests if np.ndim(values[r.tensor]) > 1] or [1])
-    if reference is not None:
-        next(reference, None)  # run it to its end, where it keeps its activations for the next pass
+    return out
+
+
+def collect(stream, requests: list[Request], data, *, rows: int, seed: int = 0, batch: int = STREAM_BATCH,
+            reference: Drawn | None = None) -> dict[str, Sample]:
+    """Sample every request from `stream` (see draw). With a `reference` (the original model over
+    the same batches, drawn first), the same positions are taken, so a fit can aim at the
+    original outputs, and for a request with a `skip` tensor the difference of the two streams'
+    skip at the layer's output positions is the Sample's offset. Both streams must carry every
+    request's tensor and skip."""
+    live = draw(stream, requests, data, rows=rows, seed=seed, batch=batch,
+                picks=None if reference is None else reference.picks)
     out = {}
-    for k, v in parts.items():
+    for r in requests:
+        k = r.layer
+        v = live.rows[k]
         x = np.concatenate(v)[:rows] if v else np.zeros((0, 0), np.float32)
-        t = np.concatenate(targets[k])[:rows] if targets[k] else None
-        g = np.concatenate(groups[k])[:rows] if groups[k] else None
-        d = np.concatenate(offsets[k])[:rows] if offsets[k] else None
-        out[k] = Sample(x, t, seen[k], len(data), g, d)
+        g = np.concatenate(live.groups[k])[:rows] if v else None
+        t = d = None
+        if reference is not None and v:
+            t = np.concatenate(reference.rows[k])[:rows]
+            pairs = list(zip(reference.skips[k], live.skips[k]))
+            if r.skip and all(a is not None and b is not None for a, b in pairs):
+                d = np.concatenate([(a - b).astype(np.float32) for a, b in pairs])[:rows]
+        out[k] = Sample(x, t, live.seen[k], len(data), g, d)
     return out
 
 
@@ -230,10 +253,14 @@ class SequentialSampler:
     runs: int = 0
     _original_graph: gs.Graph | None = None
 
+    _ahead: "_Ahead | None" = None  # the original model's pass for the next stage, drawn beside the fits
+
+    def stages(self) -> list[list[str]]:
+        return [list(s) for s in np.array_split(np.array(self.order, dtype=object),
+                                                max(1, min(self.passes, len(self.order))))]
+
     def stage_of(self, layer: str) -> list[str]:
-        stages = [list(s) for s in np.array_split(np.array(self.order, dtype=object), max(1, min(self.passes,
-                                                                                                   len(self.order))))]
-        for s in stages:
+        for s in self.stages():
             if layer in s:
                 return s[s.index(layer):]
         return [layer]
@@ -246,45 +273,74 @@ class SequentialSampler:
         stage's fits run in parallel right after its samples are drawn (fit_of gives them)."""
         if layer in self.samples:
             return self.samples.pop(layer)
-        from surgeon.model import to_graph
-
         nodes = {n.name: n for n in graph.nodes}
-        requests = []
-        for name in self.stage_of(layer):
-            if name in nodes and (name == layer or wants(name)):
-                req = request_for(nodes[name])
-                if req is not None:
-                    requests.append(req)
+        requests = _requests(nodes, self.stage_of(layer), lambda name: name == layer or wants(name), request_for)
         if not requests:
             return None
         self.runs += 1
         log.debug("layer statistics pass %d on the rewritten graph: %d layers", self.runs, len(requests))
-        names = list(dict.fromkeys([r.tensor for r in requests] + [r.skip for r in requests if r.skip]))
         # the candidates from this stage on may be rewritten before the next pass
         coming = set(self.order[self.order.index(layer):]) if layer in self.order else {layer}
         changing = {o.name for n in graph.nodes if n.name in coming for o in n.outputs}
         batch = STREAM_BATCH
-        stream = self.live.stream(graph, names, data, like=self.original, changing=changing, batch=batch,
+        stream = self.live.stream(graph, _tensors(requests), data, like=self.original, changing=changing, batch=batch,
                                   threads=self.threads)
+        ahead, self._ahead = self._ahead, None
         reference = None
         if changed:
-            if self._original_graph is None:
-                self._original_graph = to_graph(self.original)
-            reference = self.reference.stream(self._original_graph, names, data, like=self.original, batch=batch,
-                                              threads=self.threads)
+            reference = ahead.result() if ahead is not None and ahead.requests == requests else \
+                self._draw_reference(requests, data, batch)
         drawn = collect(stream, requests, data, rows=self.rows, seed=self.seed, batch=batch, reference=reference)
         self.samples.update(drawn)
         if job_for is not None:
             from surgeon.lowrank import run_parallel
 
             jobs = {name: job_for(nodes[name], sample) for name, sample in drawn.items() if len(sample.rows) >= 2}
-            # Before the first of them is rewritten: the guard then times each rewrite with no fit
-            # running beside it.
             stage = self.runs
             tick = None if progress is None else (
                 lambda done, total, name: progress(done, total, f"fitting {total} layers at once (stage {stage}): {name}"))
-            self.fits.update(run_parallel({k: j for k, j in jobs.items() if j is not None}, progress=tick))
+            self._ahead = self._start_ahead(nodes, layer, data, request_for, wants, batch)
+            try:
+                fits = run_parallel({k: j for k, j in jobs.items() if j is not None}, progress=tick)
+            except BaseException:
+                if self._ahead is not None:
+                    self._ahead.stop.set()  # (Ctrl-C): it ends after its current batch
+                raise
+            if self._ahead is not None:
+                # Before the first of them is rewritten: the guard then times each rewrite with
+                # nothing running beside it.
+                self._ahead.join()
+            self.fits.update(fits)
         return self.samples.pop(layer, None)
+
+    def _draw_reference(self, requests: list[Request], data, batch: int, stop=None) -> Drawn:
+        """The sample of the original model at the requests (positions drawn here, the live
+        stream takes the same ones)."""
+        from surgeon.model import to_graph
+
+        if self._original_graph is None:
+            self._original_graph = to_graph(self.original)
+        stream = self.reference.stream(self._original_graph, _tensors(requests), data, like=self.original, batch=batch,
+                                       threads=self.threads)
+        if stop is not None:
+            stream = itertools.takewhile(lambda _: not stop.is_set(), stream)
+        return draw(stream, requests, data, rows=self.rows, seed=self.seed, batch=batch)
+
+    def _start_ahead(self, nodes: dict, layer: str, data, request_for, wants, batch: int) -> "_Ahead | None":
+        """The next stage's pass of the original model, started on a background thread: it reads
+        only the original model, so it need not wait for this stage's rewrites, and it runs on
+        the cores the fits leave idle (a stage's last, largest layer fits alone). Used when the
+        next stage asks for the same requests (get), dropped otherwise."""
+        stages = self.stages()
+        at = next((i for i, s in enumerate(stages) if layer in s), len(stages))
+        if at + 1 >= len(stages):
+            return None
+        requests = _requests(nodes, stages[at + 1], wants, request_for)
+        if not requests:
+            return None
+        ahead = _Ahead(requests, lambda stop: self._draw_reference(requests, data, batch, stop))
+        ahead.start()
+        return ahead
 
     def fit_of(self, layer: str):
         """The fit job_for made for `layer` (None when there was none); raises what it raised."""
@@ -292,6 +348,49 @@ class SequentialSampler:
         if isinstance(fit, Exception):
             raise fit
         return fit
+
+
+def _requests(nodes: dict[str, gs.Node], stage: list[str], wanted: Callable[[str], bool],
+              request_for: Callable[[gs.Node], Request | None]) -> list[Request]:
+    reqs = [request_for(nodes[name]) for name in stage if name in nodes and wanted(name)]
+    return [r for r in reqs if r is not None]
+
+
+def _tensors(requests: list[Request]) -> list[str]:
+    return list(dict.fromkeys([r.tensor for r in requests] + [r.skip for r in requests if r.skip]))
+
+
+class _Ahead(threading.Thread):
+    """A reference pass (draw) on a background thread at idle priority; result() waits for it."""
+
+    def __init__(self, requests: list[Request], run: Callable[[threading.Event], Drawn]):
+        super().__init__(name="surgeon-reference", daemon=True)
+        self.requests, self._run, self.stop = requests, run, threading.Event()
+        self.value: Drawn | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        _idle_priority()
+        try:
+            self.value = self._run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - raised again in result()
+            self.error = exc
+
+    def result(self) -> Drawn:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _idle_priority() -> None:
+    """Let the calling thread (and the onnxruntime threads it creates, which inherit the policy)
+    run only on a core nothing else wants: Linux's SCHED_IDLE; elsewhere, nothing changes. At
+    equal priority the pass took the core from the layer whose fit its stage waits on."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        pass
 
 
 def sampler_for(graph: gs.Graph, ctx, tag: str, passes: int, rows: int) -> SequentialSampler:
