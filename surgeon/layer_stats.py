@@ -315,7 +315,7 @@ class SequentialSampler:
             if self._ahead is not None:
                 # Before the first of them is rewritten: the guard then times each rewrite with
                 # nothing running beside it.
-                self._ahead.join()
+                self._ahead.thread.join()
             self.fits.update(fits)
         return self.samples.pop(layer, None)
 
@@ -344,9 +344,7 @@ class SequentialSampler:
         requests = _requests(nodes, stages[at + 1], wants, request_for)
         if not requests:
             return None
-        ahead = _Ahead(requests, lambda stop: self._draw_reference(requests, data, batch, stop))
-        ahead.start()
-        return ahead
+        return _Ahead.start(requests, lambda stop: self._draw_reference(requests, data, batch, stop))
 
     def fit_of(self, layer: str):
         """The fit job_for made for `layer` (None when there was none); raises what it raised."""
@@ -366,27 +364,30 @@ def _tensors(requests: list[Request]) -> list[str]:
     return list(dict.fromkeys([r.tensor for r in requests] + [r.skip for r in requests if r.skip]))
 
 
-class _Ahead(threading.Thread):
-    """A reference pass (draw) on a background thread at idle priority; result() waits for it."""
+@dataclass
+class _Ahead:
+    """A reference pass (draw) as a lowrank.Part run by a background thread at idle priority;
+    `stop` ends it after its current batch."""
 
-    def __init__(self, requests: list[Request], run: Callable[[threading.Event], Drawn]):
-        super().__init__(name="surgeon-reference", daemon=True)
-        self.requests, self._run, self.stop = requests, run, threading.Event()
-        self.value: Drawn | None = None
-        self.error: BaseException | None = None
+    requests: list[Request]
+    part: object  # surgeon.lowrank.Part
+    stop: threading.Event
+    thread: threading.Thread
 
-    def run(self) -> None:
-        _idle_priority()
-        try:
-            self.value = self._run(self.stop)
-        except BaseException as exc:  # noqa: BLE001 - raised again in result()
-            self.error = exc
+    @classmethod
+    def start(cls, requests: list[Request], run: Callable[[threading.Event], Drawn]) -> "_Ahead":
+        from surgeon.lowrank import Part
+
+        stop = threading.Event()
+        part = Part(lambda: run(stop))
+        thread = threading.Thread(target=lambda: (_idle_priority(), part.run()), name="surgeon-reference",
+                                  daemon=True)
+        thread.start()
+        return cls(requests, part, stop, thread)
 
     def result(self) -> Drawn:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
+        self.thread.join()
+        return self.part.get()  # (raises what the pass raised)
 
 
 def _idle_priority() -> None:
