@@ -304,7 +304,7 @@ class SequentialSampler:
             jobs = {name: job_for(nodes[name], sample) for name, sample in drawn.items() if len(sample.rows) >= 2}
             stage = self.runs
             tick = None if progress is None else (
-                lambda done, total, name: progress(done, total, f"fitting {total} layers at once (stage {stage}): {name}"))
+                lambda done, total, name: progress(done, total, f"fitting {_layers(total)} (stage {stage}): {name}"))
             self._ahead = self._start_ahead(nodes, layer, data, request_for, wants, batch)
             try:
                 fits = run_parallel({k: j for k, j in jobs.items() if j is not None}, progress=tick)
@@ -352,6 +352,10 @@ class SequentialSampler:
         if isinstance(fit, Exception):
             raise fit
         return fit
+
+
+def _layers(n: int) -> str:
+    return "1 layer" if n == 1 else f"{n} layers at once"
 
 
 def _requests(nodes: dict[str, gs.Node], stage: list[str], wanted: Callable[[str], bool],

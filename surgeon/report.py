@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from surgeon.plugin import LayerReport, Registry, _jsonable, option_help
@@ -161,12 +162,13 @@ def plugins_tables(reg: Registry) -> list[FitTable]:
     for p in reg:
         t = FitTable(title=f"[bold]{p.name}[/]: {p.summary}", caption=reg.origin(p.name), title_justify="left",
                      caption_justify="left")
+        # type and default go under the meaning: as columns of their own at 80 columns, a type
+        # like int8's 'minmax|entropy|percentile|auto|minmax-or-percentile' squeezed the
+        # meaning into 15 characters, a word or two per line
         t.add_column("option", "text", style="bold")
-        t.add_column("type", "wrap")
-        t.add_column("default", "text")
-        t.add_column("meaning", "wrap")
+        t.add_column("meaning (type, default)", "wrap")
         for name, tp, default, help_ in option_help(p):
-            t.add_row(name, tp, default, help_)
+            t.add_row(name, f"{escape(help_)}\n[dim]{escape(tp)}, default {escape(default)}[/]")
         tables.append(t)
     return tables
 

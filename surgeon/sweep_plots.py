@@ -39,26 +39,33 @@ def uniform(out: Path, rows: list[dict[str, Any]], original: dict[str, Any], tit
     """sweep_quality.png (accuracy / agreement / drift vs ratio) and sweep_latency.png."""
     files = []
     x = [r["ratio"] for r in rows]
-    plt, fig, (left, right) = _figure(2)
-    for key, label in (("agreement", "top-1 agreement"), ("accuracy", "accuracy")):
-        xs, ys = _finite(x, [r.get(key) for r in rows])
-        if ys:
+    quality = {label: _finite(x, [r.get(key) for r in rows])
+               for key, label in (("agreement", "top-1 agreement"), ("accuracy", "accuracy"))}
+    quality = {label: xy for label, xy in quality.items() if xy[1]}
+    # no class axis and no labels (an OCR recognizer's [time, batch, classes] output): drift alone,
+    # not an empty panel with an empty legend
+    shown = quality or original.get("accuracy") is not None
+    plt, fig, panels = _figure(2 if shown else 1)
+    drift_ax = panels[-1]
+    if shown:
+        left = panels[0]
+        for label, (xs, ys) in quality.items():
             left.plot(xs, ys, marker="o", label=label)
-    if original.get("accuracy") is not None:
-        left.axhline(original["accuracy"], color="grey", ls="--", lw=1, label="original accuracy")
-    left.set_xlabel(_xlabel(removes))
-    left.set_ylabel("fraction")
-    left.set_title("agreement / accuracy")
-    left.grid(alpha=0.3)
-    left.legend()
+        if original.get("accuracy") is not None:
+            left.axhline(original["accuracy"], color="grey", ls="--", lw=1, label="original accuracy")
+        left.set_xlabel(_xlabel(removes))
+        left.set_ylabel("fraction")
+        left.set_title("agreement / accuracy")
+        left.grid(alpha=0.3)
+        left.legend()
     xs, ys = _finite(x, [r.get("drift") for r in rows])
-    right.plot(xs, ys, marker="o", color="C3")
+    drift_ax.plot(xs, ys, marker="o", color="C3")
     if ys and min(ys) > 0:
-        right.set_yscale("log")
-    right.set_xlabel(_xlabel(removes))
-    right.set_ylabel("relative L2 drift of the outputs")
-    right.set_title("drift")
-    right.grid(alpha=0.3)
+        drift_ax.set_yscale("log")
+    drift_ax.set_xlabel(_xlabel(removes))
+    drift_ax.set_ylabel("relative L2 drift of the outputs")
+    drift_ax.set_title("drift")
+    drift_ax.grid(alpha=0.3)
     fig.suptitle(title)
     files.append(_save(plt, fig, out / "sweep_quality.png"))
 

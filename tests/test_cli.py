@@ -291,3 +291,25 @@ def test_progress_in_a_log_prints_every_phase_but_rate_limits_long_counts(monkey
         "int8: calibrating (0/4)", "int8: cross-layer equalization (1/4)", "int8: GPTQ weight rounding (2/4)",
         "int8: bias correction (3/4)"]
     assert lines[4:] == [lines[4]] and "tucker: Conv_0 (0/30)" in lines[4]  # the stage change, then quiet
+
+
+def test_progress_lines_in_a_log_fit_80_columns(monkeypatch):
+    """EfficientNet-Lite0's layer names ran the per-stage lines to 83-85 characters; the name
+    gives way in the middle, the label stays whole."""
+    import io
+
+    from rich.console import Console
+
+    import surgeon.cli as cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=buf, width=80))
+    with cli.ProgressReporter() as progress:
+        progress("tucker: fitting 1 layer (stage 12): /_blocks.10/_project_conv/Conv_with_a_longer_name", 1, 1)
+        progress("svd: fitting 2 layers at once (stage 13): /_blocks.11/_expand_conv/Conv_longer_still", 1, 2)
+        progress("short: phase", 0, 1)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 3 and all(len(line) <= 80 for line in lines), lines
+    assert "tucker: fitting 1 layer (stage 12): /_blocks.10/" in lines[0] and lines[0].endswith("_name")
+    assert "svd: fitting 2 layers at once (stage 13): /_blocks" in lines[1] and lines[1].endswith("still (1/2)")
+    assert lines[2].endswith("short: phase")

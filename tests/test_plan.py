@@ -112,10 +112,13 @@ def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
     assert rec.gate == {"min_agreement": 0.99}
     assert {o.match for o in rec.steps[0].overrides} == {f"^{c['layer']}$" for c in doc["choices"]}
 
-    # applied unchanged by `surgeon apply --recipe`, gated by the plan's own budget
+    # applied unchanged by the command the plan printed (on a line of its own), gated by the plan's own budget
+    lines = r.stderr.splitlines()
+    command = lines[lines.index(f"wrote the plan to {dest}; apply it with:") + 1].split()
+    assert command[:2] == ["surgeon", "apply"]
+    assert command[2:] == [str(CNN), "--recipe", str(dest), "--data", str(CNN_TEST), "--calib", str(CNN_CALIB)]
     out = tmp_path / "planned.onnx"
-    r = runner.invoke(app, ["apply", str(CNN), "--recipe", str(dest), "--data", str(CNN_TEST), "--calib",
-                            str(CNN_CALIB), "-o", str(out), "--json", str(tmp_path / "apply.json")])
+    r = runner.invoke(app, [*command[1:], "-o", str(out), "--json", str(tmp_path / "apply.json")])
     assert r.exit_code == 0, r.output
     applied = json.loads((tmp_path / "apply.json").read_text())
     assert applied["validation"]["worst_rel_l2"] == pytest.approx(v["worst_rel_l2"], rel=1e-9)

@@ -224,3 +224,15 @@ def test_nan_outputs_are_flagged_in_the_drift_table():
                                 "top1_agreement": 0.0, "agreement_rows": 3}}}
     text = "\n".join(render(report.validation_tables(v)[0]))
     assert "NaN/Inf x40" in text and "over the 3 of 4 rows" in text
+
+
+def test_plugin_options_read_as_prose_at_80_columns():
+    """With type and default as columns of their own, int8's long type list squeezed the
+    meaning to 15 characters at 80 columns: a word or two per line."""
+    int8 = next(t for t in report.plugins_tables(registry()) if "int8" in t.title)
+    lines = render(int8)
+    assert all(len(l) <= 80 for l in lines)
+    text = " ".join(l.split("│")[2].strip() for l in lines if l.count("│") == 3)
+    assert "how activation ranges are computed from the calibration data" in text
+    assert "minmax|entropy|percentile|auto|minmax-or-percentile, default 'minmax-or-percentile'" in text
+    assert len(lines) < 100  # 183 lines before, 83 after ("BatchNormalizat|ion" was cut mid-word)

@@ -180,3 +180,24 @@ def test_layer_savings_use_one_original_time_per_layer():
          {"layer": "a", "ratio": 0.75, "original_ms": 2.2, "ms": 1.65}]
     sweep._common_original_time(t)
     assert [round(x["saved_ms"], 6) for x in t] == [round(2.2 * 0.75, 6), round(2.2 * 0.5, 6), round(2.2 * 0.25, 6)]
+
+
+def test_quality_plot_without_agreement_or_accuracy_shows_drift_alone(tmp_path):
+    """An output without a class axis and no labels (the shared OCR recognizer's [time, 1, 8210])
+    left an empty agreement panel, and matplotlib warned about its empty legend on stderr."""
+    import warnings
+
+    from surgeon import sweep_plots
+
+    def width(png):  # the IHDR chunk's width, big-endian, right after the signature
+        return int.from_bytes(png.read_bytes()[16:20], "big")
+
+    rows = [{"ratio": r, "drift": d, "agreement": None, "accuracy": None} for r, d in ((0.25, 0.04), (0.5, 0.02))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one, = sweep_plots.uniform(tmp_path, rows, {"accuracy": None}, "t", removes=False)
+        width_one = width(one)
+        rows[0]["agreement"] = rows[1]["agreement"] = 0.9
+        (tmp_path / "with").mkdir()
+        two, = sweep_plots.uniform(tmp_path / "with", rows, {"accuracy": None}, "t", removes=False)
+    assert 2 * width_one == width(two)  # one panel (5.2 in), then two
