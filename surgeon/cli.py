@@ -462,8 +462,9 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
     d = doc["data"]
     if d.get("calibration") and d["calibration"]["rows"]:
         c = d["calibration"]
-        out.print(f"calibration: {c['rows']} synthesized rows; pass --calib (or --data) for real ones" if c["synthetic"]
-                  else f"calibration: {c['rows']} rows of {c['source']}")
+        rows = f"{c['rows']} row{'' if c['rows'] == 1 else 's'}"
+        out.print(f"calibration: {rows} synthesized; pass --calib (or --data) for real ones" if c["synthetic"]
+                  else f"calibration: {rows} of {c['source']}")
     if written:
         out.print(f"wrote {written} in {result.seconds:.1f} s")
     if result.outcome.validation_skipped:

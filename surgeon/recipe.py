@@ -215,7 +215,8 @@ def check_patterns(recipe: Recipe, names: list[str]) -> list[str]:
     warnings = []
     for i, s in enumerate(recipe.steps):
         if s.select and not any(re.search(s.select, n) for n in names):
-            warnings.append(f"{recipe.source}: steps[{i}].select {s.select!r} matches no node of the model")
+            # (--layers on the command line is the step's select)
+            warnings.append(f"{recipe.source}: steps[{i}].select (--layers) {s.select!r} matches no node of the model")
         for j, o in enumerate(s.overrides):
             if not any(re.search(o.match, n) for n in names):
                 warnings.append(f"{recipe.source}: steps[{i}].layers[{j}].match {o.match!r} matches no node")

@@ -384,7 +384,8 @@ def per_layer(st: Setup, backend: Backend, sopts: SweepOptions, run_opts: pipeli
     """One layer at a time at each ratio: drift/agreement/accuracy, and each layer's time alone."""
     names = eligible_layers(st, sopts.ratios, sopts.layers)
     if not names:
-        raise UsageError(f"plugin '{st.plugin.name}' rewrites no layer of this model at these ratios")
+        among = f" among the nodes --layers {sopts.layers!r} matches" if sopts.layers else ""
+        raise UsageError(f"plugin '{st.plugin.name}' rewrites no layer of this model{among} at these ratios")
     timed_alone = st.times_layers
     configs = [Config(f"{n}@{r:g}", {**st.base, "ratio": r}, layer_pattern(n),
                       keep_model=sopts.latency and not timed_alone)

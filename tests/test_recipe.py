@@ -85,6 +85,9 @@ ratio = 0.5
                             "--no-validate", "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     assert "matches no node" in r.stderr  # a pattern that matches nothing is a warning
+    r = runner.invoke(app, ["apply", str(CNN), "-p", "tucker", "--layers", "nomatch", "-o", str(tmp_path / "n.onnx"),
+                            "--no-validate"])
+    assert r.exit_code == 0 and "(--layers) 'nomatch' matches no node of the model" in r.stderr
     layers = {l["layer"]: l for l in json.loads((tmp_path / "r.json").read_text())["steps"][0]["layers"]}
     assert (layers["conv4"]["details"]["R1"], layers["conv4"]["details"]["R2"]) == (8, 8)
     assert (layers["conv3"]["details"]["R1"], layers["conv3"]["details"]["R2"]) == (8, 16)  # ratio 0.25

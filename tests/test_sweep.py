@@ -203,3 +203,11 @@ def test_quality_plot_without_agreement_or_accuracy_shows_drift_alone(tmp_path):
     assert 2 * width_one == width(two)  # one panel (5.2 in), then two
     # (other libraries' deprecation warnings, e.g. pyparsing's under the oldest matplotlib, are not ours)
     assert not [w for w in caught if "legend" in str(w.message)]
+
+
+def test_a_per_layer_sweep_whose_layers_pattern_matches_nothing_says_so(tmp_path):
+    r = runner.invoke(app, ["sweep", str(CNN), "-p", "svd", "--per-layer", "--ratios", "0.5", "--layers", ".*MatMul.*",
+                            "--data", str(CNN_TEST), "--no-latency", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "rewrites no layer of this model among the nodes --layers '.*MatMul.*' matches" in r.stderr
+    assert not (tmp_path / "sw").exists()
