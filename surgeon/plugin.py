@@ -151,6 +151,13 @@ class Plugin:
         says otherwise, so a third-party plugin's fit is never scored as held-out."""
         return True
 
+    def settled(self, extras: dict[str, Any]) -> dict[str, Any]:
+        """Option values that repeat the choices a run made for itself (its "auto" options), read
+        from that run's extras: a sweep that reruns the plugin many times with one thing changed
+        (int8's per-node fallback) passes them, so every run makes the same choices without
+        trying each one again. None by default."""
+        return {}
+
 
 class GraphPlugin(Plugin):
     def select(self, graph: gs.Graph, ctx: Context, opts: Any) -> Iterable[Candidate | Skip]:

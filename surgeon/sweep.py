@@ -10,6 +10,8 @@
   real input shape (`guard.time_rewrite`), which gives the milliseconds it saves.
 * int8 (no ratio): per-node fallback sensitivity: the drift with every node quantized, and
   with each node alone left in float (`exclude`); the drop is what quantizing that node costs.
+  The runs after the first make the choices the first made for itself (Plugin.settled: the
+  calibration method, each auto step on or off).
 * reconstruction (`reconstruction`, tucker/svd): data-free, from the singular values alone.
   Truncated HOSVD with one mode at full rank is an orthogonal projection of one unfolding,
   so the relative error at rank r of that mode is exactly
@@ -455,7 +457,10 @@ def fallback_sensitivity(st: Setup, backend: Backend, layers: str | None, tick: 
     # layers folded into another (BatchNormalization into its conv) are not nodes of their own any more
     folded = {n.name for n in st.prepared.graph.node if n.op_type == "BatchNormalization"}
     nodes = [n for n in nodes if n not in folded]
-    configs = [Config(f"float:{n}", {**st.base, "exclude": base_excl + (n,)}, layers) for n in nodes]
+    # every run makes the choices the first one made for itself (int8's auto steps and ranges):
+    # the drift then moves with the node kept in float alone, and no run tries each choice again
+    settled = first.get("settled") or {}
+    configs = [Config(f"float:{n}", {**st.base, **settled, "exclude": base_excl + (n,)}, layers) for n in nodes]
     rows = [dict(first, layer=None)] + backend.map(configs, tick, "each node in float")
     for cfg, row in zip([None] + configs, rows):
         if cfg is not None:

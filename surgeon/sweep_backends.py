@@ -87,9 +87,11 @@ class Evaluator:
             out.update(error=str(exc), seconds=time.perf_counter() - t0)
             return out
         out.update(score(self.p.reference, outs, self.p.eval.labels))
+        from surgeon.plugin import registry
         out.update(params=res.after.total_params, macs=res.after.total_macs, size_bytes=res.model.ByteSize(),
                    rewritten=[l.layer for l in res.rewritten],
                    layers={l.layer: _layer_summary(l.details) for l in res.rewritten},
+                   settled=registry().get(self.p.plugin).settled(res.extras),
                    seconds=time.perf_counter() - t0)
         if cfg.keep_model:
             out["model"] = res.model.SerializeToString()

@@ -115,6 +115,28 @@ def test_int8_fallback_sensitivity(tmp_path):
     assert fc2["drift_reduction"] == pytest.approx(base["drift"] - fc2["drift"])
     assert fc2["drift"] < base["drift"]  # the classifier in float removes most of the drift (measured 0.017 -> 0.005)
     assert "fallback.png" in {f.name for f in sweep.write(res, tmp_path)}
+    # the per-node runs made the first run's choices (its auto steps and ranges settled)
+    settled = base["settled"]
+    assert settled["calibration"] in ("minmax", "percentile")
+    assert {"weight_rounding", "bias_correction", "sequential_bias"} <= set(settled)
+    for row in (conv2, fc2):
+        assert {k: v for k, v in row["settled"].items() if k in settled} == \
+            {k: v for k, v in settled.items() if k in row["settled"]}
+
+
+def test_int8_settles_its_auto_choices_from_a_runs_extras():
+    from surgeon.plugin import registry
+
+    int8 = registry().get("int8")
+    extras = {"calibration": "percentile (99.999)", "equalization": {"kept": False},
+              "weight_rounding": {"kept": True, "layers": 3}, "bias_correction": {"kept": True},
+              "sequential_bias": {"kept": False, "skipped": "why"}}
+    assert int8.settled(extras) == {"calibration": "percentile", "equalize": "off", "weight_rounding": "gptq",
+                                    "bias_correction": "on", "sequential_bias": "off"}
+    assert int8.settled({"calibration": "minmax (auto's per-tensor ranges did not lower the drift)"}) == \
+        {"calibration": "minmax"}
+    assert int8.settled({"calibration": "auto: per tensor minmax 3"}) == {}  # per-tensor ranges: chosen again
+    assert registry().get("tucker").settled({"anything": 1}) == {}
 
 
 @pytest.mark.parametrize("args, message", [
