@@ -718,7 +718,8 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
         if n.name in folded_into:
             reports.append(LayerReport(n.name, n.op_type, "rewritten", f"folded into {folded_into[n.name]}"))
             continue
-        if n.op_type not in COMPUTE_OPS:
+        # other ops are reported only when kept in float for a cause of ours (the output Softmax)
+        if n.op_type not in COMPUTE_OPS and not excluded.get(n.name, "").startswith("kept in float:"):
             continue
         if n.name in excluded:
             reports.append(LayerReport(n.name, n.op_type, "skipped", excluded[n.name]))

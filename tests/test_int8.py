@@ -452,3 +452,23 @@ def test_fallback_reports_what_the_float_nodes_cost():
     assert lat["ratio_low"] <= lat["ratio"] <= lat["ratio_high"] and lat["pairs"] >= 10
     drift_only = surgeon.apply(model, "int8", {"max_drift": 0.05, "fallback_order": "drift"}, data=ds)
     assert "per millisecond" not in drift_only.extras["fallback"]["ranking_method"]
+
+
+def test_the_models_output_softmax_stays_float_and_keeps_small_probabilities():
+    """onnxruntime quantizes a Softmax output to [0, 1] in steps of 1/255: a flat 1000-class
+    distribution (the zoo's Inception-v2 with seeded weights) came out all zeros."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="fc"),
+             helper.make_node("Softmax", ["logits"], ["p"], name="softmax", axis=1),
+             helper.make_node("Flatten", ["p"], ["prob"], name="flat")]
+    inits = [init("w", (rng.standard_normal((32, 1000)) * 0.05).astype(np.float32)),
+             init("b", np.zeros(1000, np.float32))]
+    model = make_model(nodes, [tensor("x", ["N", 32])], [tensor("prob", ["N", 1000])], inits)
+    ds = DataSet({"x": rng.standard_normal((24, 32)).astype(np.float32)}, source="test")
+    res = surgeon.apply(model, "int8", {}, data=ds)
+    out = checked(res.model)
+    assert "fc" in quantized_nodes(out)
+    assert status(res, "softmax").reason.startswith("kept in float: the model's output probabilities")
+    ref, got = run(model, ds.inputs)[0], run(out, ds.inputs)[0]
+    assert (ref < 1 / 510).mean() > 0.9 and (got > 0).all()  # most under 1/510, and none rounded to zero
+    assert rel_l2(ref, got) < 0.05
