@@ -155,7 +155,7 @@ class Plugin:
         """Option values that repeat the choices a run made for itself (its "auto" options), read
         from that run's extras: a sweep that reruns the plugin many times with one thing changed
         (int8's per-node fallback) passes them, so every run makes the same choices without
-        trying each one again. None by default."""
+        trying each one again. Nothing by default."""
         return {}
 
 

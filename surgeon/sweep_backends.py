@@ -75,6 +75,7 @@ class Evaluator:
 
     def evaluate(self, cfg: Config) -> dict[str, Any]:
         from surgeon import engine
+        from surgeon.plugin import registry
         from surgeon.validate import run, session
         t0 = time.perf_counter()
         out: dict[str, Any] = {"key": cfg.key}
@@ -87,7 +88,6 @@ class Evaluator:
             out.update(error=str(exc), seconds=time.perf_counter() - t0)
             return out
         out.update(score(self.p.reference, outs, self.p.eval.labels))
-        from surgeon.plugin import registry
         out.update(params=res.after.total_params, macs=res.after.total_macs, size_bytes=res.model.ByteSize(),
                    rewritten=[l.layer for l in res.rewritten],
                    layers={l.layer: _layer_summary(l.details) for l in res.rewritten},
