@@ -433,6 +433,24 @@ def apply_cmd(
             _exit_for(status, "; ".join(reasons) + where)
 
 
+def _grouped_notes(notes: list[str], layers: set[str]) -> list[str]:
+    """A plugin's notes, once each: "layer: text" notes with the same text become "text (N
+    layers: first, ...)" (prune's criterion=bn on a model whose BatchNormalizations were folded
+    away fell back to l2 for 24 groups, said only in the JSON)."""
+    grouped: dict[str, list[str]] = {}
+    for note in notes:
+        layer, sep, text = str(note).partition(": ")
+        key, who = (text, layer) if sep and layer in layers else (str(note), "")
+        grouped.setdefault(key, []).append(who)
+    out = []
+    for text, who in grouped.items():
+        named = [w for w in who if w]
+        out.append(text if not named else
+                   f"{text} ({len(named)} layer{'s' if len(named) > 1 else ''}: {named[0]}"
+                   + (", ..." if len(named) > 1 else "") + ")")
+    return out
+
+
 def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | None, verbose: bool) -> None:
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
@@ -451,6 +469,8 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
         for note in getattr(s, "notes", []):
             if "latency guard" in note:  # the MACs note is the totals table's caption
                 err.print(f"note: {note}", highlight=False)
+        for note in _grouped_notes(s.extras.get("notes", []), {l.layer for l in s.layers}):
+            err.print(f"note: {note}", highlight=False)
     first, last = result.steps[0].surgery, result.steps[-1].surgery
     before, after = first.before, last.after
     before.file_bytes = Path(result.input).stat().st_size if Path(result.input).exists() else before.file_bytes

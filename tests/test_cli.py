@@ -313,3 +313,20 @@ def test_progress_lines_in_a_log_fit_80_columns(monkeypatch):
     assert "tucker: fitting 1 layer (stage 12): /_blocks.10/" in lines[0] and lines[0].endswith("_name")
     assert "svd: fitting 2 layers at once (stage 13): /_blocks" in lines[1] and lines[1].endswith("still (1/2)")
     assert lines[2].endswith("short: phase")
+
+
+def test_a_plugins_notes_are_printed_once_each_with_the_layers_they_concern(tmp_path):
+    """prune criterion=bn on a model without BatchNormalization scores by l2: said in the JSON
+    only, until the notes went to stderr too (grouped: one line for every layer it concerns)."""
+    r = runner.invoke(app, ["apply", str(MLP), "-p", "prune", "--method", "structured", "--criterion", "bn",
+                            "--ratio", "0.25", "--no-validate", "-o", str(tmp_path / "p.onnx")])
+    assert r.exit_code == 0, r.output
+    notes = [l for l in r.stderr.splitlines() if l.startswith("note: ")]
+    assert len(notes) == 1 and "scored by l2 instead (" in notes[0], r.stderr
+
+
+def test_grouped_notes():
+    from surgeon.cli import _grouped_notes
+
+    assert _grouped_notes(["a: x", "b: x", "c: y", "free text: with a colon", "plain"], {"a", "b", "c"}) == \
+        ["x (2 layers: a, ...)", "y (1 layer: c)", "free text: with a colon", "plain"]
