@@ -470,7 +470,7 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
             if "latency guard" in note:  # the MACs note is the totals table's caption
                 err.print(f"note: {note}", highlight=False)
         for note in _grouped_notes(s.extras.get("notes", []), {l.layer for l in s.layers}):
-            err.print(f"note: {note}", highlight=False)
+            err.print(f"note: {note}", highlight=False, soft_wrap=False)  # prose: wrapped at the width
     first, last = result.steps[0].surgery, result.steps[-1].surgery
     before, after = first.before, last.after
     before.file_bytes = Path(result.input).stat().st_size if Path(result.input).exists() else before.file_bytes

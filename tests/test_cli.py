@@ -321,8 +321,9 @@ def test_a_plugins_notes_are_printed_once_each_with_the_layers_they_concern(tmp_
     r = runner.invoke(app, ["apply", str(MLP), "-p", "prune", "--method", "structured", "--criterion", "bn",
                             "--ratio", "0.25", "--no-validate", "-o", str(tmp_path / "p.onnx")])
     assert r.exit_code == 0, r.output
-    notes = [l for l in r.stderr.splitlines() if l.startswith("note: ")]
-    assert len(notes) == 1 and "scored by l2 instead (" in notes[0], r.stderr
+    lines = r.stderr.splitlines()
+    assert sum(l.startswith("note: ") for l in lines) == 1 and all(len(l) <= 80 for l in lines), r.stderr
+    assert "scored by l2 instead (2 layers: fc1, ...)" in " ".join(l.strip() for l in lines)
 
 
 def test_grouped_notes():
