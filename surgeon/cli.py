@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import logging
 import os
 import sys
@@ -781,8 +782,8 @@ def plan_cmd(
             # the command on a line of its own, whole (it is copied, not read): 169 characters in
             # one sentence on EfficientNet-Lite0
             err.print(f"wrote the plan to {dest}; apply it with:", highlight=False)
-            err.print(f"  surgeon apply {model} --recipe {dest} --data {data}" + (f" --calib {calib}" if calib else ""),
-                      highlight=False)
+            paths = [model, "--recipe", dest, "--data", data] + (["--calib", calib] if calib else [])
+            err.print("  surgeon apply " + " ".join(shlex.quote(str(p)) for p in paths), highlight=False)
         _emit_json(json_out, doc)
         if res.status != "pass":
             fails = [f"{c['name']} {c['status']}: value {c['value']}, budget {c['budget']}" for c in res.checks

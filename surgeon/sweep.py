@@ -457,8 +457,8 @@ def fallback_sensitivity(st: Setup, backend: Backend, layers: str | None, tick: 
     # layers folded into another (BatchNormalization into its conv) are not nodes of their own any more
     folded = {n.name for n in st.prepared.graph.node if n.op_type == "BatchNormalization"}
     nodes = [n for n in nodes if n not in folded]
-    # every run makes the choices the first one made for itself (int8's auto steps and ranges):
-    # the drift then moves with the node kept in float alone, and no run tries each choice again
+    # every run makes the choices the first one made for itself (int8's calibration method and
+    # each auto step on or off): the drift then moves with the node kept in float alone, and no run tries each choice again
     settled = first.get("settled") or {}
     configs = [Config(f"float:{n}", {**st.base, **settled, "exclude": base_excl + (n,)}, layers) for n in nodes]
     rows = [dict(first, layer=None)] + backend.map(configs, tick, "each node in float")

@@ -3,6 +3,7 @@ recipe that `surgeon apply --recipe` applies unchanged to the same model."""
 
 import json
 import math
+import shlex
 
 import pytest
 from typer.testing import CliRunner
@@ -96,7 +97,7 @@ def test_moves_that_break_the_budget_alone_come_last():
 
 
 def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
-    dest = tmp_path / "plan.toml"
+    dest = tmp_path / "my plan.toml"  # a space: the printed command quotes it
     r = runner.invoke(app, ["plan", str(CNN), "-p", "tucker", "--budget", "agreement>=0.99", "--ratios", "0.125,0.5",
                             "-O", "fit=weights", "--data", str(CNN_TEST), "--calib", str(CNN_CALIB),
                             "--max-verifications", "4", "-o", str(dest), "--json", str(tmp_path / "plan.json")])
@@ -114,7 +115,7 @@ def test_plan_meets_its_budget_and_its_recipe_applies_unchanged(tmp_path):
 
     # applied unchanged by the command the plan printed (on a line of its own), gated by the plan's own budget
     lines = r.stderr.splitlines()
-    command = lines[lines.index(f"wrote the plan to {dest}; apply it with:") + 1].split()
+    command = shlex.split(lines[lines.index(f"wrote the plan to {dest}; apply it with:") + 1])
     assert command[:2] == ["surgeon", "apply"]
     assert command[2:] == [str(CNN), "--recipe", str(dest), "--data", str(CNN_TEST), "--calib", str(CNN_CALIB)]
     out = tmp_path / "planned.onnx"
