@@ -129,14 +129,24 @@ def stream_tensors(model: onnx.ModelProto, tensors: Iterable[str], data: DataSet
         yield {t: res[t] for t in tensors}
 
 
+def as_scores(a: np.ndarray) -> np.ndarray | None:
+    """Class scores (N, C) with C > 1 (logits or probabilities), also when a conv classifier
+    returns them as (N, C, 1, 1) (SqueezeNet: its trailing axes are dropped); None otherwise.
+    Only trailing size-1 axes go: (T, 1, C), a sequence model's per-step scores, is no (N, C)."""
+    a = np.asarray(a)
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a.reshape(a.shape[:-1])
+    return a if a.ndim == 2 and a.shape[1] > 1 else None
+
+
 def looks_like_scores(a: np.ndarray) -> bool:
-    """Class scores: (N, C) with C > 1 (logits or probabilities)."""
-    return a.ndim == 2 and a.shape[1] > 1
+    """Whether `a` is class scores (as_scores)."""
+    return as_scores(a) is not None
 
 
 def unique_top1(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(argmax per row, whether that maximum is unique): a row with a tie has no top-1."""
-    s = np.asarray(scores)
+    s = as_scores(scores)
     top = s.argmax(1)
     best = s.max(1, keepdims=True)
     unique = ((s == best).sum(1) == 1) & np.all(np.isfinite(s), axis=1)

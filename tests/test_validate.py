@@ -177,3 +177,34 @@ def test_drift_interval_is_a_bootstrap_over_rows():
     nan = noisy.copy()
     nan[0, 0] = np.nan
     assert "rel_l2_interval" not in drift_metrics(ref, nan)
+
+
+def _pooled_classifier(w: np.ndarray) -> onnx.ModelProto:
+    """x (N, 4, 2, 2) -> 1x1 Conv -> GlobalAveragePool: class scores shaped (N, 3, 1, 1), as
+    SqueezeNet returns them."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["scores"])],
+        "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 2, 2])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3, 1, 1])],
+        [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_scores_with_trailing_unit_axes_get_agreement_and_accuracy():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4, 1, 1))
+    x = rng.standard_normal((40, 4, 2, 2)).astype(np.float32)
+    ref = _pooled_classifier(w)
+    ds = calibration.DataSet({"x": x}, labels=np.zeros(40, dtype=np.int64), source="t")
+    flipped = w.copy()
+    flipped[[0, 1]] = w[[1, 0]]  # classes 0 and 1 swap: every row whose top-1 is 0 or 1 disagrees
+    v = validate(ref, _pooled_classifier(flipped), ds, latency=False)
+    top = (x.mean((2, 3)) @ w[:, :, 0, 0].T).argmax(1)
+    out = v.outputs["scores"]
+    assert out["agreement_rows"] == 40
+    assert out["top1_agreement"] == pytest.approx(np.mean(top == 2))
+    assert v.accuracy["original"] == pytest.approx(np.mean(top == 0))
+    assert v.accuracy["candidate"] == pytest.approx(np.mean(top == 1))
+    # a sequence model's per-step scores (T, 1, C) are not (N, C) rows: drift only
+    assert "top1_agreement" not in drift_metrics(np.ones((5, 1, 3)), np.ones((5, 1, 3)))
