@@ -99,7 +99,9 @@ SETTINGS = (("magnitude", {"method": "magnitude"}),
             ("structured bn", {"method": "structured", "criterion": "bn"}),
             ("structured act.", {"method": "structured", "criterion": "activation"}),
             ("l1 + mean", {"method": "structured", "criterion": "l1", "compensate": "mean"}),
-            ("act. + mean", {"method": "structured", "criterion": "activation", "compensate": "mean"}))
+            ("act. + mean", {"method": "structured", "criterion": "activation", "compensate": "mean"}),
+            ("l1 + linear", {"method": "structured", "criterion": "l1", "compensate": "linear"}),
+            ("act. + linear", {"method": "structured", "criterion": "activation", "compensate": "linear"}))
 
 
 def efficientnet_part(budget: float, threads: int) -> dict | None:

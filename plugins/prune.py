@@ -75,9 +75,11 @@ class PruneOptions:
     multiple: int = field(default=DEFAULT_MULTIPLE, metadata={
         "help": "structured: keep channel counts at a multiple of this (16 measured fastest for onnxruntime "
                 "CPU convs here; 1 disables)"})
-    compensate: Literal["none", "mean"] = field(default="none", metadata={
+    compensate: Literal["none", "mean", "linear"] = field(default="none", metadata={
         "help": "structured: 'mean' replaces each removed channel by its mean on the calibration data (folded "
-                "into the next layer's bias) instead of zero; 'none' keeps pruned == masked exactly"})
+                "into the next layer's bias) instead of zero; 'linear' by its least-squares prediction from the "
+                "kept channels (folded into the next layer's weights and bias); 'none' keeps pruned == masked "
+                "exactly"})
     samples: int = field(default=64, metadata={"help": "activation / compensate: calibration samples to run at most"})
     batch: int = field(default=8, metadata={"help": "activation / compensate: batch size for the calibration run"})
 
@@ -106,7 +108,7 @@ class Prune(ModelPlugin):
     def uses_data(self, opts: PruneOptions) -> bool:
         """Only the activation statistics look at the data; weight criteria and magnitude do not."""
         return opts.method == "structured" and (opts.criterion == "activation" or opts.threshold == "dead"
-                                                or opts.compensate == "mean")
+                                                or opts.compensate != "none")
 
     def run(self, model: onnx.ModelProto, ctx: Context, opts: PruneOptions,
             layers: Callable[[str], bool]) -> tuple[onnx.ModelProto, list[LayerReport], dict[str, Any]]:
@@ -246,7 +248,7 @@ def structured(model, ctx: Context, opts: PruneOptions, layers):
             continue
         chosen[id(g)] = g
     acts = activation_stats(model, an, ctx, opts, extras) if opts.criterion == "activation" or \
-        opts.threshold == "dead" or opts.compensate == "mean" else None
+        opts.threshold == "dead" or opts.compensate != "none" else None
     removed: set[int] = set()
     group_info: dict[int, dict[str, Any]] = {}
     for g in an.groups:
@@ -274,11 +276,18 @@ def structured(model, ctx: Context, opts: PruneOptions, layers):
             group_info[id(g)]["apoz_removed"] = (float(np.mean([sc.apoz[s] for s in gone])) if gone else None)
     before = {m.name: _params(m.node) for m in an.members}
     removed_channels = {m.name: [j for j, a in enumerate(m.atoms) if an.find(a) in removed] for m in an.members}
-    fill = acts["mean"] if opts.compensate == "mean" else None
-    unfilled = prune_channels(graph, an, removed, ctx.opset, fill)
+    fill = acts["mean"] if opts.compensate != "none" else None
+    linear = acts["second"] if opts.compensate == "linear" else None
+    unfilled = prune_channels(graph, an, removed, ctx.opset, fill, linear)
     if unfilled:
         extras["notes"].append("removed channels read by " + ", ".join(sorted(set(unfilled))) +
-                               " were not mean-compensated (ConvTranspose): they are zero there")
+                               " were not compensated (ConvTranspose): they are zero there")
+    if linear is not None:
+        wide = sorted({c.node.name for c in an.cuts if c.kind == "in" and c.extra.get("tensor") in fill
+                       and c.extra["tensor"] not in linear})
+        if wide:
+            extras["notes"].append(f"more than {LINEAR_MAX} channel positions: removed channels read by "
+                                   + ", ".join(wide) + " were replaced by their mean, not predicted")
     for g in an.groups:
         info = group_info.get(id(g), {"group": g.name})
         for m in g.members:
@@ -410,6 +419,11 @@ def score_group(g: Group, an: Analysis, opts: PruneOptions, acts: dict | None) -
     return SlotScores(score)
 
 
+# compensate=linear keeps a channels x channels second moment per consumed tensor: up to this
+# many channel positions (a Gemm after a Flatten of a large map would need gigabytes)
+LINEAR_MAX = 4096
+
+
 def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: PruneOptions,
                      extras: dict) -> dict[str, dict[int, float]]:
     """Per slot, over the calibration data at every tensor where the slot is consumed: the number
@@ -428,6 +442,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     absum: dict[int, float] = {}
     count: dict[int, float] = {}
     sums: dict[str, np.ndarray] = {}  # per tensor and channel position: sum of x, for the mean
+    squares: dict[str, np.ndarray] = {}  # compensate=linear: sum of x x^T over the positions
     seen: dict[str, int] = {}
     names = list(an.sinks)
     for batch in stream_tensors(model, names, data, batch=opts.batch, threads=ctx.threads):
@@ -438,6 +453,9 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
             z = np.count_nonzero(xm == 0, axis=1)
             a = np.abs(xm, dtype=np.float64).sum(axis=1)
             sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
+            if opts.compensate == "linear" and len(xm) <= LINEAR_MAX:
+                x64 = xm.astype(np.float64)
+                squares[name] = squares.get(name, 0.0) + x64 @ x64.T
             seen[name] = seen.get(name, 0) + xm.shape[1]
             for p, s in enumerate(an.sinks[name]):
                 zeros[s] = zeros.get(s, 0.0) + float(z[p])
@@ -447,7 +465,8 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     extras["activation_data"] = data.source
     # the mean of each channel position over the samples and the tensor's other axes
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
-    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean}
+    second = {name: squares[name] / seen[name] for name in squares}
+    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second}
 
 
 PLUGINS = [Prune]

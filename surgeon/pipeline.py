@@ -259,6 +259,8 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
     validation = None
     if opts.validate:
         validation, outcome.validation_skipped = _validate(original, current, split, opts, tick, source)
+        if outcome.validation_skipped.startswith("failed:"):
+            outcome.failures.append(outcome.validation_skipped.removeprefix("failed: "))
     if budgets.any():
         if validation is None:
             outcome.failures.append(f"the budgets cannot be checked: {outcome.validation_skipped}")
@@ -318,6 +320,14 @@ def _failures(reports: list[StepReport]) -> list[str]:
     return out
 
 
+def _loads(model: onnx.ModelProto) -> bool:
+    try:
+        session(model, threads=1)
+    except ModelError:
+        return False
+    return True
+
+
 def _validate(original, candidate, split: DataSplit, opts: RunOptions, tick: Progress, source: str):
     if split.eval is None:
         if split.note.startswith("cannot synthesize"):
@@ -330,6 +340,8 @@ def _validate(original, candidate, split: DataSplit, opts: RunOptions, tick: Pro
                      latency_batch=opts.batch, repeats=opts.repeats)
     except ModelError as exc:
         if "onnxruntime cannot load" in str(exc):
+            if _loads(original):  # the surgery broke it: never a pass
+                return None, f"failed: the rewritten model does not load in onnxruntime, the original does ({exc})"
             return None, f"skipped: onnxruntime cannot run this model ({exc})"
         raise
     except SurgeonError as exc:

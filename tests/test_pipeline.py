@@ -282,3 +282,17 @@ def test_an_agreement_budget_without_class_scores_is_refused_before_the_surgery(
     unknown = make_model([helper.make_node("Identity", ["x"], ["y"])], [tensor("x", ["N", 10])],
                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
     assert _budgets.may_have_scores(unknown)
+
+
+def test_a_rewritten_model_onnxruntime_cannot_load_fails_instead_of_skipping_validation(monkeypatch):
+    """A plugin defect that leaves a model onnxruntime refuses (here a float64 bias on a float
+    conv, what prune's compensation once wrote on a conv without a bias) is a failure, never a
+    pass with the validation skipped; the original loads, so the surgery is to blame."""
+    from surgeon import channel_groups
+    real = channel_groups._add_bias
+    monkeypatch.setattr(channel_groups, "_add_bias", lambda node, index, delta, dtype: real(node, index, delta, np.float64))
+    result = pipeline.run(CNN, [Step("prune", {"ratio": 0.5, "compensate": "mean"})],
+                          pipeline.RunOptions(data=CNN_TEST, latency=False))
+    assert result.status == "fail"
+    assert any("the rewritten model does not load in onnxruntime, the original does" in f
+               for f in result.outcome.failures), result.outcome.failures

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import surgeon
+from surgeon import calibration
 from surgeon.channel_groups import mask_channels
 from surgeon.cli import app
 from surgeon.engine import prepare
@@ -138,6 +139,52 @@ def test_mean_compensation_replaces_removed_channels_by_their_mean():
     plain = structured(model, ratio=0.5, multiple=1)  # same channels, filled with zeros
     assert removed_channels(plain)["fc1"] == gone
     assert M.rel_l2(M.run(ref, feeds)[0], M.run(plain.model, feeds)[0]) > 1e-3
+
+
+def test_linear_prediction_is_exact_for_dependent_channels_and_the_mean_for_independent_ones():
+    from surgeon.channel_groups import linear_prediction
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5000, 4)) + [1.0, -2.0, 0.5, 3.0]
+    x = np.column_stack([x, x[:, :3] @ [0.5, -1.0, 2.0] + 0.7, rng.standard_normal(5000) + 4.0])  # 4: dependent, 5: not
+    keep, gone = np.arange(4), np.array([4, 5])
+    b, c = linear_prediction(x.mean(0), x.T @ x / len(x), keep, gone, damp=1e-9)
+    pred = c + x[:, keep] @ b
+    np.testing.assert_allclose(pred[:, 0], x[:, 4], atol=1e-6)
+    assert np.std(pred[:, 1]) < 0.05 and abs(np.mean(pred[:, 1]) - x[:, 5].mean()) < 1e-9
+
+
+def _linear_chain(kind: str) -> onnx.ModelProto:
+    """x -> layer a (16 channels, no bias) -> layer b: a's outputs span only its 4 (MatMul) or 3
+    (1x1 conv) inputs, so the channels kept after pruning half of them predict the removed ones."""
+    g = M._PruneGraph(5)
+    if kind == "matmul":
+        h = g.op("MatMul", "a", ["x", g.w("a.w", (4, 16), 0.5)])
+        g.op("Add", "b.add", [g.op("MatMul", "b", [h, g.w("b.w", (16, 6), 0.3)]), g.w("b.b", (6,), 0.1)])
+        g.nodes[-1].output[0] = "y"
+        return g.model([M.tensor("x", [8, 4])], [M.tensor("y", [8, 6])])
+    h = g.conv("a", "x", 3, 16, k=1, bias=False)
+    g.conv("b", h, 16, 5, k=3)  # padded: a's outputs are zero there, and so is their prediction
+    g.nodes[-1].output[0] = "y"
+    return g.model([M.tensor("x", [2, 3, 6, 6])], [M.tensor("y", [2, 5, 6, 6])])
+
+
+@pytest.mark.parametrize("kind", ["matmul", "conv"])
+def test_linear_compensation_predicts_removed_channels_from_kept_ones(kind):
+    """compensate=linear folds the least-squares prediction of each removed channel from the kept
+    ones into the consumer's weights: where the kept channels span the removed ones the pruned
+    model keeps the original's outputs (up to the ridge), which neither zeros nor means do."""
+    model = _linear_chain(kind)
+    calib = surgeon.synthesize(model, samples=32, seed=3)
+    feeds = M.random_feeds(model, 2, seed=9)
+    ref = M.run(model, feeds)[0]
+    drift = {}
+    for comp in ("none", "mean", "linear"):
+        res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "multiple": 1, "compensate": comp},
+                            data=calib)
+        assert len(removed_channels(res)["a"]) == 8
+        M.checked(res.model)
+        drift[comp] = M.rel_l2(ref, M.run(res.model, feeds)[0])
+    assert drift["linear"] < 0.05 and drift["mean"] > 0.2 and drift["none"] > 0.2, drift
 
 
 def test_convtranspose_prunes_its_output_channels():
@@ -327,3 +374,20 @@ def test_cli_bad_ratio_exits_2(tmp_path):
     r = CliRunner().invoke(app, ["apply", str(M.CNN), "--plugin", "prune", "--ratio", "1.5", "--no-validate",
                                  "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "[0, 1)" in r.output
+
+
+def test_compensation_gives_a_bias_to_convs_without_one():
+    """The sample CNN's convs feed BatchNormalizations and have no bias: compensation adds one
+    (of the weights' dtype: a float64 bias made onnxruntime refuse the model), and the linear
+    prediction keeps the model far closer to the original than zeros do."""
+    model = surgeon.load(M.CNN)
+    calib = calibration.load_data(M.CNN_CALIB, model)
+    test = calibration.load_data(M.CNN_TEST, model).take(64)
+    feeds = {k: v for k, v in test.inputs.items()}
+    ref = M.run(model, feeds)[0]
+    drift = {}
+    for comp in ("none", "mean", "linear"):
+        res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "compensate": comp}, data=calib)
+        M.checked(res.model)
+        drift[comp] = M.rel_l2(ref, M.run(res.model, feeds)[0])
+    assert drift["linear"] < 0.5 * drift["none"], drift
