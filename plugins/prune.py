@@ -442,7 +442,12 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     absum: dict[int, float] = {}
     count: dict[int, float] = {}
     sums: dict[str, np.ndarray] = {}  # per tensor and channel position: sum of x, for the mean
-    squares: dict[str, np.ndarray] = {}  # compensate=linear: sum of x x^T over the positions
+    # compensate=linear: sum of (x - s)(x - s)^T over the positions, s the first batch's mean (a
+    # shift, so that the covariance is not the difference of two large numbers), float32 products
+    # summed in float64 (a float64 copy of a 224x224 activation batch cost VGG-19 a gigabyte)
+    shift: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    shifted: dict[str, np.ndarray] = {}  # sum of x - s
     seen: dict[str, int] = {}
     names = list(an.sinks)
     for batch in stream_tensors(model, names, data, batch=opts.batch, threads=ctx.threads):
@@ -454,8 +459,11 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
             a = np.abs(xm, dtype=np.float64).sum(axis=1)
             sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
             if opts.compensate == "linear" and len(xm) <= LINEAR_MAX:
-                x64 = xm.astype(np.float64)
-                squares[name] = squares.get(name, 0.0) + x64 @ x64.T
+                if name not in shift:
+                    shift[name] = xm.mean(axis=1, dtype=np.float64).astype(np.float32)
+                xs = xm - shift[name][:, None]
+                squares[name] = squares.get(name, 0.0) + (xs @ xs.T).astype(np.float64)
+                shifted[name] = shifted.get(name, 0.0) + xs.sum(axis=1, dtype=np.float64)
             seen[name] = seen.get(name, 0) + xm.shape[1]
             for p, s in enumerate(an.sinks[name]):
                 zeros[s] = zeros.get(s, 0.0) + float(z[p])
@@ -465,7 +473,13 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     extras["activation_data"] = data.source
     # the mean of each channel position over the samples and the tensor's other axes
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
-    second = {name: squares[name] / seen[name] for name in squares}
+    # E[x x^T] = E[(x-s)(x-s)^T] + s d^T + d s^T + s s^T with d = E[x - s]; linear_prediction
+    # subtracts mean mean^T again, so pass it the centred form: cov + mean mean^T
+    second = {}
+    for name in squares:
+        d = shifted[name] / seen[name]
+        cov = squares[name] / seen[name] - np.outer(d, d)
+        second[name] = cov + np.outer(mean[name], mean[name])
     return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second}
 
 
