@@ -160,7 +160,8 @@ CNN_SETTINGS = (("magnitude", {"method": "magnitude"}),
                 ("structured l1", {"method": "structured", "criterion": "l1", "multiple": 1}),
                 ("l1, multiple 16", {"method": "structured", "criterion": "l1"}),
                 ("structured bn", {"method": "structured", "criterion": "bn", "multiple": 1}),
-                ("structured act.", {"method": "structured", "criterion": "activation", "multiple": 1}))
+                ("structured act.", {"method": "structured", "criterion": "activation", "multiple": 1}),
+                ("linear, multiple 16", {"method": "structured", "criterion": "l1", "compensate": "linear"}))
 
 
 def samples_part(budget: float, threads: int) -> list[dict]:
