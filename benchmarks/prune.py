@@ -94,10 +94,10 @@ def zoo_part(budget: float, threads: int) -> list[dict]:
 EFF_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5)
 SETTINGS = (("magnitude", {"method": "magnitude"}),
             ("magnitude global", {"method": "magnitude", "scope": "global", "normalize": True}),  # normalized
-            ("structured l1", {"method": "structured", "criterion": "l1"}),
-            ("structured l2", {"method": "structured", "criterion": "l2"}),
-            ("structured bn", {"method": "structured", "criterion": "bn"}),
-            ("structured act.", {"method": "structured", "criterion": "activation"}),
+            ("structured l1", {"method": "structured", "criterion": "l1", "compensate": "none"}),
+            ("structured l2", {"method": "structured", "criterion": "l2", "compensate": "none"}),
+            ("structured bn", {"method": "structured", "criterion": "bn", "compensate": "none"}),
+            ("structured act.", {"method": "structured", "criterion": "activation", "compensate": "none"}),
             ("l1 + mean", {"method": "structured", "criterion": "l1", "compensate": "mean"}),
             ("act. + mean", {"method": "structured", "criterion": "activation", "compensate": "mean"}),
             ("l1 + linear", {"method": "structured", "criterion": "l1", "compensate": "linear"}),
@@ -157,10 +157,10 @@ def efficientnet_part(budget: float, threads: int) -> dict | None:
 
 CNN_RATIOS = (0.125, 0.25, 0.375, 0.5)
 CNN_SETTINGS = (("magnitude", {"method": "magnitude"}),
-                ("structured l1", {"method": "structured", "criterion": "l1", "multiple": 1}),
-                ("l1, multiple 16", {"method": "structured", "criterion": "l1"}),
-                ("structured bn", {"method": "structured", "criterion": "bn", "multiple": 1}),
-                ("structured act.", {"method": "structured", "criterion": "activation", "multiple": 1}),
+                ("structured l1", {"method": "structured", "criterion": "l1", "multiple": 1, "compensate": "none"}),
+                ("l1, multiple 16", {"method": "structured", "criterion": "l1", "compensate": "none"}),
+                ("structured bn", {"method": "structured", "criterion": "bn", "multiple": 1, "compensate": "none"}),
+                ("structured act.", {"method": "structured", "criterion": "activation", "multiple": 1, "compensate": "none"}),
                 ("linear, multiple 16", {"method": "structured", "criterion": "l1", "compensate": "linear"}))
 
 

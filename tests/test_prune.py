@@ -53,8 +53,8 @@ def test_sample_cnn_equals_masked(criterion):
     model = surgeon.load(M.CNN)
     calib = surgeon.load_data(M.CNN_CALIB, model)
     test = surgeon.load_data(M.CNN_TEST, model)
-    res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "criterion": criterion,
-                                          "multiple": 1}, data=calib)
+    opts = {"method": "structured", "ratio": 0.5, "criterion": criterion, "multiple": 1}
+    res = surgeon.apply(model, "prune", {**opts, "compensate": "none"}, data=calib)
     shapes = weight_shapes(res.model)
     # half of every conv's and fc1's outputs, and the inputs that read them; the logits stay
     assert shapes["conv1"] == (16, 1, 3, 3) and shapes["conv2"] == (16, 16, 3, 3)
@@ -62,6 +62,12 @@ def test_sample_cnn_equals_masked(criterion):
     assert shapes["fc1"] == (64, 64 * 4 * 4) and shapes["fc2"] == (10, 64)
     assert_equals_masked(model, res, test.first_batch(32))
     assert res.after.total_macs < 0.3 * res.before.total_macs
+    # by default, with calibration data, the same channels go and the next layers predict them
+    auto = surgeon.apply(model, "prune", opts, data=calib)
+    assert auto.extras["compensate"] == "linear" and removed_channels(auto) == removed_channels(res)
+    feeds = test.first_batch(64)
+    ref = M.run(model, feeds)[0]
+    assert M.rel_l2(ref, M.run(auto.model, feeds)[0]) < 0.5 * M.rel_l2(ref, M.run(res.model, feeds)[0])
 
 
 def test_sample_cnn_default_multiple_rounds_up():
@@ -391,3 +397,13 @@ def test_compensation_gives_a_bias_to_convs_without_one():
         M.checked(res.model)
         drift[comp] = M.rel_l2(ref, M.run(res.model, feeds)[0])
     assert drift["linear"] < 0.5 * drift["none"], drift
+
+
+def test_auto_compensation_needs_real_calibration_data():
+    """compensate=auto is linear only with real data: without any, or with synthesized inputs, the
+    pruned model equals the masked one and the report says why nothing was predicted."""
+    model = M.prune_matmul_seq()
+    for data in (None, surgeon.synthesize(model, samples=8, seed=1)):
+        res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "multiple": 1}, data=data)
+        assert res.extras["compensate"].startswith("none (no calibration data")
+        assert_equals_masked(model, res, M.random_feeds(model, 2))
