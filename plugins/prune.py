@@ -110,7 +110,9 @@ class Prune(ModelPlugin):
     Options = PruneOptions
 
     def uses_data(self, opts: PruneOptions) -> bool:
-        """Only the activation statistics look at the data; weight criteria and magnitude do not."""
+        """Only the activation statistics look at the data (the activation criterion, threshold=dead,
+        compensation: by default, with data, linear); magnitude and an uncompensated weight criterion
+        do not."""
         return opts.method == "structured" and (opts.criterion == "activation" or opts.threshold == "dead"
                                                 or opts.compensate != "none")
 
