@@ -121,7 +121,7 @@ class Prune(ModelPlugin):
         if opts.compensate != "auto":
             return opts.compensate, ""
         if ctx.data is None or getattr(ctx.data, "synthetic", False) or len(ctx.data) == 0:
-            return "none", "no calibration data (pass --data or --calib to predict removed channels from it)"
+            return "none", "no calibration data: pass --data or --calib to predict removed channels from it"
         return "linear", ""
 
     def run(self, model: onnx.ModelProto, ctx: Context, opts: PruneOptions,
@@ -450,7 +450,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
         if data is None:
             data = synthesize(model, samples=min(opts.samples, 32), seed=ctx.seed)
         msg = ("activation statistics come from SYNTHESIZED random inputs: pass real calibration data "
-               "with --calib or --data for a meaningful activation criterion")
+               "with --calib or --data for a meaningful activation criterion or compensation")
         log.warning(msg)
         extras["warnings"].append(msg)
     if len(data) > opts.samples:
