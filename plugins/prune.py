@@ -27,6 +27,7 @@ activation was exactly zero on every calibration sample (removing those changes 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import math
@@ -455,6 +456,35 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
         extras["warnings"].append(msg)
     if len(data) > opts.samples:
         data = data.take(opts.samples)
+    extras["activation_samples"] = len(data)
+    extras["activation_data"] = data.source
+    global _last_stats
+    key = _stats_key(model, an, data, opts, ctx.threads)
+    if _last_stats is not None and _last_stats[0] == key:
+        return _last_stats[1]
+    stats = _activation_stats(model, an, data, opts, ctx.threads)
+    size = sum(v.nbytes for v in stats["second"].values()) + sum(v.nbytes for v in stats["mean"].values())
+    _last_stats = (key, stats) if size <= STATS_CACHE_BYTES else None
+    return stats
+
+
+# The statistics depend on the model, the data and these options, not on what gets pruned: a
+# plan or sweep that prunes one model many ways reads them once (the last ones are kept, when
+# they take at most STATS_CACHE_BYTES; compensate=linear made each evaluation run them).
+STATS_CACHE_BYTES = 1 << 30
+_last_stats: tuple | None = None
+
+
+def _stats_key(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, threads: int) -> tuple:
+    digest = hashlib.sha1(model.SerializeToString(deterministic=True))
+    for name in sorted(data.inputs):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(data.inputs[name]).tobytes())
+    return (digest.hexdigest(), tuple(sorted(an.sinks.items())), tuple(sorted(an.sink_axes.items())), len(data),
+            opts.batch, opts.compensate == "linear", threads)
+
+
+def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, threads: int) -> dict:
     zeros: dict[int, float] = {}
     absum: dict[int, float] = {}
     count: dict[int, float] = {}
@@ -467,7 +497,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     shifted: dict[str, np.ndarray] = {}  # sum of x - s
     seen: dict[str, int] = {}
     names = list(an.sinks)
-    for batch in stream_tensors(model, names, data, batch=opts.batch, threads=ctx.threads):
+    for batch in stream_tensors(model, names, data, batch=opts.batch, threads=threads):
         for name in names:
             x = batch[name]
             axis = x.ndim + an.sink_axes[name]
@@ -486,8 +516,6 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
                 zeros[s] = zeros.get(s, 0.0) + float(z[p])
                 absum[s] = absum.get(s, 0.0) + float(a[p])
                 count[s] = count.get(s, 0.0) + xm.shape[1]
-    extras["activation_samples"] = len(data)
-    extras["activation_data"] = data.source
     # the mean of each channel position over the samples and the tensor's other axes
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
     # E[x x^T] = E[(x-s)(x-s)^T] + s d^T + d s^T + s s^T with d = E[x - s]; linear_prediction

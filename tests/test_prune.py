@@ -407,3 +407,21 @@ def test_auto_compensation_needs_real_calibration_data():
         res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "multiple": 1}, data=data)
         assert res.extras["compensate"].startswith("none (no calibration data")
         assert_equals_masked(model, res, M.random_feeds(model, 2))
+
+
+def test_activation_statistics_are_read_once_per_model_and_data(monkeypatch):
+    """A plan or sweep prunes one model many ways: the calibration pass runs once, and the models
+    are the bytes a fresh pass gives; other data runs it again."""
+    from surgeon.plugins import prune
+    model = surgeon.load(M.CNN)
+    calib = calibration.load_data(M.CNN_CALIB, model)
+    monkeypatch.setattr(prune, "_last_stats", None)
+    fresh = [surgeon.apply(model, "prune", {"ratio": r}, data=calib).model.SerializeToString() for r in (0.25, 0.5)]
+    runs = []
+    real = prune._activation_stats
+    monkeypatch.setattr(prune, "_activation_stats", lambda *a: runs.append(1) or real(*a))
+    monkeypatch.setattr(prune, "_last_stats", None)
+    again = [surgeon.apply(model, "prune", {"ratio": r}, data=calib).model.SerializeToString() for r in (0.25, 0.5)]
+    assert again == fresh and len(runs) == 1
+    surgeon.apply(model, "prune", {"ratio": 0.5}, data=calib.take(32))
+    assert len(runs) == 2
