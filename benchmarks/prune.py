@@ -101,7 +101,8 @@ SETTINGS = (("magnitude", {"method": "magnitude"}),
             ("l1 + mean", {"method": "structured", "criterion": "l1", "compensate": "mean"}),
             ("act. + mean", {"method": "structured", "criterion": "activation", "compensate": "mean"}),
             ("l1 + linear", {"method": "structured", "criterion": "l1", "compensate": "linear"}),
-            ("act. + linear", {"method": "structured", "criterion": "activation", "compensate": "linear"}))
+            ("act. + linear", {"method": "structured", "criterion": "activation", "compensate": "linear"}),
+            ("redundancy + linear", {"method": "structured", "criterion": "redundancy", "compensate": "linear"}))
 
 
 def efficientnet_part(budget: float, threads: int) -> dict | None:

@@ -68,8 +68,13 @@ class PruneOptions:
         "help": "magnitude: the ratio per weight, or over all selected weights at once"})
     normalize: bool = field(default=False, metadata={
         "help": "magnitude, scope=global: compare |w| / rms(W) so every layer is on one scale"})
-    criterion: Literal["l1", "l2", "bn", "activation"] = field(default="l1", metadata={
-        "help": "structured: channel score (weight L1/L2 norm, BN |gamma|, or activation on the calibration data)"})
+    # auto (6 Dec 2026): redundancy beat activation and l1 (both compensated) on the sample CNN,
+    # EfficientNet-Lite0, the detector and the OCR recognizer at every ratio tried (docs/prune.md)
+    criterion: Literal["auto", "l1", "l2", "bn", "activation", "redundancy"] = field(default="auto", metadata={
+        "help": "structured: channel score (weight L1/L2 norm, BN |gamma|, activation on the calibration data, "
+                "or redundancy: the output energy the next layers lose when the channel alone goes and is "
+                "predicted from the others on the calibration data); auto is redundancy when removed "
+                "channels are predicted (compensate linear), l1 otherwise"})
     threshold: Literal["ratio", "outliers", "dead"] = field(default="ratio", metadata={
         "help": "structured: remove the ratio, or channels below mean - 2 std of their group, or only "
                 "never-activating ones (needs criterion=activation)"})
@@ -98,7 +103,7 @@ class PruneOptions:
                 raise ValueError(f"{name} must be in [{lo}, {hi}] (got {v})")
         if self.threshold == "dead" and self.criterion != "activation":
             raise ValueError("threshold=dead needs criterion=activation (dead means never activated on the data)")
-        if self.method == "magnitude" and (self.threshold != "ratio" or self.criterion != "l1"
+        if self.method == "magnitude" and (self.threshold != "ratio" or self.criterion not in ("l1", "auto")
                                            or self.compensate not in ("none", "auto")):
             raise ValueError("criterion, threshold and compensate apply to method=structured only")
 
@@ -114,8 +119,8 @@ class Prune(ModelPlugin):
         """Only the activation statistics look at the data (the activation criterion, threshold=dead,
         compensation: by default, with data, linear); magnitude and an uncompensated weight criterion
         do not."""
-        return opts.method == "structured" and (opts.criterion == "activation" or opts.threshold == "dead"
-                                                or opts.compensate != "none")
+        return opts.method == "structured" and (opts.criterion in ("activation", "redundancy")
+                                                or opts.threshold == "dead" or opts.compensate != "none")
 
     def compensation(self, opts: "PruneOptions", ctx: Context) -> tuple[str, str]:
         """(none | mean | linear, why none when auto found no real calibration data)."""
@@ -130,7 +135,9 @@ class Prune(ModelPlugin):
         if opts.method == "magnitude":
             return magnitude(model, ctx, opts, layers)
         compensate, why = self.compensation(opts, ctx)
-        return structured(model, ctx, dataclasses.replace(opts, compensate=compensate), layers,
+        # the redundancy score is the loss under linear compensation: without it, l1
+        criterion = opts.criterion if opts.criterion != "auto" else "redundancy" if compensate == "linear" else "l1"
+        return structured(model, ctx, dataclasses.replace(opts, compensate=compensate, criterion=criterion), layers,
                           {"compensate": compensate + (f" ({why})" if why else "")})
 
 
@@ -265,7 +272,7 @@ def structured(model, ctx: Context, opts: PruneOptions, layers, info: dict | Non
                 left_alone[m.name] = why if len(g.members) == 1 else f"group of {g.name}: {why}"
             continue
         chosen[id(g)] = g
-    acts = activation_stats(model, an, ctx, opts, extras) if opts.criterion == "activation" or \
+    acts = activation_stats(model, an, ctx, opts, extras) if opts.criterion in ("activation", "redundancy") or \
         opts.threshold == "dead" or opts.compensate != "none" else None
     removed: set[int] = set()
     group_info: dict[int, dict[str, Any]] = {}
@@ -395,6 +402,8 @@ def select(g: Group, an: Analysis, sc: SlotScores, ratio: float, floor: int, mul
 
 def score_group(g: Group, an: Analysis, opts: PruneOptions, acts: dict | None) -> SlotScores:
     find = an.find
+    if opts.criterion == "redundancy":
+        return SlotScores(_unpredicted_energy(g, an, acts))
     if opts.criterion == "activation" or opts.threshold == "dead":
         zeros, absum, count = acts["zeros"], acts["abs"], acts["count"]
         score, apoz = {}, {}
@@ -435,6 +444,42 @@ def score_group(g: Group, an: Analysis, opts: PruneOptions, acts: dict | None) -
     if p == 2:
         score = {s: math.sqrt(v) for s, v in score.items()}
     return SlotScores(score)
+
+
+def _unpredicted_energy(g: Group, an: Analysis, acts: dict) -> dict[int, float]:
+    """Per slot: what its consumers would lose if it alone went and were predicted from every
+    other channel of its tensor (compensate=linear), summed over consumers: Var(x_j | x_rest)
+    ||W[:, j]||^2 with Var(x_j | rest) = 1 / (S^-1)_jj (S the covariance, ridged like
+    linear_prediction's). A tensor too wide for its covariance (LINEAR_MAX) counts the channel's
+    plain variance (as if nothing predicted it); a slot no consumer reads where we measure goes
+    last. One at a time: two channels that predict each other both score low."""
+    from surgeon.channel_groups import PREDICTION_DAMP
+    from surgeon.lowrank import regularised
+
+    find = an.find
+    score: dict[int, float] = {s: 0.0 for s in g.slots}
+    slots, measured = set(g.slots), set()
+    condvar: dict[str, np.ndarray] = {}
+    for cut in an.cuts:
+        if cut.kind != "in" or not any(find(a) in slots for a in cut.atoms):
+            continue
+        t = cut.extra.get("tensor")
+        if t not in acts["variance"]:
+            continue
+        if t not in condvar:
+            if t in acts["second"]:
+                m = acts["mean"][t]
+                cov = acts["second"][t] - np.outer(m, m)
+                condvar[t] = 1.0 / np.diag(np.linalg.inv(regularised(cov, PREDICTION_DAMP)))
+            else:
+                condvar[t] = acts["variance"][t]
+        w = np.moveaxis(np.asarray(constant_value(cut.node.inputs[1]), np.float64), cut.axis, 0)
+        energy = np.sum(w.reshape(len(w), -1) ** 2, axis=1)
+        for p, a in enumerate(cut.atoms):
+            if find(a) in slots:
+                score[find(a)] += float(condvar[t][p] * energy[p])
+                measured.add(find(a))
+    return {s: v if s in measured else math.inf for s, v in score.items()}
 
 
 # compensate=linear keeps a channels x channels second moment per consumed tensor: up to this
@@ -481,7 +526,12 @@ def _stats_key(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, t
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(data.inputs[name]).tobytes())
     return (digest.hexdigest(), tuple(sorted(an.sinks.items())), tuple(sorted(an.sink_axes.items())), len(data),
-            opts.batch, opts.compensate == "linear", threads)
+            opts.batch, _covariances(opts), threads)
+
+
+def _covariances(opts: PruneOptions) -> bool:
+    """Whether the statistics need each consumed tensor's channel covariance."""
+    return opts.compensate == "linear" or opts.criterion == "redundancy"
 
 
 def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, threads: int) -> dict:
@@ -495,6 +545,7 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
     shift: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     shifted: dict[str, np.ndarray] = {}  # sum of x - s
+    diag: dict[str, np.ndarray] = {}  # sum of x^2 per channel position (every tensor)
     seen: dict[str, int] = {}
     names = list(an.sinks)
     for batch in stream_tensors(model, names, data, batch=opts.batch, threads=threads):
@@ -505,7 +556,9 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
             z = np.count_nonzero(xm == 0, axis=1)
             a = np.abs(xm, dtype=np.float64).sum(axis=1)
             sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
-            if opts.compensate == "linear" and len(xm) <= LINEAR_MAX:
+            if _covariances(opts):
+                diag[name] = diag.get(name, 0.0) + np.square(xm, dtype=np.float64).sum(axis=1)
+            if _covariances(opts) and len(xm) <= LINEAR_MAX:
                 if name not in shift:
                     shift[name] = xm.mean(axis=1, dtype=np.float64).astype(np.float32)
                 xs = xm - shift[name][:, None]
@@ -525,7 +578,8 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
         d = shifted[name] / seen[name]
         cov = squares[name] / seen[name] - np.outer(d, d)
         second[name] = cov + np.outer(mean[name], mean[name])
-    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second}
+    variance = {name: np.maximum(diag[name] / seen[name] - mean[name] ** 2, 0.0) for name in diag}
+    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second, "variance": variance}
 
 
 PLUGINS = [Prune]

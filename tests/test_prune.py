@@ -359,7 +359,7 @@ def test_zipped_size_is_deterministic():
 @pytest.mark.parametrize("opts,needle", [
     ({"ratio": 1.0}, "[0, 1)"), ({"ratio": -0.1}, "[0, 1)"), ({"multiple": 0}, "multiple must be in [1, 4096]"),
     ({"min_channels": 0}, "min_channels"), ({"threshold": "dead"}, "criterion=activation"),
-    ({"method": "magnitude", "criterion": "bn"}, "structured only"), ({"criterion": "l3"}, "choose one of l1, l2"),
+    ({"method": "magnitude", "criterion": "bn"}, "structured only"), ({"criterion": "l3"}, "choose one of auto, l1, l2"),
 ])
 def test_options_are_range_checked(opts, needle):
     with pytest.raises(UsageError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
@@ -406,6 +406,7 @@ def test_auto_compensation_needs_real_calibration_data():
     for data in (None, surgeon.synthesize(model, samples=8, seed=1)):
         res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "multiple": 1}, data=data)
         assert res.extras["compensate"].startswith("none (no calibration data")
+        assert res.extras["criterion"] == "l1"  # criterion=auto: redundancy needs the prediction
         assert_equals_masked(model, res, M.random_feeds(model, 2))
 
 
@@ -425,3 +426,43 @@ def test_activation_statistics_are_read_once_per_model_and_data(monkeypatch):
     assert again == fresh and len(runs) == 1
     surgeon.apply(model, "prune", {"ratio": 0.5}, data=calib.take(32))
     assert len(runs) == 2
+
+
+def _duplicated_hidden() -> onnx.ModelProto:
+    """x (8, 12) -> MatMul a -> 16 hidden -> MatMul b -> y: hidden 12-15 copy 0-3 (redundant),
+    8-11 are small but independent and read with large weights (they matter)."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((12, 16)).astype(np.float32)
+    a[:, 8:12] *= 0.1
+    a[:, 12:16] = a[:, 0:4]
+    b = (rng.standard_normal((16, 6)) * 0.3).astype(np.float32)
+    b[0:4] *= 3.0
+    b[8:12] *= 10.0
+    g = M._PruneGraph(0)
+    h = g.op("MatMul", "a", ["x", g.const("a.w", a)])
+    g.op("MatMul", "b", [h, g.const("b.w", b)])
+    g.nodes[-1].output[0] = "y"
+    return g.model([M.tensor("x", [8, 12])], [M.tensor("y", [8, 6])])
+
+
+def test_redundancy_removes_channels_the_others_predict():
+    """criterion=redundancy scores a channel by what its consumers lose when it alone goes and is
+    predicted from the rest: the copies go (and are predicted back), where the activation
+    criterion removes the small channels nothing else can stand in for."""
+    model = _duplicated_hidden()
+    calib = surgeon.synthesize(model, samples=64, seed=3)
+    calib = calibration.DataSet(dict(calib.inputs), source="calib", batch=calib.batch)  # as if real
+    feeds = M.random_feeds(model, 2, seed=9)
+    ref = M.run(model, feeds)[0]
+    drift, gone = {}, {}
+    for criterion in ("redundancy", "activation"):
+        res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.25, "multiple": 1,
+                                             "criterion": criterion}, data=calib)
+        assert res.extras["compensate"] == "linear"
+        M.checked(res.model)
+        gone[criterion] = removed_channels(res)["a"]
+        drift[criterion] = M.rel_l2(ref, M.run(res.model, feeds)[0])
+    assert gone["redundancy"] == [12, 13, 14, 15] and gone["activation"] == [8, 9, 10, 11], gone
+    default = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.25, "multiple": 1}, data=calib)
+    assert default.extras["criterion"] == "redundancy" and removed_channels(default)["a"] == gone["redundancy"]
+    assert drift["redundancy"] < 0.01 and drift["activation"] > 0.1, drift
