@@ -545,7 +545,7 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
     shift: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     shifted: dict[str, np.ndarray] = {}  # sum of x - s
-    diag: dict[str, np.ndarray] = {}  # sum of x^2 per channel position (every tensor)
+    diag: dict[str, np.ndarray] = {}  # sum of x^2 per channel position, of tensors too wide for S
     seen: dict[str, int] = {}
     names = list(an.sinks)
     for batch in stream_tensors(model, names, data, batch=opts.batch, threads=threads):
@@ -556,8 +556,8 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
             z = np.count_nonzero(xm == 0, axis=1)
             a = np.abs(xm, dtype=np.float64).sum(axis=1)
             sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
-            if _covariances(opts):
-                diag[name] = diag.get(name, 0.0) + np.square(xm, dtype=np.float64).sum(axis=1)
+            if _covariances(opts) and len(xm) > LINEAR_MAX:  # too wide for S: its diagonal only
+                diag[name] = diag.get(name, 0.0) + np.square(xm).sum(axis=1, dtype=np.float64)
             if _covariances(opts) and len(xm) <= LINEAR_MAX:
                 if name not in shift:
                     shift[name] = xm.mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -573,12 +573,14 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
     # E[x x^T] = E[(x-s)(x-s)^T] + s d^T + d s^T + s s^T with d = E[x - s]; linear_prediction
     # subtracts mean mean^T again, so pass it the centred form: cov + mean mean^T
-    second = {}
+    second, variance = {}, {}
     for name in squares:
         d = shifted[name] / seen[name]
         cov = squares[name] / seen[name] - np.outer(d, d)
         second[name] = cov + np.outer(mean[name], mean[name])
-    variance = {name: np.maximum(diag[name] / seen[name] - mean[name] ** 2, 0.0) for name in diag}
+        variance[name] = np.diag(cov).copy()
+    for name in diag:
+        variance[name] = np.maximum(diag[name] / seen[name] - mean[name] ** 2, 0.0)
     return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second, "variance": variance}
 
 
