@@ -302,7 +302,7 @@ def structured(model, ctx: Context, opts: PruneOptions, layers, info: dict | Non
     before = {m.name: _params(m.node) for m in an.members}
     removed_channels = {m.name: [j for j, a in enumerate(m.atoms) if an.find(a) in removed] for m in an.members}
     fill = acts["mean"] if opts.compensate != "none" else None
-    linear = acts["second"] if opts.compensate == "linear" else None
+    linear = acts["cov"] if opts.compensate == "linear" else None
     unfilled = prune_channels(graph, an, removed, ctx.opset, fill, linear)
     if unfilled:
         extras["notes"].append("removed channels read by " + ", ".join(sorted(set(unfilled))) +
@@ -453,36 +453,40 @@ def _unpredicted_energy(g: Group, an: Analysis, acts: dict) -> dict[int, float]:
     linear_prediction's). A tensor too wide for its covariance (LINEAR_MAX) counts the channel's
     plain variance (as if nothing predicted it); a slot no consumer reads where we measure goes
     last. One at a time: two channels that predict each other both score low."""
-    from surgeon.channel_groups import PREDICTION_DAMP
-    from surgeon.lowrank import regularised
-
     find = an.find
     score: dict[int, float] = {s: 0.0 for s in g.slots}
     slots, measured = set(g.slots), set()
-    condvar: dict[str, np.ndarray] = {}
     for cut in an.cuts:
         if cut.kind != "in" or not any(find(a) in slots for a in cut.atoms):
             continue
         t = cut.extra.get("tensor")
         if t not in acts["variance"]:
             continue
-        if t not in condvar:
-            if t in acts["second"]:
-                m = acts["mean"][t]
-                cov = acts["second"][t] - np.outer(m, m)
-                condvar[t] = 1.0 / np.diag(np.linalg.inv(regularised(cov, PREDICTION_DAMP)))
-            else:
-                condvar[t] = acts["variance"][t]
+        condvar = _conditional_variance(acts, t)
         w = np.moveaxis(np.asarray(constant_value(cut.node.inputs[1]), np.float64), cut.axis, 0)
         energy = np.sum(w.reshape(len(w), -1) ** 2, axis=1)
         for p, a in enumerate(cut.atoms):
             if find(a) in slots:
-                score[find(a)] += float(condvar[t][p] * energy[p])
+                score[find(a)] += float(condvar[p] * energy[p])
                 measured.add(find(a))
     return {s: v if s in measured else math.inf for s, v in score.items()}
 
 
-# compensate=linear keeps a channels x channels second moment per consumed tensor: up to this
+def _conditional_variance(acts: dict, t: str) -> np.ndarray:
+    """Var(x_j | every other channel of tensor t) = 1 / (S^-1)_jj (S ridged like
+    linear_prediction's), or the plain variance when t was too wide for S; computed once per
+    tensor (several groups' channels meet in a Concat or an Add) and kept with the statistics."""
+    from surgeon.channel_groups import PREDICTION_DAMP
+    from surgeon.lowrank import regularised
+
+    done = acts.setdefault("conditional_variance", {})
+    if t not in done:
+        done[t] = 1.0 / np.diag(np.linalg.inv(regularised(acts["cov"][t], PREDICTION_DAMP))) if t in acts["cov"] \
+            else acts["variance"][t]
+    return done[t]
+
+
+# compensate=linear keeps a channels x channels covariance per consumed tensor: up to this
 # many channel positions (a Gemm after a Flatten of a large map would need gigabytes)
 LINEAR_MAX = 4096
 
@@ -508,7 +512,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     if _last_stats is not None and _last_stats[0] == key:
         return _last_stats[1]
     stats = _activation_stats(model, an, data, opts, ctx.threads)
-    size = sum(v.nbytes for v in stats["second"].values()) + sum(v.nbytes for v in stats["mean"].values())
+    size = sum(v.nbytes for v in stats["cov"].values()) + sum(v.nbytes for v in stats["mean"].values())
     _last_stats = (key, stats) if size <= STATS_CACHE_BYTES else None
     return stats
 
@@ -571,17 +575,15 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
                 count[s] = count.get(s, 0.0) + xm.shape[1]
     # the mean of each channel position over the samples and the tensor's other axes
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
-    # E[x x^T] = E[(x-s)(x-s)^T] + s d^T + d s^T + s s^T with d = E[x - s]; linear_prediction
-    # subtracts mean mean^T again, so pass it the centred form: cov + mean mean^T
-    second, variance = {}, {}
+    # the covariance from the shifted sums: E[(x-s)(x-s)^T] - d d^T with d = E[x - s]
+    cov, variance = {}, {}
     for name in squares:
         d = shifted[name] / seen[name]
-        cov = squares[name] / seen[name] - np.outer(d, d)
-        second[name] = cov + np.outer(mean[name], mean[name])
-        variance[name] = np.diag(cov).copy()
+        cov[name] = squares[name] / seen[name] - np.outer(d, d)
+        variance[name] = np.diag(cov[name]).copy()
     for name in diag:
         variance[name] = np.maximum(diag[name] / seen[name] - mean[name] ** 2, 0.0)
-    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "second": second, "variance": variance}
+    return {"zeros": zeros, "abs": absum, "count": count, "mean": mean, "cov": cov, "variance": variance}
 
 
 PLUGINS = [Prune]

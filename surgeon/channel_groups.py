@@ -772,7 +772,7 @@ def _take_last(v: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
 
 
 def prune_channels(graph: gs.Graph, analysis: Analysis, removed: set[int], opset: int = 13,
-                   fill: dict[str, np.ndarray] | None = None, second: dict[str, np.ndarray] | None = None
+                   fill: dict[str, np.ndarray] | None = None, cov: dict[str, np.ndarray] | None = None
                    ) -> list[str]:
     """Delete the slots in `removed` (slot ids) from `graph`: members' outputs, consumers'
     inputs, and every constant or attribute that counts them. Stale tensor shapes are cleared.
@@ -782,7 +782,7 @@ def prune_channels(graph: gs.Graph, analysis: Analysis, removed: set[int], opset
     takes b[o] += sum_k W[o, p, k] * fill[p] over removed positions p (Gemm: alpha / beta
     folded in; MatMul: an Add after it). Exact for a constant channel read by a Gemm, MatMul or
     unpadded conv; at a padded conv's border the constant was partly outside the image.
-    `second` (tensor -> E[x x^T] over the channel positions, with `fill` its means): a removed
+    `cov` (tensor -> the covariance of its channel positions, with `fill` their means): a removed
     channel is replaced by its least-squares prediction from the kept ones instead of by its
     mean (linear_prediction), folded into the consumer's kept weights and its bias.
     Returns the consumers that could not take a fill (ConvTranspose: strided taps differ)."""
@@ -808,8 +808,8 @@ def prune_channels(graph: gs.Graph, analysis: Analysis, removed: set[int], opset
         node = cut.node
         if cut.kind == "in":
             values = None if fill is None else fill.get(cut.extra["tensor"])
-            moment = None if second is None else second.get(cut.extra["tensor"])
-            if values is not None and not _fill_consumer(graph, node, cut, keep, values, moment):
+            c = None if cov is None else cov.get(cut.extra["tensor"])
+            if values is not None and not _fill_consumer(graph, node, cut, keep, values, c):
                 unfilled.append(node.name)
             _set_input(node, 1, np.take(constant_value(node.inputs[1]), keep, axis=cut.axis))
         elif cut.kind == "const":
@@ -852,25 +852,25 @@ def prune_channels(graph: gs.Graph, analysis: Analysis, removed: set[int], opset
 PREDICTION_DAMP = 1e-2
 
 
-def linear_prediction(mean: np.ndarray, second: np.ndarray, keep: np.ndarray, gone: np.ndarray,
+def linear_prediction(mean: np.ndarray, cov: np.ndarray, keep: np.ndarray, gone: np.ndarray,
                       damp: float = PREDICTION_DAMP) -> tuple[np.ndarray, np.ndarray]:
     """(B, c) of the least-squares prediction x_gone ~ c + B^T x_keep of removed channels from the
-    kept ones (per position, from the channel means and second moments): B = (S_kk + damping)^-1
+    kept ones (per position, from the channel means and covariance S): B = (S_kk + damping)^-1
     S_kg with S the covariance, c = mean_gone - B^T mean_keep. A removed channel that is a linear
     combination of kept ones is predicted exactly; one uncorrelated with them gets its mean."""
     from surgeon.lowrank import regularised
 
     mean = np.asarray(mean, np.float64)
-    cov = np.asarray(second, np.float64) - np.outer(mean, mean)
+    cov = np.asarray(cov, np.float64)
     kk = regularised(cov[np.ix_(keep, keep)], damp)
     b = np.linalg.solve(kk, cov[np.ix_(keep, gone)])
     return b, mean[gone] - b.T @ mean[keep]
 
 
 def _fill_consumer(graph: gs.Graph, node: gs.Node, cut: Cut, keep: np.ndarray, values: np.ndarray,
-                   second: np.ndarray | None = None) -> bool:
+                   cov: np.ndarray | None = None) -> bool:
     """Add the removed input channels' constant contribution to `node`'s bias (see prune_channels);
-    with `second`, their linear prediction from the kept channels: W_keep += B W_gone (Conv with
+    with `cov`, their linear prediction from the kept channels: W_keep += B W_gone (Conv with
     one group, Gemm, MatMul: the consumer is linear in each input position) and the constant c."""
     gone = np.setdiff1d(np.arange(len(cut.atoms)), keep)
     dtype = np.asarray(constant_value(node.inputs[1])).dtype
@@ -878,8 +878,8 @@ def _fill_consumer(graph: gs.Graph, node: gs.Node, cut: Cut, keep: np.ndarray, v
     w = np.asarray(constant_value(node.inputs[1]), np.float64)
     taps = np.moveaxis(np.take(w, gone, axis=cut.axis), cut.axis, 0)  # [removed, ...]
     v = np.asarray(values, np.float64)[gone]
-    if second is not None and node.op in ("Conv", "Gemm", "MatMul") and int(node.attrs.get("group", 1)) == 1:
-        b, v = linear_prediction(values, second, keep, gone)
+    if cov is not None and node.op in ("Conv", "Gemm", "MatMul") and int(node.attrs.get("group", 1)) == 1:
+        b, v = linear_prediction(values, cov, keep, gone)
         mixed = np.moveaxis(w, cut.axis, 0).copy()
         mixed[keep] += np.tensordot(b, taps, axes=(1, 0))
         _set_input(node, 1, np.moveaxis(mixed, 0, cut.axis).astype(dtype))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path

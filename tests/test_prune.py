@@ -153,7 +153,7 @@ def test_linear_prediction_is_exact_for_dependent_channels_and_the_mean_for_inde
     x = rng.standard_normal((5000, 4)) + [1.0, -2.0, 0.5, 3.0]
     x = np.column_stack([x, x[:, :3] @ [0.5, -1.0, 2.0] + 0.7, rng.standard_normal(5000) + 4.0])  # 4: dependent, 5: not
     keep, gone = np.arange(4), np.array([4, 5])
-    b, c = linear_prediction(x.mean(0), x.T @ x / len(x), keep, gone, damp=1e-9)
+    b, c = linear_prediction(x.mean(0), np.cov(x.T, bias=True), keep, gone, damp=1e-9)
     pred = c + x[:, keep] @ b
     np.testing.assert_allclose(pred[:, 0], x[:, 4], atol=1e-6)
     assert np.std(pred[:, 1]) < 0.05 and abs(np.mean(pred[:, 1]) - x[:, 5].mean()) < 1e-9
