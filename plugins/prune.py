@@ -137,8 +137,19 @@ class Prune(ModelPlugin):
         compensate, why = self.compensation(opts, ctx)
         # the redundancy score is the loss under linear compensation: without it, l1
         criterion = opts.criterion if opts.criterion != "auto" else "redundancy" if compensate == "linear" else "l1"
-        return structured(model, ctx, dataclasses.replace(opts, compensate=compensate, criterion=criterion), layers,
-                          {"compensate": compensate + (f" ({why})" if why else "")})
+        out, reports, extras = structured(model, ctx, dataclasses.replace(opts, compensate=compensate,
+                                                                          criterion=criterion), layers,
+                                          {"compensate": compensate + (f" ({why})" if why else "")})
+        # what the defaults chose depends on the data given: say so where the user reads
+        if opts.compensate == "auto" and compensate == "linear":
+            extras.setdefault("notes", []).append(
+                "removed channels are replaced by their prediction from the kept ones on the calibration data "
+                "(compensate=auto)" + ("; channels chosen by how well the others predict them (criterion=auto: "
+                                       "redundancy)" if opts.criterion == "auto" else ""))
+        elif opts.compensate == "auto":
+            extras.setdefault("notes", []).append("removed channels are zeros (no calibration data: pass --data or "
+                                                  "--calib to predict them from the kept ones)")
+        return out, reports, extras
 
 
 def _wanted(ctx: Context, layers: Callable[[str], bool], name: str) -> str:

@@ -407,6 +407,7 @@ def test_auto_compensation_needs_real_calibration_data():
         res = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.5, "multiple": 1}, data=data)
         assert res.extras["compensate"].startswith("none (no calibration data")
         assert res.extras["criterion"] == "l1"  # criterion=auto: redundancy needs the prediction
+        assert any(n.startswith("removed channels are zeros (no calibration data") for n in res.extras["notes"])
         assert_equals_masked(model, res, M.random_feeds(model, 2))
 
 
@@ -465,4 +466,5 @@ def test_redundancy_removes_channels_the_others_predict():
     assert gone["redundancy"] == [12, 13, 14, 15] and gone["activation"] == [8, 9, 10, 11], gone
     default = surgeon.apply(model, "prune", {"method": "structured", "ratio": 0.25, "multiple": 1}, data=calib)
     assert default.extras["criterion"] == "redundancy" and removed_channels(default)["a"] == gone["redundancy"]
+    assert any("criterion=auto: redundancy" in n for n in default.extras["notes"])  # said, not only done
     assert drift["redundancy"] < 0.01 and drift["activation"] > 0.1, drift
