@@ -522,7 +522,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
     key = _stats_key(model, an, data, opts, ctx.threads)
     if _last_stats is not None and _last_stats[0] == key:
         return _last_stats[1]
-    stats = _activation_stats(model, an, data, opts, ctx.threads)
+    stats = _activation_stats(model, an, data, opts, ctx.threads, ctx.tick)
     size = sum(v.nbytes for v in stats["cov"].values()) + sum(v.nbytes for v in stats["mean"].values())
     _last_stats = (key, stats) if size <= STATS_CACHE_BYTES else None
     return stats
@@ -549,7 +549,8 @@ def _covariances(opts: PruneOptions) -> bool:
     return opts.compensate == "linear" or opts.criterion == "redundancy"
 
 
-def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, threads: int) -> dict:
+def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOptions, threads: int,
+                      tick=lambda done, total, what: None) -> dict:
     zeros: dict[int, float] = {}
     absum: dict[int, float] = {}
     count: dict[int, float] = {}
@@ -563,7 +564,9 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
     diag: dict[str, np.ndarray] = {}  # sum of x^2 per channel position, of tensors too wide for S
     seen: dict[str, int] = {}
     names = list(an.sinks)
-    for batch in stream_tensors(model, names, data, batch=opts.batch, threads=threads):
+    batches = sum(1 for _ in data.batches(opts.batch))  # a fixed-batch model's data comes one by one
+    tick(0, batches, "activation statistics")  # the detector's took 10 s with nothing on the screen
+    for i, batch in enumerate(stream_tensors(model, names, data, batch=opts.batch, threads=threads)):
         for name in names:
             x = batch[name]
             axis = x.ndim + an.sink_axes[name]
@@ -584,6 +587,7 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
                 zeros[s] = zeros.get(s, 0.0) + float(z[p])
                 absum[s] = absum.get(s, 0.0) + float(a[p])
                 count[s] = count.get(s, 0.0) + xm.shape[1]
+        tick(i + 1, batches, "activation statistics")
     # the mean of each channel position over the samples and the tensor's other axes
     mean = {name: sums[name] / seen[name] for name in names if seen.get(name)}
     # the covariance from the shifted sums: E[(x-s)(x-s)^T] - d d^T with d = E[x - s]

@@ -468,3 +468,15 @@ def test_redundancy_removes_channels_the_others_predict():
     assert default.extras["criterion"] == "redundancy" and removed_channels(default)["a"] == gone["redundancy"]
     assert any("criterion=auto: redundancy" in n for n in default.extras["notes"])  # said, not only done
     assert drift["redundancy"] < 0.01 and drift["activation"] > 0.1, drift
+
+
+def test_the_calibration_pass_reports_progress(monkeypatch):
+    from surgeon.plugins import prune
+    monkeypatch.setattr(prune, "_last_stats", None)
+    model = surgeon.load(M.CNN)
+    calib = calibration.load_data(M.CNN_CALIB, model)
+    seen = []
+    surgeon.apply(model, "prune", {"ratio": 0.25}, data=calib, progress=lambda done, total, what: seen.append(
+        (done, total, what)))
+    ticks = [(d, t) for d, t, w in seen if "activation statistics" in w]
+    assert ticks[0] == (0, 8) and ticks[-1] == (8, 8), seen  # 64 samples in batches of 8
