@@ -469,7 +469,7 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
             out.print(steps)
         for note in getattr(s, "notes", []):
             if "latency guard" in note:  # the MACs note is the totals table's caption
-                err.print(f"note: {note}", highlight=False)
+                err.print(f"note: {note}", highlight=False, soft_wrap=False)
         for note in _grouped_notes(s.extras.get("notes", []), {l.layer for l in s.layers}):
             err.print(f"note: {note}", highlight=False, soft_wrap=False)  # prose: wrapped at the width
     first, last = result.steps[0].surgery, result.steps[-1].surgery
@@ -489,7 +489,7 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
     if written:
         out.print(f"wrote {written} in {result.seconds:.1f} s")
     if result.outcome.validation_skipped:
-        err.print(f"[yellow]validation {escape(result.outcome.validation_skipped)}[/]", highlight=False)
+        err.print(f"[yellow]validation {escape(result.outcome.validation_skipped)}[/]", highlight=False, soft_wrap=False)
     elif doc["validation"]:
         if doc["validation"]["synthetic_data"]:
             err.print("[yellow]note:[/] validating on synthesized inputs; pass --data for real drift and accuracy")

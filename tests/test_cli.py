@@ -326,6 +326,23 @@ def test_a_plugins_notes_are_printed_once_each_with_the_layers_they_concern(tmp_
     assert "scored by l2 instead (2 layers: fc1, ...)" in " ".join(l.strip() for l in lines)
 
 
+def test_notes_about_dynamic_shapes_fit_80_columns(tmp_path):
+    """On the OCR recognizer without --data (its width is dynamic) the latency-guard note and
+    "validation skipped" were single lines of 193 and 150 characters in a log."""
+    import onnx
+
+    from tests.models import detector_model
+
+    src = tmp_path / "det.onnx"
+    onnx.save(detector_model(), src)
+    r = runner.invoke(app, ["apply", str(src), "-p", "tucker", "-o", str(tmp_path / "t.onnx")])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert all(len(l) <= 80 for l in lines), r.stderr
+    text = " ".join(l.strip() for l in lines)
+    assert "note: latency guard not applied to" in text and "validation skipped: input 'images'" in text, text
+
+
 def test_grouped_notes():
     from surgeon.cli import _grouped_notes
 
