@@ -7,7 +7,8 @@ model-zoo architecture with materialized weights.
 `surgeon apply`'s library call, tucker at --ratio (guard none: every conv is fitted, nothing
 timed), once per setting and run after an untimed warm-up call, the settings interleaved so a
 machine that slows down slows all of them: fit=weights (no data read), fit=data (the default: sequential stages and the
-held-out choice) and fit=data with select=none (the sequential fit everywhere). The calibration
+held-out choice, each layer getting the trial that won), select=refit (the winner refitted on every sample) and
+select=none (the sequential fit everywhere, no choice). The calibration
 images are the shared photos (ImageNet-normalized, repeated when --images asks for more), or
 seeded noise when ../shared is absent. Prints a table of the times and their ratio to the
 weight fit; writes JSON.
@@ -31,7 +32,8 @@ from surgeon.calibration import DataSet
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "data" / "photos224.npz"
-SETTINGS = {"weights": {"fit": "weights"}, "data": {}, "data, select=none": {"select": "none"}}
+SETTINGS = {"weights": {"fit": "weights"}, "data": {}, "data, select=refit": {"select": "refit"},
+            "data, select=none": {"select": "none"}}
 console = Console(width=80)
 
 

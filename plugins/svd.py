@@ -161,14 +161,10 @@ class GemmToSvd(GraphPlugin):
             if fitted.skip:
                 return Skip(node.name, node.op, fitted.skip)
             r = fitted.ranks[0]
-            if fitted.kind == "weights":  # the weight fit won on held-out samples
-                f = fitted.weights[2]
-                a, b = f.a.astype(w.dtype), (alpha * f.b).astype(w.dtype)
-            else:
-                fa, fb = fitted.factors
-                a, b = fa.astype(w.dtype), fb.astype(w.dtype)  # alpha is in W already
-                shift = fitted.shift
-                f = Factors(fa, fb / alpha if alpha else fb, fitted.values)
+            fa, fb = fitted.factors
+            a, b = fa.astype(w.dtype), fb.astype(w.dtype)  # alpha is in W already
+            shift = fitted.shift
+            f = Factors(fa, fb / alpha if alpha else fb, fitted.values)
             out_error = fitted.out_error
         else:  # a rank from ratio or rank= needs no spectrum: then only r vectors are computed, below
             factors = matrix_factors(w) if opts.energy is not None else None
@@ -246,14 +242,10 @@ class GemmToSvd(GraphPlugin):
         centered = node.op == "Gemm" and (bias is None or (c_value is not None and c_value.size in (1, n_out)))
         c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
 
-        def weights_pair(r):
-            f = factorize(w, r)
-            return f.a, alpha * f.b, f
-
         return lambda: lowrank.fit_linear(
             alpha * w.astype(np.float64), sample,
             lambda values: matrix_rank(opts, values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO),
-            weights_pair, refuse=lambda r: _saves_nothing(r, n_in, n_out, opts), centered=centered, damp=opts.damp,
+            refuse=lambda r: _saves_nothing(r, n_in, n_out, opts), centered=centered, damp=opts.damp,
             select=opts.select, bias=c_row, spectrum=opts.energy is not None,
             clip=clip_after(graph, node) if opts.activation == "through" else None)
 

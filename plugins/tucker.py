@@ -185,8 +185,7 @@ class ConvToTucker(GraphPlugin):
         if bias is not None:
             out_inputs.append(bias)
         chain.op("Conv", "out", out_inputs, {"kernel_shape": ones}, dtype=node.outputs[0].dtype)
-        uses_data = fit == "data" and fitted.kind != "weights"
-        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if uses_data else opts.method,
+        details = {"form": "tucker2", "R1": r1, "R2": r2, "method": "data" if fit == "data" else opts.method,
                    "fit": fit, "rank_choice": opts.describe(),
                    "rel_error": error, "params_before": cost.params, "params_after": params_after,
                    "macs_before": cost.macs, "macs_after": macs_after if cost.known else None,
@@ -231,14 +230,10 @@ class ConvToTucker(GraphPlugin):
         if cand.data["pointwise"]:  # y = a x: in the x W orientation W = a^T
             a = w.reshape(f, c).astype(np.float64)
 
-            def weights_pair(r):
-                left, right = lowrank.matrix_factors(a).pair(r)  # a ~ left @ right
-                return right.T, left.T, None
-
             def refuse_rank(r):
                 return self._saves_nothing(cost, *_pair_after(cost, c, f, r), f"rank {r}", opts)
 
-            return lambda: lowrank.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c), weights_pair,
+            return lambda: lowrank.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c),
                                               refuse=refuse_rank, damp=opts.damp, select=opts.select, bias=bias,
                                               spectrum=spectrum, clip=clip)
 
@@ -248,8 +243,7 @@ class ConvToTucker(GraphPlugin):
         def refuse(r1, r2):
             return self._saves_nothing(cost, *_tucker_after(cost, c, f, K, r1, r2), f"ranks {r1},{r2}", opts)
 
-        return lambda: lowrank.fit_tucker(w, sample, ranks_of, lambda r1, r2: self._weight_tucker(w, r1, r2, opts),
-                                          refuse=refuse, damp=opts.damp, select=opts.select, bias=bias,
+        return lambda: lowrank.fit_tucker(w, sample, ranks_of, refuse=refuse, damp=opts.damp, select=opts.select, bias=bias,
                                           spectrum=spectrum, clip=clip)
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------

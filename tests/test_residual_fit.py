@@ -149,7 +149,8 @@ def test_the_add_output_drifts_less_with_residual_add(k, c, ratio, bound):
         drift[residual] = rel_l2(run(m, feeds)[0], run(r.model, feeds)[0])
         details[residual] = {layer.layer: layer.details for layer in r.rewritten}
     assert details["add"]["conv_b"]["fit_choice"] == "residual"
-    assert "residual" not in details["add"]["conv_a"]["heldout_errors"]  # fitted first: nothing rewritten before it
+    # fitted first, with nothing rewritten before it: data is its one candidate, and no trial is made
+    assert details["add"]["conv_a"]["fit_choice"] == "data" and "heldout_errors" not in details["add"]["conv_a"]
     assert "residual" not in details["ignore"]["conv_b"]["heldout_errors"]
     assert details["add"]["conv_b"]["R1"] == details["ignore"]["conv_b"]["R1"]
     assert drift["add"] < bound * drift["ignore"], drift
