@@ -928,7 +928,8 @@ class Trials(dict):
     """Trials (name -> trial) whose shared work is run first, as independent parts:
     shared(train mask) -> zero-argument callables (see run_parts). ahead(train mask) -> parts
     that run beside the trials: work the layer will or may need after the choice (the moments
-    of every row and their Cholesky factor, which a refit through the activation reads)."""
+    of every row and their Cholesky factor, which a refit on every row, select=refit, or
+    through the activation reads)."""
 
     def __init__(self, trials: dict, shared, ahead=None):
         super().__init__(trials)
@@ -1144,7 +1145,8 @@ def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, ra
     """Trial fits of y = x W (+ b) at `rank` for choose_fit: sequential (x~ -> x W, when there is
     a target), residual (x~ -> x W + d, with an `offset` d, see Sample.offset) and data (whitened
     on x~). `stats`: the sample's moments, shared with the caller. `ahead`: the moments of every
-    row are computed beside the trials (a refit through the activation reads them)."""
+    row are computed beside the trials (a refit on every row or through the activation reads
+    them)."""
     stats = stats or SampleMoments(w, rows, target, centered=centered, damp=damp, offset=offset)
 
     def linear(kind: str):
@@ -1284,8 +1286,9 @@ def fit_linear(w: np.ndarray, sample, rank_of, *, refuse=None, centered: bool = 
     """The data-aware rank-r fit of y = x W (+ b) on a layer_stats.Sample.
 
     rank_of(values) -> r reads the sequential fit's spectrum on every row (spectrum=False: the
-    rank does not depend on it, rank_of(None), and no fit on every row is needed when the
-    sample splits: the layer gets the held-out trial that won); refuse(r) -> reason or None.
+    rank does not depend on it, rank_of(None), and with select=heldout no fit on every row is
+    needed when the sample splits: the layer gets the held-out trial that won); refuse(r) ->
+    reason or None.
     `clip` (a surgeon.clipped_fit.Clip): the activation that alone reads
     the layer's output; a data-aware fit is then refined to the clipped output (centred fits).
     With a Sample.offset d, a fourth candidate, residual, aims at x W + d, and every candidate is
