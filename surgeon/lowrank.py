@@ -881,7 +881,7 @@ def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
 # model's inputs (6 Dec 2026: within 1% on the digits CNN, the detector and EfficientNet-Lite0
 # at 0.25, 1.5-2.7% worse at EfficientNet-Lite0's 0.5 / 0.75 and the detector's 3x3 convs at
 # 0.5); refitting the winner on every sample; and the weight fit as a candidate (7 Dec 2026: it
-# won 1 of about 500 layer fits over four networks at three ratios each, and cost ResNet-50's
+# won 1 of 413 layer fits over four networks at two or three ratios each, and cost ResNet-50's
 # surgery 2 s).
 
 # Tucker-2 trials refit the core by least squares only up to this many unknowns per output
