@@ -564,6 +564,7 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
     diag: dict[str, np.ndarray] = {}  # sum of x^2 per channel position, of tensors too wide for S
     seen: dict[str, int] = {}
     names = list(an.sinks)
+    covariances = _covariances(opts)
     batches = sum(1 for _ in data.batches(opts.batch))  # a fixed-batch model's data comes one by one
     tick(0, batches, "activation statistics")  # the detector's took 10 s with nothing on the screen
     for i, batch in enumerate(stream_tensors(model, names, data, batch=opts.batch, threads=threads)):
@@ -574,9 +575,9 @@ def _activation_stats(model: onnx.ModelProto, an: Analysis, data, opts: PruneOpt
             z = np.count_nonzero(xm == 0, axis=1)
             a = np.abs(xm, dtype=np.float64).sum(axis=1)
             sums[name] = sums.get(name, 0.0) + xm.sum(axis=1, dtype=np.float64)
-            if _covariances(opts) and len(xm) > LINEAR_MAX:  # too wide for S: its diagonal only
+            if covariances and len(xm) > LINEAR_MAX:  # too wide for S: its diagonal only
                 diag[name] = diag.get(name, 0.0) + np.square(xm).sum(axis=1, dtype=np.float64)
-            if _covariances(opts) and len(xm) <= LINEAR_MAX:
+            elif covariances:
                 if name not in shift:
                     shift[name] = xm.mean(axis=1, dtype=np.float64).astype(np.float32)
                 xs = xm - shift[name][:, None]
