@@ -41,7 +41,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.calibration import synthesize
-from surgeon.channel_groups import Analysis, Group, analyze, head_of, prune_channels, weight_out_axis
+from surgeon.channel_groups import (PREDICTION_DAMP, Analysis, Group, analyze, head_of, prune_channels,
+                                     weight_out_axis)
+from surgeon.lowrank import regularised
 from surgeon.model import to_graph, to_model
 from surgeon.plugin import Context, LayerReport, ModelPlugin
 from surgeon.rewrite import constant_value
@@ -487,9 +489,6 @@ def _conditional_variance(acts: dict, t: str) -> np.ndarray:
     """Var(x_j | every other channel of tensor t) = 1 / (S^-1)_jj (S ridged like
     linear_prediction's), or the plain variance when t was too wide for S; computed once per
     tensor (several groups' channels meet in a Concat or an Add) and kept with the statistics."""
-    from surgeon.channel_groups import PREDICTION_DAMP
-    from surgeon.lowrank import regularised
-
     done = acts.setdefault("conditional_variance", {})
     if t not in done:
         done[t] = 1.0 / np.diag(np.linalg.inv(regularised(acts["cov"][t], PREDICTION_DAMP))) if t in acts["cov"] \

@@ -243,8 +243,8 @@ class ConvToTucker(GraphPlugin):
         def refuse(r1, r2):
             return self._saves_nothing(cost, *_tucker_after(cost, c, f, K, r1, r2), f"ranks {r1},{r2}", opts)
 
-        return lambda: lowrank.fit_tucker(w, sample, ranks_of, refuse=refuse, damp=opts.damp, select=opts.select, bias=bias,
-                                          spectrum=spectrum, clip=clip)
+        return lambda: lowrank.fit_tucker(w, sample, ranks_of, refuse=refuse, damp=opts.damp, select=opts.select,
+                                          bias=bias, spectrum=spectrum, clip=clip)
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------
 

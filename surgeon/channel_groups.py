@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from surgeon.lowrank import regularised
 from surgeon.rewrite import constant_value, input_or_none
 
 log = logging.getLogger(__name__)
@@ -858,8 +859,6 @@ def linear_prediction(mean: np.ndarray, cov: np.ndarray, keep: np.ndarray, gone:
     kept ones (per position, from the channel means and covariance S): B = (S_kk + damping)^-1
     S_kg with S the covariance, c = mean_gone - B^T mean_keep. A removed channel that is a linear
     combination of kept ones is predicted exactly; one uncorrelated with them gets its mean."""
-    from surgeon.lowrank import regularised
-
     mean = np.asarray(mean, np.float64)
     cov = np.asarray(cov, np.float64)
     kk = regularised(cov[np.ix_(keep, keep)], damp)

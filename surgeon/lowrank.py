@@ -1291,7 +1291,7 @@ def fit_linear(w: np.ndarray, sample, rank_of, *, refuse=None, centered: bool = 
     reason or None.
     `clip` (a surgeon.clipped_fit.Clip): the activation that alone reads
     the layer's output; a data-aware fit is then refined to the clipped output (centred fits).
-    With a Sample.offset d, a fourth candidate, residual, aims at x W + d, and every candidate is
+    With a Sample.offset d, one more candidate, residual, aims at x W + d, and every candidate is
     scored against x W + d (the residual Add's output)."""
     from surgeon.clipped_fit import refine, refits_whole
 
