@@ -13,8 +13,9 @@ lines, pixel / 255; its output is scored by drift only). Shared models are read 
 and skipped with a message when absent.
 For each ratio and fit (weights, data): agreement (top-1 for classifiers), output rel. L2
 drift, params, MACs, interleaved A/B latency (batch 1), surgery time and which fit each layer
-got (fit=data chooses per layer on held-out calibration samples). guard=none, so both fits
-rewrite the same layers at the same ranks. Prints an 80-column table, writes JSON.
+got (fit=data chooses per layer on held-out calibration samples). guard=none and multiple=1
+(unless -O multiple=M), so both fits rewrite the same layers at the ratio's own ranks. Prints an
+80-column table, writes JSON.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="lowrank_data.json")
     a = ap.parse_args(argv)
-    extra = dict(o.split("=", 1) for o in a.option)
+    # multiple 1 unless given: both fits at the ratio's own ranks, as the documented tables were
+    # measured (the plugins' default rounds ratio ranks up to 8)
+    extra = {"multiple": "1", **dict(o.split("=", 1) for o in a.option)}
     settings = [("ratio", r) for r in a.ratios] + [("energy", e) for e in a.energies]
     rows = []
     for name in (MODELS if a.model == "all" else [a.model]):

@@ -56,9 +56,10 @@ ENERGIES = (0.9, 0.95)
 def sample_sweep(name: str, budget_s: float, threads: int) -> list[dict]:
     model = surgeon.load(SAMPLES / f"digits_{name}.onnx")
     data = surgeon.load_data(SAMPLES / f"digits_{name}_test.npz", model)
-    settings = [(scope, rx, {"ratio": ratio, "allow_growth": ratio == 1.0}) for scope, rx in SCOPES[name]
+    # multiple 1: the ratio's own ranks (the default rounds them up to 8, which merges the small ratios)
+    settings = [(scope, rx, {"ratio": ratio, "allow_growth": ratio == 1.0, "multiple": 1}) for scope, rx in SCOPES[name]
                 for ratio in RATIOS if not (rx and ratio == 1.0)]
-    settings += [("all FC", None, {"energy": e}) for e in ENERGIES]
+    settings += [("all FC", None, {"energy": e, "multiple": 1}) for e in ENERGIES]
     rows = []
     for scope, rx, opts in settings:
         result = surgeon.apply(model, "svd", {**opts, "guard": "none"}, layers=rx)

@@ -209,7 +209,9 @@ def sample(budget_s: float) -> list[dict]:
     data = surgeon.load_data(SAMPLES / "digits_cnn_test.npz", model)
     rows = []
     for ratio in SWEEP:
-        opts = {"ratio": ratio, "allow_growth": ratio == 1.0, "guard": "none"}
+        # multiple 1: the ratio's own ranks (the default rounds them up to 8, which on this CNN's
+        # 32/64-channel convs would merge 1/8 with 1/4)
+        opts = {"ratio": ratio, "allow_growth": ratio == 1.0, "guard": "none", "multiple": 1}
         result = surgeon.apply(model, "tucker", opts)
         hooi = surgeon.apply(model, "tucker", {**opts, "method": "hooi"})
         v1 = surgeon.validate(model, result.model, data, latency_batch=1, budget_s=budget_s)

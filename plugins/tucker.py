@@ -71,13 +71,17 @@ class TuckerOptions(lowrank.RankOptions):
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
 
     def describe(self) -> str:
+        explicit = self.ranks is not None and self.rank_method != "vbmf"
         if self.rank_method == "vbmf":
-            return "vbmf"
-        if self.ranks is not None:
-            return f"ranks {self.ranks[0]},{self.ranks[1]}"
-        if self.energy is not None:
-            return f"energy {self.energy:g}"
-        return f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+            how = "vbmf"
+        elif explicit:
+            how = f"ranks {self.ranks[0]},{self.ranks[1]}"
+        elif self.energy is not None:
+            how = f"energy {self.energy:g}"
+        else:
+            how = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+        multiple = self.rounding(explicit)
+        return how if multiple == 1 else f"{how}, multiple {multiple}"
 
 
 def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out_values: np.ndarray,
@@ -92,8 +96,9 @@ def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out
     else:
         ratio = opts.ratio if opts.ratio is not None else DEFAULT_RATIO
         r1, r2 = lowrank.rank_from_ratio(c, ratio), lowrank.rank_from_ratio(f, ratio)
-    r1 = lowrank.round_to_multiple(max(1, min(r1, c)), opts.multiple, c)
-    r2 = lowrank.round_to_multiple(max(1, min(r2, f)), opts.multiple, f)
+    multiple = opts.rounding(opts.ranks is not None and opts.rank_method != "vbmf")
+    r1 = lowrank.round_to_multiple(max(1, min(r1, c)), multiple, c)
+    r2 = lowrank.round_to_multiple(max(1, min(r2, f)), multiple, f)
     return r1, r2
 
 

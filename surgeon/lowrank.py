@@ -147,6 +147,11 @@ def rank_from_energy(s: np.ndarray, energy: float) -> int:
     return int(min(len(sq), np.searchsorted(kept, energy - 1e-12) + 1))
 
 
+# ranks from a ratio, energy or vbmf are rounded up to this unless `multiple` says otherwise
+# (RankOptions.multiple)
+DEFAULT_MULTIPLE = 8
+
+
 def round_to_multiple(r: int, multiple: int, cap: int) -> int:
     """Round up to a multiple (hardware-friendly channel counts), never past `cap`."""
     if multiple <= 1:
@@ -202,7 +207,7 @@ def matrix_rank(opts: "RankOptions", values: np.ndarray, shape: tuple[int, int],
                 vbmf: bool = False, default_ratio: float) -> int:
     """One rank for a matrix of `shape` with singular values `values`, as the options ask
     (VBMF, an explicit rank, energy, or ratio of min(shape), `default_ratio` when none is
-    given), between 1 and min(shape), rounded up to `opts.multiple`."""
+    given), between 1 and min(shape), rounded up as `opts.rounding` says."""
     n = min(shape)
     if vbmf:
         r = vbmf_rank(values, shape)
@@ -212,7 +217,7 @@ def matrix_rank(opts: "RankOptions", values: np.ndarray, shape: tuple[int, int],
         r = rank_from_energy(np.asarray(values)[:n], opts.energy)
     else:
         r = rank_from_ratio(n, opts.ratio if opts.ratio is not None else default_ratio)
-    return round_to_multiple(max(1, min(r, n)), opts.multiple, n)
+    return round_to_multiple(max(1, min(r, n)), opts.rounding(explicit is not None and not vbmf), n)
 
 
 # --- options shared by the factorizing plugins -------------------------------------------------
@@ -229,7 +234,14 @@ class RankOptions:
     energy: float | None = field(default=None, metadata={
         "help": "smallest rank keeping this fraction of the energy (0 < e <= 1): of the layer's output on "
                 "the calibration data with fit=data, of the squared singular values with fit=weights"})
-    multiple: int = field(default=1, metadata={"help": "round ranks up to a multiple of this"})
+    # None: 8 for ranks from ratio / energy / vbmf, explicit ranks as given (7 Dec 2026). With
+    # the latency guard on, ranks rounded to 8 made EfficientNet-Lite0 and the detector faster
+    # at the same drift in all 7 settings measured (ratio 0.3: 1.05x -> 1.25x); onnxruntime ran
+    # an SVD pair of rank 19 or 29 inside a model slower than one of rank 24 or 32
+    # (docs/tucker.md, "From the command line"). Prune rounds its channel counts to 16 alike.
+    multiple: int | None = field(default=None, metadata={
+        "help": "round ranks up to a multiple of this (default: 8 for ranks from ratio, energy or "
+                "vbmf; explicit ranks as given)"})
     guard: Literal["latency", "none"] = field(default="latency", metadata={
         "help": "latency: time each rewrite alone at its real shape and keep it only if faster"})
     fit: Literal["data", "weights"] = field(default="data", metadata={
@@ -283,13 +295,20 @@ class RankOptions:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.multiple < 1:
+        if self.multiple is not None and self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
         for name in ("samples", "rows", "passes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.damp <= 1:
             raise ValueError(f"damp must be in [0, 1], got {self.damp}")
+
+    def rounding(self, explicit: bool) -> int:
+        """The multiple ranks are rounded up to: `multiple` when given, else 8, or 1 for explicit
+        ranks (a plan's or the user's own)."""
+        if self.multiple is not None:
+            return self.multiple
+        return 1 if explicit else DEFAULT_MULTIPLE
 
     def fit_mode(self, data) -> tuple[str, str]:
         """("data" | "weights", why weights when data was asked for)."""

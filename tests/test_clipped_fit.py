@@ -152,7 +152,8 @@ def test_tucker_fits_a_pointwise_conv_through_its_relu6():
     m, calib, test = relu6_model(), relu6_data(24), relu6_data(16, seed=2)
     drift, runs = {}, {}
     for activation in ("through", "ignore"):
-        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25, "activation": activation}, data=calib)
+        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25, "multiple": 1, "activation": activation},
+                          data=calib)
         checked(r.model)
         feeds = next(test.batches(len(test)))
         drift[activation] = rel_l2(run(m, feeds)[0], run(r.model, feeds)[0])

@@ -144,7 +144,8 @@ def test_the_add_output_drifts_less_with_residual_add(k, c, ratio, bound):
     feeds = next(test.batches(len(test)))
     drift, details = {}, {}
     for residual in ("add", "ignore"):
-        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": ratio, "residual": residual}, data=calib)
+        r = surgeon.apply(m, "tucker", {"guard": "none", "ratio": ratio, "multiple": 1, "residual": residual},
+                          data=calib)
         checked(r.model)
         drift[residual] = rel_l2(run(m, feeds)[0], run(r.model, feeds)[0])
         details[residual] = {layer.layer: layer.details for layer in r.rewritten}

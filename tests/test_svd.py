@@ -275,8 +275,9 @@ def test_rank_that_saves_nothing_is_skipped():
     assert rep.status == "skipped" and rep.reason.startswith("rank 8 saves no parameters")
     assert "needs rank < 8.0" in rep.reason
     assert only(surgeon.apply(model, "svd", {**NONE, "rank": 7}), "fc").status == "rewritten"
-    # the default (no rank option) is ratio 0.25: rank 4 of 16
-    assert only(surgeon.apply(model, "svd", NONE), "fc").details["rank"] == round(DEFAULT_RATIO * 16)
+    # the default (no rank option) is ratio 0.25: rank 4 of 16, rounded up to 8, which saves nothing
+    assert only(surgeon.apply(model, "svd", {**NONE, "multiple": 1}), "fc").details["rank"] == round(DEFAULT_RATIO * 16)
+    assert only(surgeon.apply(model, "svd", NONE), "fc").reason.startswith("rank 8 saves no parameters")
 
 
 def test_guard_reverts_a_slower_pair(monkeypatch):

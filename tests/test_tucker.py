@@ -42,6 +42,11 @@ def layer(result, name="conv"):
     return next(l for l in result.layers if l.layer == name)
 
 
+def ranks_of(model, **options) -> tuple[int, int]:
+    rep = layer(apply(model, **options))
+    return rep.details["R1"], rep.details["R2"]
+
+
 def weight_of(model, name="w"):
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
@@ -106,11 +111,12 @@ def test_full_rank_triple_structure_and_numerics():
     dict(k=5, hw=13),
 ], ids=["stride2", "dilation2", "same_upper_stride2", "valid", "asym_pads_nobias", "k5"])
 def test_triple_equals_conv_with_truncated_kernel(case):
-    """At ratio 0.5 the triple computes exactly the conv with the HOSVD kernel What."""
+    """At ratio 0.5 the triple computes exactly the conv with the HOSVD kernel What (multiple 1:
+    the ranks as the ratio gives them)."""
     params = dict(c=16, f=24, k=3, hw=11, relu=False)
     params.update(case)
     model = conv_model(**params)
-    result = apply(model, ratio=0.5)
+    result = apply(model, ratio=0.5, multiple=1)
     rep = layer(result)
     assert rep.status == "rewritten", rep.reason
     r1, r2 = rep.details["R1"], rep.details["R2"]
@@ -130,7 +136,7 @@ def test_conv1d_conv3d(nd):
     full = apply(model, **FULL)
     assert op_counts(checked(full.model)) == {"Conv": 3}
     assert_close_outputs(model, full.model, random_feeds(model), rtol=1e-5)
-    half = apply(model, ratio=0.5)
+    half = apply(model, ratio=0.5, multiple=1)
     rep = layer(half)
     assert rep.status == "rewritten" and (rep.details["R1"], rep.details["R2"]) == (3, 5)
     core = next(t for t in half.model.graph.initializer if t.name == "conv/tucker/core/weight")
@@ -240,10 +246,11 @@ def test_explicit_ranks_and_per_layer_ranks():
     assert rep.details["macs_before"] == 8 * 8 * 24 * 16 * 9
     assert rep.details["macs_after"] == 8 * 8 * (16 * 5 + 9 * 5 * 7 + 7 * 24)
     assert rep.details["complexity_ratio"] == pytest.approx(9 * 16 * 24 / (16 * 5 + 9 * 5 * 7 + 7 * 24))
-    # per-layer ranks (as a sweep's plan sets them); other layers keep the default ratio 0.5
+    # per-layer ranks (as a sweep's plan sets them) are kept as given; other layers keep the
+    # default ratio 0.5, rounded up to a multiple of 8 (24 x 0.5 = 12 -> 16)
     two = _two_conv_model()
     per = surgeon.apply(two, "tucker", {"guard": "none"}, per_layer={"conv_b": {"ranks": "3,4"}})
-    assert [(l.layer, l.details["R1"], l.details["R2"]) for l in per.rewritten] == [("conv", 8, 12), ("conv_b", 3, 4)]
+    assert [(l.layer, l.details["R1"], l.details["R2"]) for l in per.rewritten] == [("conv", 8, 16), ("conv_b", 3, 4)]
     assert op_counts(checked(per.model)) == {"Conv": 6, "Relu": 1}
     assert_close_outputs(two, per.model, random_feeds(two), rtol=1.0)  # runs; the drift is real
 
@@ -269,7 +276,7 @@ def test_stride2_macs_count_the_first_conv_at_input_resolution():
 def test_energy_picks_smallest_ranks_keeping_the_energy():
     model = conv_model(c=16, f=24, k=3, hw=8)
     w = weight_of(model).astype(np.float64)
-    rep = layer(apply(model, energy=0.8))
+    rep = layer(apply(model, energy=0.8, multiple=1))
 
     def smallest(a):
         sq = np.linalg.svd(a, compute_uv=False) ** 2
@@ -288,8 +295,9 @@ def test_vbmf_finds_the_ranks_of_a_noisy_low_rank_kernel():
     w = lowrank.tucker2_full(rng.standard_normal((r2, r1, 3, 3)), o, i)
     w += 0.05 * rng.standard_normal(w.shape) * np.linalg.norm(w) / np.sqrt(w.size)
     model = with_weight(conv_model(c=c, f=f, k=3, hw=8), w)
-    rep = layer(apply(model, rank_method="vbmf"))
+    rep = layer(apply(model, rank_method="vbmf", multiple=1))
     assert (rep.details["R1"], rep.details["R2"]) == (r1, r2)
+    assert ranks_of(model, rank_method="vbmf") == (8, 8)  # estimated ranks are rounded up by default
     assert rep.details["rel_error"] < 0.1
 
 
@@ -299,10 +307,19 @@ def test_multiple_rounds_ranks_up():
     assert (rep.details["R1"], rep.details["R2"]) == (16, 24)  # round(12) -> 16, round(16.8)=17 -> 24
 
 
-def test_default_is_ratio_half():
+def test_default_is_ratio_half_rounded_up_to_8():
     model = conv_model(c=16, f=24, k=3, hw=8)
     rep = layer(apply(model))
-    assert (rep.details["R1"], rep.details["R2"]) == (8, 12) and rep.details["rank_choice"] == "ratio 0.5"
+    assert (rep.details["R1"], rep.details["R2"]) == (8, 16) and rep.details["rank_choice"] == "ratio 0.5, multiple 8"
+    assert [layer(apply(model, **o)).details["rank_choice"] for o in ({"multiple": 1}, {"ranks": "5,7"})] \
+        == ["ratio 0.5", "ranks 5,7"]
+    # 0.3 x 16 = 4.8 -> 5 -> 8 and 0.3 x 24 = 7.2 -> 7 -> 8; multiple 1 keeps the ratio's own
+    # ranks; explicit ranks are rounded only when multiple is given
+    assert ranks_of(model, ratio=0.3) == (8, 8)
+    assert ranks_of(model, ratio=0.3, multiple=1) == (5, 7)
+    assert ranks_of(model, energy=0.8) == tuple(-(-r // 8) * 8 for r in ranks_of(model, energy=0.8, multiple=1))
+    assert ranks_of(model, ranks="5,7") == (5, 7)
+    assert ranks_of(model, ranks="5,7", multiple=4) == (8, 8)
 
 
 def test_hooi_is_no_worse_than_hosvd():
