@@ -241,7 +241,7 @@ class RankOptions:
     # (docs/tucker.md, "From the command line"). Prune rounds its channel counts to 16 alike.
     multiple: int | None = field(default=None, metadata={
         "help": "round ranks up to a multiple of this (default: 8 for ranks from ratio, energy or "
-                "vbmf; explicit ranks as given)"})
+                "vbmf; explicit ranks as given)", "default_text": "8 (explicit ranks: as given)"})
     guard: Literal["latency", "none"] = field(default="latency", metadata={
         "help": "latency: time each rewrite alone at its real shape and keep it only if faster"})
     fit: Literal["data", "weights"] = field(default="data", metadata={
