@@ -70,17 +70,21 @@ class TuckerOptions(lowrank.RankOptions):
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
 
+    @property
+    def explicit(self) -> bool:
+        """Ranks given as numbers (not derived from a ratio, energy or vbmf): never rounded by default."""
+        return self.ranks is not None and self.rank_method != "vbmf"
+
     def describe(self) -> str:
-        explicit = self.ranks is not None and self.rank_method != "vbmf"
         if self.rank_method == "vbmf":
             how = "vbmf"
-        elif explicit:
+        elif self.explicit:
             how = f"ranks {self.ranks[0]},{self.ranks[1]}"
         elif self.energy is not None:
             how = f"energy {self.energy:g}"
         else:
             how = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
-        multiple = self.rounding(explicit)
+        multiple = self.rounding(self.explicit)
         return how if multiple == 1 else f"{how}, multiple {multiple}"
 
 
@@ -96,7 +100,7 @@ def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out
     else:
         ratio = opts.ratio if opts.ratio is not None else DEFAULT_RATIO
         r1, r2 = lowrank.rank_from_ratio(c, ratio), lowrank.rank_from_ratio(f, ratio)
-    multiple = opts.rounding(opts.ranks is not None and opts.rank_method != "vbmf")
+    multiple = opts.rounding(opts.explicit)
     r1 = lowrank.round_to_multiple(max(1, min(r1, c)), multiple, c)
     r2 = lowrank.round_to_multiple(max(1, min(r2, f)), multiple, f)
     return r1, r2

@@ -235,10 +235,11 @@ class RankOptions:
         "help": "smallest rank keeping this fraction of the energy (0 < e <= 1): of the layer's output on "
                 "the calibration data with fit=data, of the squared singular values with fit=weights"})
     # None: 8 for ranks from ratio / energy / vbmf, explicit ranks as given (7 Dec 2026). With
-    # the latency guard on, ranks rounded to 8 made EfficientNet-Lite0 and the detector faster
-    # at the same drift in all 7 settings measured (ratio 0.3: 1.05x -> 1.25x); onnxruntime ran
-    # an SVD pair of rank 19 or 29 inside a model slower than one of rank 24 or 32
-    # (docs/tucker.md, "From the command line"). Prune rounds its channel counts to 16 alike.
+    # the latency guard on, ranks rounded to 8 were as fast or faster, at drift within 1.3% or
+    # lower, in all eight settings measured on the three shared models (EfficientNet-Lite0 at
+    # ratio 0.3: 1.15x -> 1.25-1.27x); onnxruntime ran an SVD pair of rank 19 or 29 inside a
+    # model slower than one of rank 24 or 32, which the guard, timing each rewrite alone, cannot
+    # see (docs/tucker.md, "Ranks rounded to 8 by default"). Prune rounds channel counts alike.
     multiple: int | None = field(default=None, metadata={
         "help": "round ranks up to a multiple of this (default: 8 for ranks from ratio, energy or "
                 "vbmf; explicit ranks as given)", "default_text": "8 (explicit ranks: as given)"})
