@@ -70,6 +70,15 @@ class SvdOptions(RankOptions):
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 
+    def describe(self) -> str:
+        if self.rank is not None:
+            how = f"rank {self.rank}"
+        elif self.energy is not None:
+            how = f"energy {self.energy:g}"
+        else:
+            how = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+        return self.rank_choice(how, self.rank is not None)
+
 
 @dataclass
 class Factors:
@@ -211,6 +220,7 @@ class GemmToSvd(GraphPlugin):
 
         details = self._details(ctx, x, w, a, b, alpha, f.s, f.energy, r, before, after)
         details["fit"] = fit
+        details["rank_choice"] = opts.describe()
         if fit == "data":
             details.update(layer_stats.report(sample, out_error, fitted.kind, fitted.choice, fitted.through))
         if note:

@@ -84,8 +84,7 @@ class TuckerOptions(lowrank.RankOptions):
             how = f"energy {self.energy:g}"
         else:
             how = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
-        multiple = self.rounding(self.explicit)
-        return how if multiple == 1 else f"{how}, multiple {multiple}"
+        return self.rank_choice(how, self.explicit)
 
 
 def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out_values: np.ndarray,

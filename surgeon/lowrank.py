@@ -311,6 +311,12 @@ class RankOptions:
             return self.multiple
         return 1 if explicit else DEFAULT_MULTIPLE
 
+    def rank_choice(self, how: str, explicit: bool) -> str:
+        """The report's `rank_choice`: `how` the ranks were chosen ("ratio 0.5", "rank 32"), with
+        the multiple they were rounded up to when it is not 1."""
+        multiple = self.rounding(explicit)
+        return how if multiple == 1 else f"{how}, multiple {multiple}"
+
     def fit_mode(self, data) -> tuple[str, str]:
         """("data" | "weights", why weights when data was asked for)."""
         if self.fit == "weights":

@@ -351,6 +351,14 @@ def test_energy_multiple_and_per_layer_ranks():
                 "fc").details["rank"] == 3
 
 
+def test_report_says_how_the_rank_was_chosen():
+    model = gemm_model(n_in=40, n_out=32, seed=4)
+    choice = lambda **o: only(surgeon.apply(model, "svd", {**NONE, **o}), "fc").details["rank_choice"]
+    assert choice() == f"ratio {DEFAULT_RATIO:g}, multiple 8"
+    assert [choice(ratio=0.2, multiple=1), choice(energy=0.6), choice(rank=5), choice(rank=5, multiple=4)] \
+        == ["ratio 0.2", "energy 0.6, multiple 8", "rank 5", "rank 5, multiple 4"]
+
+
 def test_output_is_deterministic():
     model = surgeon.load(MLP)
     a = surgeon.apply(model, "svd", {**NONE, "ratio": 0.5}).model.SerializeToString(deterministic=True)
