@@ -209,6 +209,9 @@ def _arrow(d: dict[str, Any], what: str) -> str:
 DETAIL_COLUMNS = (
     ("ranks", _ranks),
     ("error", lambda d: f"{d['rel_error']:.3f}" if d.get("rel_error") is not None else ""),
+    # a data-aware fit minimises this one, not the weight error beside it (issue 13: the
+    # report gives both), so its weight error can exceed 1 while the output is kept
+    ("out err", lambda d: _metric(d["out_error"], ".3f") if d.get("out_error") is not None else ""),
     ("params", lambda d: _arrow(d, "params")),
     ("MACs", lambda d: _arrow(d, "macs")),
     ("compl.", lambda d: f"{d['complexity_ratio']:.2f}x" if d.get("complexity_ratio") else ""),
@@ -220,11 +223,15 @@ def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> FitTab
     """The rewritten layers with what the plugin reported about each."""
     shown = [l for l in layers if l.status == "rewritten"]
     cols = [(h, f) for h, f in DETAIL_COLUMNS if any(f(l.details) for l in shown)]
+    both = any(h == "out err" for h, _ in cols)
     t = FitTable(title=title)
     t.add_column("layer", "name")
     t.add_column("op", "text")
     for h, _ in cols:
-        t.add_column(h, "num")
+        t.add_column("w err" if both and h == "error" else h, "num")
+    if both:
+        t.caption = ("w err: ||W - W'|| / ||W||; out err: the output's rel. error on the sampled "
+                     "calibration rows, which fit=data minimises")
     for l in shown:
         t.add_row(l.layer, l.op, *[f(l.details) for _, f in cols])
     return t

@@ -203,6 +203,21 @@ def test_every_core_table_fits_80_columns():
     assert "403.37k" in "\n".join(render(report.profile_table(prof)))
 
 
+def test_data_fits_show_both_errors_at_80_columns():
+    """Issue 13: the report gives the weight-space and the output-space error; a data-aware
+    fit's weight error can exceed 1 while its output error is small, so the table shows both."""
+    names = [f"/_blocks.{i}/_{kind}_conv/Conv" for i in range(9, 16) for kind in ("expand", "project")]
+    layers = [LayerReport(n, "Conv", "rewritten", "", {**_details(1), "rel_error": 1.174, "out_error": 0.0791})
+              for n in names]
+    lines = render(report.layers_table(layers, title="tucker"))
+    assert all(len(l) <= 80 for l in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    assert "w err" in text and "out err" in text and "1.174" in text and "0.079" in text
+    assert "which fit=data minimises" in " ".join(l.strip() for l in lines)
+    weights_only = "\n".join(render(report.layers_table([LayerReport("conv", "Conv", "rewritten", "", _details(1))])))
+    assert "out err" not in weights_only and "w err" not in weights_only and "error" in weights_only
+
+
 def test_wide_consoles_show_names_whole():
     layers = [LayerReport(f"{LONG}_1", "Conv", "rewritten", "", _details(1))]
     assert any(f"{LONG}_1" in l for l in render(report.layers_table(layers), width=200))
