@@ -467,10 +467,9 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
         steps = report.steps_table(s.extras)
         if steps is not None:
             out.print(steps)
-        for note in getattr(s, "notes", []):
-            if "latency guard" in note:  # the MACs note is the totals table's caption
-                err.print(f"note: {note}", highlight=False, soft_wrap=False)
-        for note in _grouped_notes(s.extras.get("notes", []), {l.layer for l in s.layers}):
+        # the MACs note is the totals table's caption
+        notes = [n for n in getattr(s, "notes", []) if n != s.before.macs_note] + list(s.extras.get("notes", []))
+        for note in _grouped_notes(notes, {l.layer for l in s.layers}):
             err.print(f"note: {note}", highlight=False, soft_wrap=False)  # prose: wrapped at the width
     first, last = result.steps[0].surgery, result.steps[-1].surgery
     before, after = first.before, last.after

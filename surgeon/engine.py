@@ -140,6 +140,8 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     if unguarded:
         hint = shape_hint(source, known) or "their input shapes could not be resolved"
         notes.append(f"latency guard not applied to {len(unguarded)} layer(s), rewritten unguarded: {hint}")
+    # a layer's own `hint` (e.g. too few calibration rows for its fit), as "layer: text"
+    notes += [f"{l.layer}: {l.details['hint']}" for l in reports if l.status == "rewritten" and l.details.get("hint")]
     return SurgeryResult(out, plug.name, _options_dict(opts), reports, before, after,
                          time.perf_counter() - t0, extras, notes, after_shapes)
 

@@ -459,6 +459,20 @@ def test_fp16_model_stays_fp16(fit):
     assert rel_l2(a, b) < 2e-2  # full rank: fp16 rounding (and float32 sample sums for fit=data)
 
 
+def test_report_flags_layers_short_of_calibration_rows():
+    """A 1x1 conv with 64 inputs at 2x2 sees 4 positions per sample: 8 samples give 32 rows,
+    fewer than 2 per input, and the fit takes every one; 64 samples give 256, enough."""
+    m = _conv_model(c=64, f=64, k=1, hw=2, batch="N")
+    few = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25}, data=_real(m, samples=8))
+    (l,) = few.rewritten
+    assert (l.details["calib_rows"], l.details["calib_positions"], l.details["calib_inputs"]) == (32, 32, 64)
+    assert l.details["hint"].startswith("few calibration rows: every position of the 8 calibration samples")
+    assert f"{l.layer}: {l.details['hint']}" in few.notes
+    enough = surgeon.apply(m, "tucker", {"guard": "none", "ratio": 0.25}, data=_real(m, samples=64))
+    assert "hint" not in enough.rewritten[0].details
+    assert not any("few calibration rows" in n for n in enough.notes)
+
+
 def test_data_fit_needs_real_data():
     m = fp16_conv_model()
     for data in (None, surgeon.synthesize(m, samples=4)):
