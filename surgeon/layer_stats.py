@@ -459,7 +459,7 @@ SHORT_ROWS = 2
 def short_of_rows(sample: Sample) -> str | None:
     """The hint for a sample that took every position offered and has fewer than SHORT_ROWS rows
     per input, or None."""
-    n, d = np.shape(sample.rows)[0], np.shape(sample.rows)[1] if np.ndim(sample.rows) == 2 else 0
+    n, d = np.shape(sample.rows)
     if not d or n < sample.seen or n >= SHORT_ROWS * d:
         return None
     return (f"few calibration rows: every position of the {sample.images} calibration samples gives fewer than "
