@@ -228,7 +228,9 @@ def layers_table(layers: Sequence[LayerReport], title: str = "layers") -> FitTab
     t.add_column("layer", "name")
     t.add_column("op", "text")
     for h, _ in cols:
-        t.add_column("w err" if both and h == "error" else h, "num")
+        # two-line headers: as wide as their values (0.123), so adding the output error does not
+        # push the detector's table over 80 columns and into two lines per layer
+        t.add_column({"error": "w\nerr", "out err": "out\nerr"}.get(h, h) if both else h, "num")
     if both:
         t.caption = ("w err: ||W - W'|| / ||W||; out err: the output's rel. error on the sampled "
                      "calibration rows, which fit=data minimises")

@@ -216,6 +216,15 @@ def test_data_fits_show_both_errors_at_80_columns():
     assert "which fit=data minimises" in " ".join(l.strip() for l in lines)
     weights_only = "\n".join(render(report.layers_table([LayerReport("conv", "Conv", "rewritten", "", _details(1))])))
     assert "out err" not in weights_only and "w err" not in weights_only and "error" in weights_only
+    # the detector's widths (ranks 120,240, params 332.16k->118.08k): one line per layer, as
+    # before the output error was added (with one-line headers the pairs wrapped, 2 lines each)
+    det = [LayerReport(f"Conv_{i}", "Conv", "rewritten", "", {**_details(2), "R1": 120, "R2": 240,
+                                                             "params_after": 118080, "out_error": 0.042})
+           for i in range(140, 146)]
+    lines = render(report.layers_table(det, title="tucker"))
+    rows = [l for l in lines if l.startswith("│Conv_")]
+    assert len(rows) == 6 and all("332.16k→118.08k" in r and "224.28M→52.90M" in r for r in rows), "\n".join(lines)
+    assert all(len(l) <= 80 for l in lines)
 
 
 def test_wide_consoles_show_names_whole():
