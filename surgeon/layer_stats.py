@@ -450,9 +450,11 @@ def _with_skip(graph: gs.Graph, request_for: Callable[[gs.Node], Request | None]
 # (1568 rows for 1152 inputs), whose output directions measured on those photos did not carry
 # over to others; fitted on 64 photos its drift at ratio 0.25 fell from 0.52 to 0.42 on the
 # same scored photos. Its six other layers that took every position had 2.3 rows per input or
-# more. The detector, the OCR recognizer and the sample CNN offer more positions than `rows`,
-# so none of their layers is flagged, and 64 photos did not move the detector or the OCR
-# recognizer (7 Dec 2026, docs/tucker.md).
+# more. With tucker, the detector, the OCR recognizer and the sample CNN offer more positions
+# than `rows`, so none of their layers is flagged, and 64 photos did not move the detector or
+# the OCR recognizer. With svd, the OCR recognizer's classifier (Gemm_97, 1024 rows from 32
+# photos for 1024 inputs) is flagged, and 64 photos lowered its drift 10-12% (7 Dec 2026,
+# docs/tucker.md).
 SHORT_ROWS = 2
 
 
