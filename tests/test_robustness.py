@@ -203,6 +203,31 @@ def test_every_core_table_fits_80_columns():
     assert "403.37k" in "\n".join(render(report.profile_table(prof)))
 
 
+def test_tables_take_the_layout_with_the_fewest_lines():
+    """EfficientNet-Lite0's tucker table at 80 columns: with every before→after pair whole its
+    30-character names wrapped at 13, 3 lines per layer; splitting the pairs after their
+    arrows leaves the names 25 columns, 2 lines per layer, each name whole."""
+    names = [f"/_blocks.{i}/_{kind}_conv/Conv" for i in range(9, 16) for kind in ("expand", "project")]
+    details = {"R1": 32, "R2": 32, "rel_error": 1.758, "out_error": 0.831, "params_before": 75380,
+               "params_after": 25200, "macs_before": 14750000, "macs_after": 4920000, "complexity_ratio": 3.0,
+               "guard": {"speedup": 2.45}}
+    layers = [LayerReport(n, "Conv", "rewritten", "", details) for n in names]
+    # the head, 320 -> 1280: the widest pair
+    layers.append(LayerReport("/_conv_head/Conv", "Conv", "rewritten", "", {**details, "params_before": 409600,
+                                                                              "params_after": 122880}))
+    names.append("/_conv_head/Conv")
+    lines = render(report.layers_table(layers, title="tucker"))
+    assert all(len(l) <= 80 for l in lines), "\n".join(lines)
+    body = [l for l in lines if l.startswith("│")]
+    assert len(body) == 2 * len(names), "\n".join(lines)
+    cells = [re.match(r"│([^│]*)│", l).group(1).strip() for l in body]
+    assert "".join(cells) == "".join(names)
+    text = "\n".join(lines)
+    assert text.count("75.38k→") == len(names) - 1 and "409.60k→" in text and text.count("14.75M→") == len(names)
+    # wide enough for every pair on one line: one line per layer, as before
+    assert len([l for l in render(report.layers_table(layers), width=120) if l.startswith("│")]) == len(names)
+
+
 def test_data_fits_show_both_errors_at_80_columns():
     """Issue 13: the report gives the weight-space and the output-space error; a data-aware
     fit's weight error can exceed 1 while its output error is small, so the table shows both."""
