@@ -136,6 +136,9 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     after_shapes = tensor_shapes(out, known, data=data)
     after = profile(out, known, data=data, shapes=after_shapes)
     notes = [before.macs_note] if before.macs_note else []
+    if not reports:  # e.g. svd on a detector made of convs: say so, not just "0 rewritten"
+        notes.append(f"{plug.name} found no layer it applies to in this model ({plug.summary}); "
+                     "the output is the input, unchanged")
     unguarded = [l.layer for l in reports if l.details.get("guard_skipped")]
     if unguarded:
         hint = shape_hint(source, known) or "their input shapes could not be resolved"

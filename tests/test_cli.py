@@ -326,6 +326,22 @@ def test_a_plugins_notes_are_printed_once_each_with_the_layers_they_concern(tmp_
     assert "scored by l2 instead (2 layers: fc1, ...)" in " ".join(l.strip() for l in lines)
 
 
+def test_a_plugin_that_finds_no_layer_says_so(tmp_path):
+    """svd on a model of convs (the shared detector) printed only "0 rewritten, 0 skipped" and
+    wrote the model unchanged: the note says what svd takes, and that nothing changed."""
+    import onnx
+    from tests.models import conv_model
+    src = tmp_path / "convs.onnx"
+    onnx.save(conv_model(), src)
+    r = runner.invoke(app, ["apply", str(src), "-p", "svd", "--no-validate", "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(l.strip() for l in r.stderr.splitlines())
+    assert "note: svd found no layer it applies to in this model (fully connected layers" in text, r.stderr
+    assert "the output is the input, unchanged" in text
+    r = runner.invoke(app, ["apply", str(src), "-p", "tucker", "--no-validate", "-o", str(tmp_path / "t.onnx")])
+    assert r.exit_code == 0 and "found no layer" not in r.stderr, r.stderr
+
+
 def test_notes_about_dynamic_shapes_fit_80_columns(tmp_path):
     """On the OCR recognizer without --data (its width is dynamic) the latency-guard note and
     "validation skipped" were single lines of 193 and 150 characters in a log."""
