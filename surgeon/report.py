@@ -155,16 +155,21 @@ class FitTable:
         layer takes 2. On a tie the more spacious layout wins, and a name column wraps rather
         than elides (the whole name costs no extra line then)."""
         names = [i for i, c in enumerate(self.columns) if c[1] == "name"]
-        candidates = []
+        candidates = {}
         for widths, padding, split in self._layouts(max_width):
             for wrapped in itertools.product((True, False), repeat=len(names)):
                 kinds = [c[1] for c in self.columns]
                 for i, wrap in zip(names, wrapped):
                     column = {r[i] for r, _ in self.rows if i < len(r)}
+                    if all(len(c) <= widths[i] for c in column):
+                        continue  # whole either way
                     # eliding must not make two different names read the same
                     kinds[i] = "wrap" if wrap or len({elide(c, widths[i]) for c in column}) < len(column) else "name"
-                candidates.append(self._table(widths, padding, split, kinds))
-        return min(candidates, key=lambda t: _line_count(t, max_width))  # the first of the shortest
+                candidates.setdefault((tuple(widths), padding, split, tuple(kinds)), None)
+        tables = [self._table(list(w), padding, split, list(kinds)) for w, padding, split, kinds in candidates]
+        if len(tables) == 1:
+            return tables[0]
+        return min(tables, key=lambda t: _line_count(t, max_width))  # the first of the shortest
 
     def __rich_console__(self, console, options):
         yield self.build(options.max_width)
