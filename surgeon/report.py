@@ -50,6 +50,17 @@ def elide(text: str, width: int) -> str:
     return text[:head] + "…" + (text[-tail:] if tail else "")
 
 
+def fold_name(text: str, width: int) -> str:
+    """Break a node name over lines of at most `width`, after a separator where one falls in
+    the second half of the line ('/_blocks.2/_expand_conv/' + 'Conv', not '.../C' + 'onv')."""
+    lines = []
+    while len(text) > width > 0:
+        cut = max((i + 1 for i, ch in enumerate(text[:width]) if ch in "/._-:" and i + 1 >= width // 2), default=width)
+        lines.append(text[:cut])
+        text = text[cut:]
+    return "\n".join([*lines, text])
+
+
 # --- tables ------------------------------------------------------------------------------------
 
 class FitTable:
@@ -60,7 +71,8 @@ class FitTable:
     Column kinds: "num" (never cut, right-aligned), "text" (never cut), "name" (elided in the
     middle when space runs out; wrapped instead when eliding would make two different names
     read the same, as EfficientNet-Lite0's '/_blocks.12/_project_conv/Conv' and
-    '/_blocks.3/_expand_conv/Conv' both did: '/_blocks…nv/Conv'), "wrap" (wraps). Same surface
+    '/_blocks.3/_expand_conv/Conv' both did: '/_blocks…nv/Conv'; broken after a '/', '.' or '_'
+    where one is near the end of the line), "wrap" (wraps). Same surface
     as rich's Table for what we use: add_column, add_row, add_section, title, caption."""
 
     MIN_NAME = 12
@@ -136,7 +148,7 @@ class FitTable:
     def _table(self, widths: list[int], padding: int, split: bool, kinds: list[str]) -> Table:
         t = Table(title=self.title, caption=self.caption, padding=(0, padding), **self.table_kwargs)
         for (header, _, justify, extra), kind, w in zip(self.columns, kinds, widths):
-            if kind == "wrap":
+            if kind in ("wrap", "folded"):
                 t.add_column(header, justify=justify, width=w, overflow="fold", **extra)
             else:
                 t.add_column(header, justify=justify, no_wrap=True, min_width=w, max_width=w if kind == "name" else None,
@@ -144,8 +156,8 @@ class FitTable:
         for cells, section in self.rows:
             if section:
                 t.add_section()
-            t.add_row(*[elide(c, w) if kind == "name" and w else self._cell(c, kind, split)
-                        for c, kind, w in zip(cells, kinds, widths)])
+            t.add_row(*[elide(c, w) if kind == "name" and w else fold_name(c, w) if kind == "folded" else
+                        self._cell(c, kind, split) for c, kind, w in zip(cells, kinds, widths)])
         return t
 
     def build(self, max_width: int = 80) -> Table:
@@ -164,7 +176,7 @@ class FitTable:
                     if all(len(c) <= widths[i] for c in column):
                         continue  # whole either way
                     # eliding must not make two different names read the same
-                    kinds[i] = "wrap" if wrap or len({elide(c, widths[i]) for c in column}) < len(column) else "name"
+                    kinds[i] = "folded" if wrap or len({elide(c, widths[i]) for c in column}) < len(column) else "name"
                 candidates.setdefault((tuple(widths), padding, split, tuple(kinds)), None)
         tables = [self._table(list(w), padding, split, list(kinds)) for w, padding, split, kinds in candidates]
         if len(tables) == 1:

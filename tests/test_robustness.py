@@ -228,6 +228,13 @@ def test_tables_take_the_layout_with_the_fewest_lines():
     assert len([l for l in render(report.layers_table(layers), width=120) if l.startswith("│")]) == len(names)
 
 
+def test_folded_names_break_after_a_separator():
+    assert report.fold_name("/_blocks.2/_expand_conv/Conv", 25) == "/_blocks.2/_expand_conv/\nConv"
+    assert report.fold_name("/_blocks.12/_project_conv/Conv", 13) == "/_blocks.12/_\nproject_conv/\nConv"
+    assert report.fold_name("abcdefghijklmnop", 6) == "abcdef\nghijkl\nmnop"  # no separator: cut at the width
+    assert report.fold_name("short", 25) == "short"
+
+
 def test_data_fits_show_both_errors_at_80_columns():
     """Issue 13: the report gives the weight-space and the output-space error; a data-aware
     fit's weight error can exceed 1 while its output error is small, so the table shows both."""
