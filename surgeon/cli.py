@@ -693,7 +693,8 @@ def _sweep_tables(res) -> list:
                  _fmt(r["saved_ms"], "{:.4f}")] for r in all_rows if r["layer"] in shown]
         hidden = len({r["layer"] for r in all_rows} - shown)
         tables.append(report.table(f"{res.plugin}: one layer at a time on {name}",
-                                   ["layer", "ratio", "ranks", "drift", "agreement", "accuracy", "ms saved\nalone"], rows,
+                                   ["layer", "ratio", _sweep.kept_label(res.plugin), "drift", "agreement", "accuracy",
+                                    "ms saved\nalone"], rows,
                                    first="wrap", group=True, caption=f"{hidden} layer(s) rewritten at no ratio are left out (see the JSON)"
                                    if hidden else None))
     if res.fallback:
@@ -791,12 +792,13 @@ def plan_cmd(
 
 
 def _print_plan(res) -> None:
+    from surgeon.sweep import kept_label
     rows = [[c["layer"], f"{c['ratio']:g}", c["ranks"], f"{c['predicted_drift']:.4f}",
              _fmt(c["predicted_agreement"], "{:.2%}"), f"{c['predicted_saved_ms']:.4f}",
              _fmt(c["measured_drift_delta"], "{:+.4f}"), _fmt(c["measured_agreement_delta"], "{:+.2%}")]
             for c in res.choices]
     out.print(report.table(f"plan: {res.plugin} on {Path(res.model).name}, {len(res.choices)} layer(s)",
-                           ["layer", "ratio", "ranks", "drift\nalone", "top-1\nalone", "ms saved\nalone",
+                           ["layer", "ratio", kept_label(res.plugin), "drift\nalone", "top-1\nalone", "ms saved\nalone",
                             "drift\nin plan", "top-1\nin plan"], rows, first="wrap"))
     v = res.final.get("validation") or {}
     lat = v.get("latency") or {}

@@ -47,8 +47,8 @@ from surgeon import pipeline, recipe as _recipe
 from surgeon.budgets import Budgets
 from surgeon.calibration import DataSplit
 from surgeon.errors import UsageError
-from surgeon.sweep import (RATIO_REMOVES, Setup, SweepOptions, check_ratios, compression_order, layer_pattern,
-                           measure_ab, per_layer, setup)
+from surgeon.sweep import (RATIO_REMOVES, Setup, SweepOptions, check_ratios, compression_order, kept_label,
+                           layer_pattern, measure_ab, per_layer, setup)
 from surgeon.sweep_backends import Config, make_backend
 from surgeon.plugin import option_fields, registry
 
@@ -158,7 +158,7 @@ class PlanResult:
                  + ", ".join(f"{k} {v:g}" for k, v in self.budgets.items()),
                  f"status: {self.status}; apply with: surgeon apply MODEL --recipe THIS_FILE --data ... (same data)"]
         for c in self.choices:
-            lines.append(f"{c['layer']}: ratio {c['ratio']:g} (ranks {c['ranks'] or '-'}), predicted drift "
+            lines.append(f"{c['layer']}: ratio {c['ratio']:g} ({kept_label(self.plugin)} {c['ranks'] or '-'}), predicted drift "
                          f"{c['predicted_drift']:.4g}, saves {c['predicted_saved_ms']:.4g} ms alone")
         return _recipe.dumps(self.recipe, header="\n".join(lines))
 

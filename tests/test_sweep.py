@@ -233,3 +233,13 @@ def test_a_per_layer_sweep_whose_layers_pattern_matches_nothing_says_so(tmp_path
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "rewrites no layer of this model among the nodes --layers '.*MatMul.*' matches" in r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_prune_tables_name_what_a_layer_keeps_channels(tmp_path):
+    """A per-layer prune sweep (and a prune plan) headed its kept-channel counts 'ranks'."""
+    r = CliRunner().invoke(app, ["sweep", str(CNN), "-p", "prune", "--per-layer", "--ratios", "0.25", "--no-latency",
+                                 "--data", str(CNN_TEST), "--out", str(tmp_path / "s")], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    head = next(l for l in r.stdout.splitlines() if "layer" in l and "ratio" in l)
+    assert "channels" in head and "ranks" not in head, r.stdout
+    assert sweep.kept_label("prune") == "channels" and sweep.kept_label("tucker") == "ranks"
