@@ -163,7 +163,7 @@ class FitTable:
     def build(self, max_width: int = 80) -> Table:
         """The layout that prints the fewest lines. At 80 columns EfficientNet-Lite0's tucker
         table took 3 lines per layer with its before→after pairs whole (30-character names
-        wrapped at 13); with the pairs split after their arrows the names get 26 and every
+        wrapped at 13); with the pairs split after their arrows the names get 25 and every
         layer takes 2. On a tie the more spacious layout wins, and a name column wraps rather
         than elides (the whole name costs no extra line then)."""
         names = [i for i, c in enumerate(self.columns) if c[1] == "name"]

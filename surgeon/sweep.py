@@ -55,13 +55,13 @@ Progress = Callable[[str, int, int], None]
 
 # plugins whose `ratio` is the fraction removed (the others keep `ratio` of their ranks)
 RATIO_REMOVES = {"prune"}
+LATENCY_BUDGET_S = 2.0  # interleaved A/B per configuration
 
 
 def kept_label(plugin: str) -> str:
     """What a layer keeps, as tables and plans name it: prune keeps channels, tucker/svd ranks
     (the JSON's field stays `ranks` for both)."""
     return "channels" if plugin in RATIO_REMOVES else "ranks"
-LATENCY_BUDGET_S = 2.0  # interleaved A/B per configuration
 
 
 def parse_ratios(text: str) -> list[float]:
