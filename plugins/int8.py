@@ -20,7 +20,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import helper
 
 from surgeon.plugins import int8_cost as ic
 from surgeon.plugins import int8_fallback as fb
@@ -33,7 +34,9 @@ from surgeon.plugins import int8_ranges as ir
 from surgeon.plugins import int8_seqbias as sb
 from surgeon.calibration import DataSet, synthesize
 from surgeon.errors import SurgeonError, UsageError
+from surgeon.model import to_graph, to_model
 from surgeon.plugin import Context, LayerReport, ModelPlugin
+from surgeon.rewrite import constant_value, input_or_none, replace_constant, shared_by, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +262,15 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
         # 128 levels, which leaves its KL search one candidate, the min/max range; so the entropy
         # ranges come from our own 512-bin histograms (plugins/int8_ranges.py) instead.
         cfg.calibration = "minmax"
-    float_model = _copy(model)
-    float_model, note = ig.upgrade_opset(float_model)
+    float_model, note = ig.upgrade_opset(_copy(model))
     if note:
         extras["opset"] = note
+    graph = to_graph(float_model)
     if opts.fold_bn:
-        extras["folded_batchnorm"] = ig.fold_batchnorm(float_model)
+        extras["folded_batchnorm"] = ig.fold_batchnorm(graph)
     if opts.bias_correction != "off":
-        ig.ensure_bias(float_model)
+        ig.ensure_bias(graph)
+    float_model = to_model(graph, like=float_model)
     evaluate = io.Evaluator(float_model, data["measure"], ctx.threads)
     if opts.min_agreement is not None and not evaluate.has_scores:
         raise UsageError("int8: --option min_agreement needs a model output of class scores (N, C); "
@@ -327,11 +331,12 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
     # Cross-layer equalization: a new float model, so new ranges.
     if opts.equalize != "off":
         ctx.tick(1, 4, "cross-layer equalization")
-        eq_model = _copy(float_model)
-        conv_outs = {c1.name for c1, _, _ in ig.equalize_pairs(eq_model)}
-        stats = io.paired_stats(eq_model, None, conv_outs, data["calib"], ctx.threads) if conv_outs else {}
-        tensor_of = io.node_outputs(eq_model, conv_outs)
-        res = ig.cross_layer_equalize(eq_model, {tensor_of[n]: s["max"] for n, s in stats.items()})
+        eq_graph = to_graph(float_model)
+        conv_outs = {c1.name for c1, _, _ in ig.equalize_pairs(eq_graph)}
+        stats = io.paired_stats(float_model, None, conv_outs, data["calib"], ctx.threads) if conv_outs else {}
+        tensor_of = io.node_outputs(float_model, conv_outs)
+        res = ig.cross_layer_equalize(eq_graph, {tensor_of[n]: s["max"] for n, s in stats.items()})
+        eq_model = to_model(eq_graph, like=float_model)
         info: dict[str, Any] = {"pairs": len(res.pairs), "skipped": res.skipped,
                                 "channels_rescaled": sum(p.scaled for p in res.pairs)}
         if res.pairs:
@@ -406,16 +411,19 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
     budget = opts.budget
     if budget is not None:
         ctx.tick(3, 4, "fallback")
-        original_bias = {n.name: ig.Graph(pre_uncorrected).const(n.input[2]) for n in pre_uncorrected.graph.node
-                         if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]}
+        original_bias = {n.name: constant_value(n.inputs[2]) for n in to_graph(pre_uncorrected).nodes
+                         if n.op in ("Conv", "Gemm") and input_or_none(n, 2) is not None}
 
         def quantize_keeping(kept: frozenset[str]) -> onnx.ModelProto:
             # a node kept in float gets its uncorrected bias back: the correction was for its int8 weight
-            model_k = _copy(pre)
-            gk = ig.Graph(model_k)
-            for n in model_k.graph.node:
-                if n.name in kept and original_bias.get(n.name) is not None and len(n.input) > 2:
-                    gk.set_init(n, 2, "bias", original_bias[n.name])
+            model_k = pre
+            restore = [n for n in kept if original_bias.get(n) is not None]
+            if restore:
+                gk = to_graph(pre)
+                for n in gk.nodes:
+                    if n.name in restore and input_or_none(n, 2) is not None:
+                        replace_constant(gk, n, 2, ig.TAG, "bias", original_bias[n.name])
+                model_k = to_model(gk, like=pre)
             qk = io.quantize_static(model_k, data["calib"], cfg, base_excl | kept, ws, cache)
             # (no sequential bias correction: it was measured with every node int8, and a layer's
             # shift changes when an upstream node goes float)
@@ -522,52 +530,50 @@ def bias_correct(pre: onnx.ModelProto, q: onnx.ModelProto, calib: DataSet, threa
     """Cancel the mean output shift that weight quantization adds, node by node:
     E[y_int8 - y_float] = (W_int8 - W) . E[x] per output channel (E[x] per input channel, measured
     on the float model), so b -= that. Each node's own shift only, so corrections do not compound."""
-    out = _copy(pre)
-    g = ig.Graph(out)
+    graph = to_graph(pre)
     dq = dequantized_weights(q)
     targets = []
-    for n in out.graph.node:
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2] or n.name not in dq:
+    for n in graph.nodes:
+        if n.op not in ("Conv", "Gemm") or input_or_none(n, 2) is None or n.name not in dq:
             continue
-        w, b = g.const(n.input[1]), g.const(n.input[2])
+        w, b = constant_value(n.inputs[1]), constant_value(n.inputs[2])
         if w is None or b is None or b.ndim != 1 or dq[n.name].shape != w.shape:
             continue
-        if n.op_type == "Gemm" and (ig.attr(n, "transA", 0) or ig.attr(n, "alpha", 1.0) != 1.0):
+        if n.op == "Gemm" and (n.attrs.get("transA", 0) or n.attrs.get("alpha", 1.0) != 1.0):
             continue
         targets.append((n, w, b))
     if not targets:
-        return out, 0
-    means = io.input_means(out, [n.input[0] for n, _, _ in targets], calib, threads)
+        return pre, 0
+    means = io.input_means(pre, [n.inputs[0].name for n, _, _ in targets], calib, threads)
     for n, w, b in targets:
         dw = dq[n.name].astype(np.float64) - w
-        ex = means[n.input[0]]
-        if n.op_type == "Conv":
-            groups = ig.attr(n, "group", 1)
+        ex = means[n.inputs[0].name]
+        if n.op == "Conv":
+            groups = n.attrs.get("group", 1)
             d = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # (F, C/g)
             ex_g = ex.reshape(groups, -1)  # (g, C/g)
             shift = np.einsum("fc,fc->f", d, np.repeat(ex_g, dw.shape[0] // groups, axis=0))
         else:
-            d = dw if ig.attr(n, "transB", 0) else dw.T  # (N, K)
+            d = dw if n.attrs.get("transB", 0) else dw.T  # (N, K)
             shift = d @ ex
-        g.set_init(n, 2, "bias", b - shift)
-    return out, len(targets)
+        replace_constant(graph, n, 2, ig.TAG, "bias", (b - shift).astype(b.dtype))
+    return to_model(graph, like=pre), len(targets)
 
 
 def dequantized_weights(q: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Node name -> its weight as the QDQ model computes it, (w_q - zero_point) * scale."""
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    producer = {o: n for n in q.graph.node for o in n.output}
     out = {}
-    for n in q.graph.node:
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2:
+    for n in to_graph(q).nodes:
+        if n.op not in ("Conv", "Gemm") or len(n.inputs) < 2 or not n.inputs[1].inputs:
             continue
-        d = producer.get(n.input[1])
-        if d is None or d.op_type != "DequantizeLinear" or any(i not in inits for i in d.input[:3]):
+        d = n.inputs[1].inputs[0]
+        consts = [constant_value(t) for t in d.inputs[:3]]
+        if d.op != "DequantizeLinear" or len(consts) < 3 or any(c is None for c in consts):
             continue
-        wq, scale, zp = (inits[i].astype(np.float64) for i in d.input[:3])
+        wq, scale, zp = (c.astype(np.float64) for c in consts)
         if scale.ndim == 1 and scale.size > 1:
             shape = [1] * wq.ndim
-            shape[ig.attr(d, "axis", 1)] = -1
+            shape[d.attrs.get("axis", 1)] = -1
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         out[n.name] = (wq - zp) * scale
     return out
@@ -601,7 +607,7 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
     float_model, note = ig.upgrade_opset(_copy(model), 11)
     if note:
         extras["opset"] = note
-    converted = gemm_to_matmul(float_model, excluded)
+    float_model, converted = _as_matmul(float_model, excluded)
     if converted:
         extras["gemm_as_matmul"] = converted
     seven_bit, why = reduce_range(opts, "U8")
@@ -629,8 +635,7 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
 
 
 def run_nbits(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict):
-    float_model = _copy(model)
-    converted = gemm_to_matmul(float_model, excluded)
+    float_model, converted = _as_matmul(model, excluded)
     if converted:
         extras["gemm_as_matmul"] = converted
     q = io.quantize_nbits(float_model, opts.bits, opts.block_size, excluded)
@@ -640,38 +645,31 @@ def run_nbits(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ext
     return _finish(q, model)
 
 
-def gemm_to_matmul(model: onnx.ModelProto, excluded: dict[str, str]) -> list[str]:
-    """Gemm(x, B, C) with constant B, alpha = beta = 1, transA = 0 -> MatMul(x, B') + C, named
-    after the Gemm (the MatMul keeps its name, so reports and exclusions still find it)."""
-    g = ig.Graph(model)
+def gemm_to_matmul(graph: gs.Graph, excluded: dict[str, str]) -> list[str]:
+    """Gemm(x, B, C) with constant B, alpha = beta = 1, transA = 0 -> MatMul(x, B') + C, in place.
+    The MatMul keeps the Gemm's name, so reports and exclusions still find it."""
     done = []
-    for i, n in enumerate(list(model.graph.node)):
-        if n.op_type != "Gemm" or n.name in excluded:
+    for n in list(graph.nodes):
+        if n.op != "Gemm" or n.name in excluded:
             continue
-        if ig.attr(n, "alpha", 1.0) != 1.0 or ig.attr(n, "beta", 1.0) != 1.0 or ig.attr(n, "transA", 0):
+        if n.attrs.get("alpha", 1.0) != 1.0 or n.attrs.get("beta", 1.0) != 1.0 or n.attrs.get("transA", 0):
             continue
-        b = g.const(n.input[1])
-        if b is None or g.shared(n.input[1]):
+        b = constant_value(n.inputs[1])
+        if b is None or shared_by(n.inputs[1], n):
             continue
-        w = b.T if ig.attr(n, "transB", 0) else b
-        has_c = len(n.input) > 2 and n.input[2]
-        out = n.output[0]
-        mm_out = f"{n.name}/int8/matmul" if has_c else out
-        mm = helper.make_node("MatMul", [n.input[0], f"{n.name}/int8/weight"], [mm_out], name=n.name)
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), f"{n.name}/int8/weight"))
-        new = [mm]
-        if has_c:
-            new.append(helper.make_node("Add", [mm_out, n.input[2]], [out], name=f"{n.name}/int8/bias_add"))
-        idx = list(model.graph.node).index(n)
-        model.graph.node.remove(n)
-        for k, node in enumerate(new):
-            model.graph.node.insert(idx + k, node)
+        w = b.T if n.attrs.get("transB", 0) else b
+        c = input_or_none(n, 2)
+        n.op, n.attrs = "MatMul", {}
+        replace_constant(graph, n, 1, ig.TAG, "weight", w)
+        while len(n.inputs) > 2:
+            n.inputs.pop()
+        if c is not None:  # y = (x @ B') + C, C broadcast as Gemm broadcasts it
+            out = n.outputs[0]
+            product = gs.Variable(unique_name(graph, f"{n.name}/{ig.TAG}/matmul"), dtype=out.dtype)
+            n.outputs[0] = product
+            add = gs.Node("Add", unique_name(graph, f"{n.name}/{ig.TAG}/bias_add"), inputs=[product, c], outputs=[out])
+            graph.nodes.insert(graph.nodes.index(n) + 1, add)
         done.append(n.name)
-    if done:
-        used = {i for n in model.graph.node for i in n.input}
-        for t in list(model.graph.initializer):
-            if t.name not in used:
-                model.graph.initializer.remove(t)
     return done
 
 
@@ -761,6 +759,13 @@ def _finish(q: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
     del q.metadata_props[:]
     q.metadata_props.extend(like.metadata_props)
     return q
+
+
+def _as_matmul(model: onnx.ModelProto, excluded: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` with its Gemm layers as MatMul (gemm_to_matmul), and the names of those layers."""
+    graph = to_graph(model)
+    converted = gemm_to_matmul(graph, excluded)
+    return (to_model(graph, like=model), converted) if converted else (model, [])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from surgeon.calibration import DataSet
 from surgeon.model import to_graph, to_model
 from surgeon.plugins.int8_float import keep_weights_float
+from surgeon.rewrite import replace_constant
 from surgeon.validate import stream_tensors
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
     for n in g.nodes:
         if n.name in weights:
             slot = 1 if isinstance(n.inputs[1], gs.Constant) else 0
-            n.inputs[slot] = gs.Constant(f"{n.name}/int8/explain_weight", weights[n.name])
+            replace_constant(g, n, slot, "int8", "explain_weight", weights[n.name])
     return to_model(g, like=model)
 
 
@@ -91,7 +92,7 @@ def with_float_weights(q: onnx.ModelProto, float_weights: dict[str, np.ndarray])
         if n.name in float_weights and n.op in WEIGHTED:
             for slot in (1, 0):
                 if dequantized_constant(n.inputs[slot]) is not None:
-                    n.inputs[slot] = gs.Constant(f"{n.name}/int8/explain_float", float_weights[n.name])
+                    replace_constant(g, n, slot, "int8", "explain_float", float_weights[n.name])
                     break
     # onnxruntime would quantize those float weights per tensor at load time (plugins/int8_float.py)
     return keep_weights_float(to_model(g, like=q))[0]

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.model import to_graph, to_model
-from surgeon.rewrite import cast_at_boundary, constant_value, input_or_none, unique_name
+from surgeon.rewrite import cast_at_boundary, constant_value, input_or_none, replace_constant, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _gemm_bias_1d(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
         if c.ndim == 1 and beta == 1.0 and c.shape[0] == n_out:
             return  # already the form onnxruntime expects
         bias = np.broadcast_to(np.asarray(c, np.float64).reshape(-1) * beta, (n_out,)).astype(c.dtype)
-        node.inputs[2] = gs.Constant(unique_name(graph, f"{node.name}/int8/bias"), np.ascontiguousarray(bias))
+        replace_constant(graph, node, 2, "int8", "bias", bias)
         node.attrs["beta"] = 1.0
         res.notes.setdefault("gemm_bias_1d", []).append(node.name)
         return
@@ -131,7 +131,7 @@ def _own_weight(graph: gs.Graph, node: gs.Node, res: Prepared) -> None:
         value = constant_value(t)
         if value is None or value.ndim < 2 or len({id(n) for n in t.outputs}) < 2:
             continue
-        node.inputs[k] = gs.Constant(unique_name(graph, f"{node.name}/int8/weight"), np.array(value))
+        replace_constant(graph, node, k, "int8", "weight", np.array(value))  # the old one stays with the others
         res.notes.setdefault("private_weight_copy", []).append(node.name)
 
 

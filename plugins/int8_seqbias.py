@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import helper
 
 from surgeon.calibration import DataSet
-from surgeon.plugins import int8_graph as ig
 from surgeon.plugins import int8_ort as io
 from surgeon.plugins.int8_ort import with_outputs
+from surgeon.model import to_graph, to_model
+from surgeon.rewrite import constant_value, input_or_none, shared_by
 from surgeon.validate import session
 
 log = logging.getLogger(__name__)
@@ -57,35 +59,34 @@ class SequentialResult:
                 "seconds": round(self.seconds, 2)}
 
 
-def _biased_layers(q: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, np.ndarray]]:
-    """(node, int32 bias initializer, bias scale) of every Conv/Gemm whose bias is
-    DequantizeLinear(int32 initializer), in graph order."""
-    g = ig.Graph(q)
+def _biased_layers(graph: gs.Graph) -> list[tuple[gs.Node, gs.Constant, np.ndarray]]:
+    """(node, int32 bias constant, bias scale) of every Conv/Gemm whose bias is
+    DequantizeLinear(int32 constant) that no other node reads, in graph order."""
     out = []
-    for n in q.graph.node:
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2]:
+    for n in graph.nodes:
+        bias = input_or_none(n, 2) if n.op in ("Conv", "Gemm") else None
+        if bias is None or not bias.inputs or bias.inputs[0].op != "DequantizeLinear":
             continue
-        d = g.producer.get(n.input[2])
-        if d is None or d.op_type != "DequantizeLinear" or d.input[0] not in g.inits or d.input[1] not in g.inits:
+        d = bias.inputs[0]
+        q_bias, scale = d.inputs[0], constant_value(d.inputs[1])
+        if not isinstance(q_bias, gs.Constant) or scale is None or q_bias.dtype != np.int32 or shared_by(q_bias, d):
             continue
-        if g.inits[d.input[0]].data_type != onnx.TensorProto.INT32 or g.shared(d.input[0]):
-            continue
-        out.append((n, d.input[0], g.const(d.input[1]).astype(np.float64)))
+        out.append((n, q_bias, scale.astype(np.float64)))
     return out
 
 
-def _levels(q: onnx.ModelProto, layers: list[str]) -> list[set[str]]:
+def _levels(graph: gs.Graph, layers: list[str]) -> list[set[str]]:
     """The layers grouped by level, in order: a layer's level is 1 + the highest level among the
     layers upstream of it, so no two layers of a level are on one path."""
     wanted = set(layers)
     depth: dict[str, int] = {}
     level: dict[str, int] = {}
-    for n in q.graph.node:  # topological order
-        d = max((depth.get(t, 0) for t in n.input if t), default=0)
+    for n in graph.nodes:  # topological order, as ONNX stores it
+        d = max((depth.get(t.name, 0) for t in n.inputs if t.name), default=0)
         if n.name in wanted:
             d = level[n.name] = d + 1
-        for t in n.output:
-            depth[t] = d
+        for t in n.outputs:
+            depth[t.name] = d
     out: dict[int, set[str]] = {}
     for name, lv in level.items():
         out.setdefault(lv, set()).add(name)
@@ -99,7 +100,8 @@ def sequential_bias_correction(float_model: onnx.ModelProto, q: onnx.ModelProto,
     t0 = time.perf_counter()
     res = SequentialResult()
     data = data.take(min(len(data), max(samples, getattr(data, "batch", None) or 1)))  # a static batch: one
-    layers = _biased_layers(q)
+    graph = to_graph(q)
+    layers = _biased_layers(graph)
     float_out = io.node_outputs(float_model, [n.name for n, _, _ in layers])
     layers = [(n, b, s) for n, b, s in layers if n.name in float_out]
     if not layers:
@@ -108,28 +110,25 @@ def sequential_bias_correction(float_model: onnx.ModelProto, q: onnx.ModelProto,
 
     probe = onnx.ModelProto()
     probe.CopyFrom(q)
-    inits = {t.name: t for t in probe.graph.initializer}
-    biases = {b: numpy_helper.to_array(inits[b]).astype(np.int64) for _, b, _ in layers}
+    biases = {b.name: np.asarray(b.values).astype(np.int64) for _, b, _ in layers}
     for b in biases:  # an initializer that is also a graph input can be fed at run time
         probe.graph.input.append(helper.make_tensor_value_info(b, onnx.TensorProto.INT32, list(biases[b].shape)))
-    sess = session(with_outputs(probe, [n.output[0] for n, _, _ in layers]), threads)
+    sess = session(with_outputs(probe, [n.outputs[0].name for n, _, _ in layers]), threads)
     feeds = list(data.batches(8))
-    for level in _levels(q, [n.name for n, _, _ in layers]):
-        group = [(n, b, scale) for n, b, scale in layers if n.name in level]
-        means = io.channel_means(sess, [n.output[0] for n, _, _ in group], feeds,
+    for level in _levels(graph, [n.name for n, _, _ in layers]):
+        group = [(n, b.name, scale) for n, b, scale in layers if n.name in level]
+        means = io.channel_means(sess, [n.outputs[0].name for n, _, _ in group], feeds,
                                  {k: v.astype(np.int32) for k, v in biases.items()})
         for n, b, scale in group:
-            shift = means[n.output[0]] - target[float_out[n.name]]
+            shift = means[n.outputs[0].name] - target[float_out[n.name]]
             step = np.rint(shift / np.broadcast_to(scale, shift.shape)).astype(np.int64)
             biases[b] = np.clip(biases[b] - step, np.iinfo(np.int32).min, np.iinfo(np.int32).max)
             res.layers.append(n.name)
             res.moved[n.name] = float(np.max(np.abs(shift)))
         res.runs += 1
-    out = onnx.ModelProto()
-    out.CopyFrom(q)
-    for t in out.graph.initializer:
-        if t.name in biases:
-            t.CopyFrom(numpy_helper.from_array(biases[t.name].astype(np.int32), t.name))
+    for _, b, _ in layers:
+        b.values = biases[b.name].astype(np.int32)
+    out = to_model(graph, like=q)
     res.seconds = time.perf_counter() - t0
     log.info("int8: sequential bias correction of %d layers in %.1f s", len(res.layers), res.seconds)
     return out, res

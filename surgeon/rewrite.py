@@ -173,6 +173,25 @@ def unique_name(graph: gs.Graph, name: str) -> str:
     return out
 
 
+def replace_constant(graph: gs.Graph, node: gs.Node, index: int, tag: str, suffix: str,
+                     value: np.ndarray) -> gs.Constant:
+    """Point input `index` of `node` at the constant `value`, named `<node>/<tag>/<suffix>`
+    (an omitted optional input in between stays omitted). A constant this node alone reads
+    under that name already (an earlier edit by the same pass) takes the new value in place;
+    any other old constant is left to the export's cleanup, which drops it once unused."""
+    value = np.ascontiguousarray(value)
+    name = f"{node.name}/{tag}/{suffix}"
+    old = input_or_none(node, index)
+    if isinstance(old, gs.Constant) and old.name == name and not shared_by(old, node):
+        old.values = value
+        return old
+    const = gs.Constant(unique_name(graph, name), value)
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = const
+    return const
+
+
 def cast_at_boundary(graph: gs.Graph, tensor: gs.Variable, inner_dtype: Any, name: str) -> gs.Node:
     """Let the graph compute in `inner_dtype` behind a graph input or output `tensor`, which keeps
     its own type: input -> Cast(to=inner) -> every former reader; former producer -> Cast(to the

@@ -15,8 +15,10 @@ from surgeon.plugins import int8_ort as io
 from surgeon.plugins import int8_ranges as ir
 from surgeon.calibration import DataSet
 from surgeon.errors import UsageError
-from tests.models import (CNN, CNN_CALIB, CNN_TEST, MLP, MLP_CALIB, checked, init, make_model, op_counts, rel_l2,
-                          run, tensor)
+from surgeon.model import to_graph, to_model
+from surgeon.plugins.int8 import gemm_to_matmul
+from tests.models import (CNN, CNN_CALIB, CNN_TEST, MLP, MLP_CALIB, assert_close_outputs, checked, init, make_model,
+                          op_counts, random_feeds, rel_l2, run, tensor)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,15 @@ def status(result, layer):
 
 # --- the float-graph rewrites are exact -----------------------------------------------------------
 
+def rewritten(model: onnx.ModelProto, rewrite, *args):
+    """`model` after `rewrite(graph, *args)` on its graphsurgeon graph, and what it returned."""
+    graph = to_graph(model)
+    result = rewrite(graph, *args)
+    return to_model(graph, like=model), result
+
+
 def test_batchnorm_folding_is_exact_and_creates_bias(cnn):
-    folded = surgeon.engine.prepare(cnn)
-    names = ig.fold_batchnorm(folded)
+    folded, names = rewritten(surgeon.engine.prepare(cnn), ig.fold_batchnorm)
     assert names == ["bn1", "bn2", "bn3", "bn4", "bn5"]
     assert "BatchNormalization" not in op_counts(checked(folded))
     assert all(len(n.input) == 3 and n.input[2] for n in folded.graph.node if n.op_type == "Conv")
@@ -75,9 +83,7 @@ def _conv_act_conv(act: str, seed: int = 0):
 
 def test_cross_layer_equalization_through_relu_is_exact_and_balances_ranges():
     model = _conv_act_conv("Relu")
-    eq = onnx.ModelProto()
-    eq.CopyFrom(model)
-    res = ig.cross_layer_equalize(eq)
+    eq, res = rewritten(model, ig.cross_layer_equalize)
     assert len(res.pairs) == 1 and res.pairs[0].range_after < res.pairs[0].range_before
     assert res.pairs[0].range_after == pytest.approx(1.0)
     x = {"x": np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)}
@@ -87,15 +93,29 @@ def test_cross_layer_equalization_through_relu_is_exact_and_balances_ranges():
 def test_cross_layer_equalization_through_relu6_only_where_the_clip_never_bites():
     model = _conv_act_conv("Clip")
     x = {"x": np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)}
-    eq = onnx.ModelProto()
-    eq.CopyFrom(model)
-    assert "c1" in ig.cross_layer_equalize(eq).skipped  # no measured ranges: refuse
+    assert "c1" in rewritten(model, ig.cross_layer_equalize)[1].skipped  # no measured ranges: refuse
     h = run(io.with_outputs(model, ["h"]), x)[1]
     channel_max = h.transpose(1, 0, 2, 3).reshape(8, -1).max(axis=1)
     assert (channel_max > 6).any() and (channel_max < 5).any()  # some channels clip, some do not
-    res = ig.cross_layer_equalize(eq, {"h": channel_max})
+    eq, res = rewritten(model, ig.cross_layer_equalize, {"h": channel_max})
     assert res.pairs and res.pairs[0].scaled < 8  # clipping channels keep s = 1
     assert rel_l2(run(model, x)[0], run(checked(eq), x)[0]) < 1e-5
+
+
+def test_gemm_becomes_matmul_plus_add_under_its_own_name():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 8)).astype(np.float32)  # transB: (N, K)
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transB=1),
+             helper.make_node("Gemm", ["x", "w2"], ["z"], name="fc_nobias")]
+    model = make_model(nodes, [tensor("x", [3, 8])], [tensor("y", [3, 6]), tensor("z", [3, 5])],
+                       [init("w", w), init("c", rng.standard_normal(6).astype(np.float32)),
+                        init("w2", rng.standard_normal((8, 5)).astype(np.float32))])
+    graph = to_graph(model)
+    assert gemm_to_matmul(graph, {}) == ["fc", "fc_nobias"]
+    out = checked(to_model(graph, like=model))
+    assert op_counts(out) == {"MatMul": 2, "Add": 1}
+    assert {n.name for n in out.graph.node} == {"fc", "fc/int8/bias_add", "fc_nobias"}
+    assert_close_outputs(model, out, random_feeds(model))
 
 
 # --- calibration reader -----------------------------------------------------------------------

@@ -381,13 +381,14 @@ def skewed_two_conv_model(seed: int = 5):
 
 def test_sequential_bias_levels_group_parallel_layers():
     from surgeon.plugins import int8_seqbias as sb
+    from surgeon.model import to_graph
     nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="A"),
              helper.make_node("Conv", ["x", "wb"], ["b"], name="B"),
              helper.make_node("Add", ["a", "b"], ["s"], name="add"),
              helper.make_node("Conv", ["s", "wc"], ["c"], name="C"),
              helper.make_node("Conv", ["a", "wd"], ["d"], name="D")]
     model = make_model(nodes, [tensor("x", [1, 2, 4, 4])], [tensor("c", None), tensor("d", None)])
-    assert sb._levels(model, ["A", "B", "C", "D"]) == [{"A", "B"}, {"C", "D"}]
+    assert sb._levels(to_graph(model), ["A", "B", "C", "D"]) == [{"A", "B"}, {"C", "D"}]
 
 
 def test_sequential_bias_correction_cancels_the_mean_shift_of_each_layer():
