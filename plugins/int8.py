@@ -49,7 +49,12 @@ HOLDOUT_MIN = 64  # with at least this many samples, a quarter is held out to me
 @dataclass
 class Int8Options:
     mode: Literal["static", "dynamic"] = field(default="static", metadata={
-        "help": "static: QDQ with calibrated activation ranges; dynamic: activation ranges at run time"})
+        "help": "static: QDQ with calibrated activation ranges; dynamic: activation ranges at run time "
+                "(MatMul, Gemm and LSTM weights; convs stay float unless dynamic_conv)"})
+    # off since 7 Dec 2026: onnxruntime's ConvInteger made the shared models 2-11x slower than
+    # float and drifted more (docs/int8.md, "Dynamic mode and convs")
+    dynamic_conv: bool = field(default=False, metadata={
+        "help": "mode=dynamic: quantize Conv too (ConvInteger; ran 2-11x slower than float Conv here)"})
     # minmax-or-percentile by default: percentile ranges lowered the held-out drift on the detector
     # (0.0627 -> 0.0392) and on EfficientNet-Lite0 (0.0570 -> 0.0552) but not on the digits networks
     # (docs/int8.md), so the default measures both and keeps the better
@@ -603,6 +608,10 @@ def nearest_candidates(model: onnx.ModelProto, candidates: set[str]) -> dict[str
 
 # --- dynamic and n-bit --------------------------------------------------------------------------
 
+DYNAMIC_CONV_WHY = ("mode=dynamic keeps convs float: onnxruntime's ConvInteger ran 2-11x slower than float Conv "
+                    "(use mode=static for convs, or dynamic_conv=true)")
+DYNAMIC_OPS = ("MatMul", "Gemm", "Conv", "LSTM")  # what the report lists in dynamic mode
+
 def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
     float_model, note = ig.upgrade_opset(_copy(model), 11)
     if note:
@@ -610,6 +619,10 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
     float_model, converted = _as_matmul(float_model, excluded)
     if converted:
         extras["gemm_as_matmul"] = converted
+    if not opts.dynamic_conv:
+        for n in float_model.graph.node:
+            if n.op_type == "Conv" and n.name not in excluded:
+                excluded[n.name] = DYNAMIC_CONV_WHY
     seven_bit, why = reduce_range(opts, "U8")
     extras["types"] = {"activations": "U8 (dynamic)", "weights": opts.weight_type,
                        "reduce_range": seven_bit, "reduce_range_why": why}
@@ -717,7 +730,8 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
             reports.append(LayerReport(n.name, n.op_type, "rewritten", f"folded into {folded_into[n.name]}"))
             continue
         # other ops are reported only when kept in float for a cause of ours (the output Softmax)
-        if n.op_type not in COMPUTE_OPS and not excluded.get(n.name, "").startswith("kept in float:"):
+        reported = DYNAMIC_OPS if opts.mode == "dynamic" else COMPUTE_OPS
+        if n.op_type not in reported and not excluded.get(n.name, "").startswith("kept in float:"):
             continue
         if n.name in excluded:
             reports.append(LayerReport(n.name, n.op_type, "skipped", excluded[n.name]))
@@ -737,7 +751,8 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
                 reports.append(LayerReport(n.name, n.op_type, "rewritten", "", {"mode": "dynamic"}))
             else:
                 reports.append(LayerReport(n.name, n.op_type, "skipped",
-                                           "dynamic quantization covers MatMul/Gemm (as MatMul)/Conv only"))
+                                           "dynamic quantization covers MatMul, Gemm (as MatMul), LSTM and Conv "
+                                           "with constant weights only"))
             continue
         if is_quantized(out, n.name, n.op_type):
             reports.append(LayerReport(n.name, n.op_type, "rewritten", "",

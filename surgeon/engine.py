@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -139,6 +140,12 @@ def apply(model: onnx.ModelProto, plugin: str | Plugin, options: dict[str, Any] 
     if not reports:  # e.g. svd on a detector made of convs: say so, not just "0 rewritten"
         notes.append(f"{plug.name} found no layer it applies to in this model ({plug.summary}); "
                      "the output is the input, unchanged")
+    elif not any(l.status == "rewritten" for l in reports):  # why, without -v
+        reason, count = Counter(l.reason for l in reports).most_common(1)[0]
+        total = len(reports)
+        which = ("the one it looked at was" if total == 1 else
+                 f"all {total} it looked at were" if count == total else f"{count} of the {total} it looked at were")
+        notes.append(f"{plug.name} rewrote no layer: {which} skipped: {reason}")
     unguarded = [l.layer for l in reports if l.details.get("guard_skipped")]
     if unguarded:
         hint = shape_hint(source, known) or "their input shapes could not be resolved"

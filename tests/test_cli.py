@@ -342,6 +342,21 @@ def test_a_plugin_that_finds_no_layer_says_so(tmp_path):
     assert r.exit_code == 0 and "found no layer" not in r.stderr, r.stderr
 
 
+def test_a_plugin_that_skips_every_layer_says_why(tmp_path):
+    """int8 with mode=dynamic on a model of convs skipped all of them, and the output said only
+    "0 rewritten, 2 skipped (-v shows which and why)": the note gives the reason without -v."""
+    import onnx
+    from tests.models import conv_model
+    src = tmp_path / "convs.onnx"
+    onnx.save(conv_model(), src)
+    r = runner.invoke(app, ["apply", str(src), "-p", "int8", "-O", "mode=dynamic", "--no-validate",
+                            "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(l.strip() for l in r.stderr.splitlines())
+    assert "note: int8 rewrote no layer: the one it looked at was skipped: mode=dynamic keeps convs float" \
+        in text, r.stderr
+
+
 def test_notes_about_dynamic_shapes_fit_80_columns(tmp_path):
     """On the OCR recognizer without --data (its width is dynamic) the latency-guard note and
     "validation skipped" were single lines of 193 and 150 characters in a log."""

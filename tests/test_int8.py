@@ -247,6 +247,33 @@ def test_dynamic_mode_on_the_mlp(mlp):
     assert rel_l2(run(mlp, ds.inputs)[0], run(out, ds.inputs)[0]) < 0.05
 
 
+def test_dynamic_mode_keeps_convs_float_unless_asked(cnn):
+    ds = surgeon.load_data(CNN_CALIB, cnn)
+    res = surgeon.apply(cnn, "int8", {"mode": "dynamic"}, data=ds)
+    ops = op_counts(checked(res.model))
+    assert "ConvInteger" not in ops and ops["Conv"] == op_counts(cnn)["Conv"]
+    convs = [l for l in res.layers if l.op == "Conv"]
+    assert convs and all(l.status == "skipped" and "ConvInteger" in l.reason for l in convs)
+    assert {l.status for l in res.layers if l.op == "Gemm"} == {"rewritten"}
+    with_convs = surgeon.apply(cnn, "int8", {"mode": "dynamic", "dynamic_conv": "true"}, data=ds)
+    assert op_counts(with_convs.model).get("ConvInteger", 0) == len(convs)
+    assert {l.status for l in with_convs.layers if l.op == "Conv"} == {"rewritten"}
+
+
+def test_dynamic_mode_reports_a_quantized_lstm():
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 6
+    w = rng.standard_normal((1, 4 * hidden, features)).astype(np.float32) * 0.3
+    r = rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3
+    nodes = [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="lstm", hidden_size=hidden)]
+    model = make_model(nodes, [tensor("x", ["steps", 2, features])], [tensor("y", ["steps", 1, 2, hidden])],
+                       [init("w", w), init("r", r)])
+    ds = DataSet({"x": rng.standard_normal((16, 2, features)).astype(np.float32)}, source="test")
+    res = surgeon.apply(model, "int8", {"mode": "dynamic"}, data=ds)
+    assert "DynamicQuantizeLSTM" in op_counts(checked(res.model))
+    assert [(l.layer, l.status) for l in res.layers] == [("lstm", "rewritten")]
+
+
 def test_four_bit_weights_shrink_the_mlp(mlp):
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
     ds = surgeon.load_data(MLP_CALIB, mlp)
