@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from surgeon.lowrank import (_centred, _f32, _gram, _one_blas_thread, _relative, _single_blas_thread,
-                             _whitened_target, damping, regularised, run_parts)
+from surgeon.lowrank import as_f32, centred, damping, regularised, relative_norm, sample_gram, whitened_target
+from surgeon.parallel import one_blas_thread, run_parts, single_blas_thread
 
 # lam per iteration: Zhang et al. use 25 at 0.01, then 25 at 1. Five of each measured as good on
 # EfficientNet-Lite0 (6 Dec 2026, tucker, refitting its 1x1 convs, held-out drift at ratio 0.25 /
@@ -83,7 +83,7 @@ class ClippedFit:
     kept: bool         # whether the refit was kept
 
 
-@_one_blas_thread
+@one_blas_thread
 def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.ndarray, b: np.ndarray,
                   bias: np.ndarray, anchor: np.ndarray, *, damp: float, chol: np.ndarray | None = None,
                   schedule: tuple[float, ...] = SCHEDULE) -> ClippedFit:
@@ -95,9 +95,9 @@ def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.nda
     regularised(S~, damp), when the caller has it."""
     from scipy.linalg import cho_solve, solve_triangular
 
-    x = _f32(x)
-    ry = clip(_f32(y))
-    xc, mx = _centred(x)
+    x = as_f32(x)
+    ry = clip(as_f32(y))
+    xc, mx = centred(x)
     n, d_in = x.shape
     lam_d = damping(np.square(xc, dtype=np.float64).mean(0), damp)
     anchor0 = np.asarray(anchor, dtype=np.float64)
@@ -112,16 +112,16 @@ def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.nda
         xs = xc.astype(np.float64) / np.sqrt(n)
         kk = xs @ xs.T
         kk[np.diag_indices_from(kk)] += lam_d
-        with _single_blas_thread():
+        with single_blas_thread():
             kchol = np.linalg.cholesky(kk)
         xa = xs @ anchor0
     elif chol is None:
-        with _single_blas_thread():
-            chol = np.linalg.cholesky(regularised(_gram(xc, xc), damp))
+        with single_blas_thread():
+            chol = np.linalg.cholesky(regularised(sample_gram(xc, xc), damp))
     anchor = lam_d * anchor0
 
     def outputs(rows, a_, b_, c_):
-        return (x[rows] @ _f32(a_)) @ _f32(b_) + _f32(c_)
+        return (x[rows] @ as_f32(a_)) @ as_f32(b_) + as_f32(c_)
 
     def z_step(rows, a_, b_, c_, lam):  # -> (x_c^T z, sum z), or (z, sum z) in the row form, on these rows
         z = through_clip(ry[rows], outputs(rows, a_, b_, c_), lam, clip)
@@ -133,7 +133,7 @@ def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.nda
     halves = [slice(0, n // 2), slice(n // 2, n)]
     sum_x = xc.sum(0, dtype=np.float64)
     first = (a, b, np.asarray(bias, dtype=np.float64))
-    start = _relative(clip(outputs(every, *first)) - ry, ry)
+    start = relative_norm(clip(outputs(every, *first)) - ry, ry)
     c = first[2]
     for lam in schedule:
         (p0, s0), (p1, s1) = run_parts([functools.partial(z_step, h, a, b, c, np.float32(lam)) for h in halves])
@@ -145,9 +145,9 @@ def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.nda
             cross = (p0.astype(np.float64) + p1 - np.outer(sum_x, mz)) / n  # E[x_c^T z_c]
             target = solve_triangular(chol, cross + anchor, lower=True)
             a, b = (np.eye(d_in), solve_triangular(chol.T, target, lower=False)) if whole else \
-                _whitened_target(target, chol).pair(rank)
+                whitened_target(target, chol).pair(rank)
         c = mz - (mx @ a) @ b
-    end = _relative(clip(outputs(every, a, b, c)) - ry, ry)
+    end = relative_norm(clip(outputs(every, a, b, c)) - ry, ry)
     return ClippedFit(clip, a, b, c, start, end, True) if end < start else ClippedFit(clip, *first, start, start, False)
 
 
@@ -177,7 +177,7 @@ def refine(clip: Clip, x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarra
     r = b.shape[0]
     if refits_whole(*np.shape(x)):
         return refit_through(clip, x, y, r, a, b, bias, anchor, damp=damp, chol=chol)
-    out = refit_through(clip, _f32(x) @ _f32(a), y, r, np.eye(r), b, bias, b, damp=damp)
+    out = refit_through(clip, as_f32(x) @ as_f32(a), y, r, np.eye(r), b, bias, b, damp=damp)
     out.a = a @ out.a
     return out
 

@@ -299,7 +299,7 @@ class SequentialSampler:
         drawn = collect(stream, requests, data, rows=self.rows, seed=self.seed, batch=batch, reference=reference)
         self.samples.update(drawn)
         if job_for is not None:
-            from surgeon.lowrank import run_parallel
+            from surgeon.parallel import run_parallel
 
             jobs = {name: job_for(nodes[name], sample) for name, sample in drawn.items() if len(sample.rows) >= 2}
             stage = self.runs
@@ -370,17 +370,17 @@ def _tensors(requests: list[Request]) -> list[str]:
 
 @dataclass
 class _Ahead:
-    """A reference pass (draw) as a lowrank.Part run by a background thread at idle priority;
+    """A reference pass (draw) as a parallel.Part run by a background thread at idle priority;
     `stop` ends it after its current batch."""
 
     requests: list[Request]
-    part: object  # surgeon.lowrank.Part
+    part: object  # surgeon.parallel.Part
     stop: threading.Event
     thread: threading.Thread
 
     @classmethod
     def start(cls, requests: list[Request], run: Callable[[threading.Event], Drawn]) -> "_Ahead":
-        from surgeon.lowrank import Part
+        from surgeon.parallel import Part
 
         stop = threading.Event()
         part = Part(lambda: run(stop))
@@ -421,7 +421,7 @@ def layer_fit(graph: gs.Graph, layer: str, ctx, opts, request_for: Callable[[gs.
               job_for: Callable | None = None) -> tuple[Sample | None, object]:
     """(sample, fit) for one candidate (fit=data). When its stage's samples are drawn,
     job_for(node, sample, layer_options) gives every stage layer's fit as a closure, and they run
-    in parallel (surgeon.lowrank.run_parallel); fit is this layer's result (None without job_for)."""
+    in parallel (surgeon.parallel.run_parallel); fit is this layer's result (None without job_for)."""
     sampler = sampler_for(graph, ctx, tag, opts.passes, opts.rows)
     data = ctx.data.take(min(opts.samples, len(ctx.data)))
     wants = lambda name: getattr(ctx.options_for(name, opts), "fit", "weights") == "data"

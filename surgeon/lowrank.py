@@ -13,20 +13,21 @@ factorizing plugin offers the same options with the same meaning.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import numpy as np
 
+from surgeon import parallel
+from surgeon.parallel import one_blas_thread, run_parts, single_blas_thread
+
 
 # From this size on, a Gram matrix's eigh runs on two BLAS threads: measured 13.1 s on one
 # thread vs 7.6 s on two for VGG-19's 4096 x 4096 fc Gram. Below it, one thread (see
-# _single_blas_thread). The thread count is fixed either way, so a run repeats byte for byte.
+# surgeon.parallel.single_blas_thread). The thread count is fixed either way, so a run repeats byte for byte.
 LARGE_GRAM = 2048
 # From this size on, when the rank is known before the factorization and is at most
 # SUBSET_FRACTION of it, only the leading `rank` eigenpairs are computed (LAPACK dsyevr on an
@@ -74,55 +75,9 @@ def left_singular(a: np.ndarray, rank: int | None = None) -> tuple[np.ndarray, n
 
 def _blas_threads(n: int):
     """One BLAS thread for a symmetric eigensolver below LARGE_GRAM, two from it on."""
-    if n < LARGE_GRAM or _pinned:
-        return _single_blas_thread()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - depends on the environment
-        return contextlib.nullcontext()
-    _load_scipy_blas()
-    return threadpool_limits(2, user_api="blas")
-
-
-def _load_scipy_blas() -> None:
-    """Load scipy's own OpenBLAS before a thread limit is set: threadpoolctl limits the libraries
-    loaded at that moment, and scipy.linalg (imported where first used) brought in one that then
-    ran on every core for the rest of the section. The first stage's fits of a process differed
-    from later ones in the last bits (Cholesky factors and solves on two threads)."""
-    import scipy.linalg  # noqa: F401
-
-
-def _one_blas_thread(fn):
-    """Run `fn` with one BLAS thread (see _single_blas_thread): for the data-aware fits the
-    Cholesky, solve and eigh calls were 10-40x slower on two threads with the cores busy."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with _single_blas_thread():
-            return fn(*args, **kwargs)
-    return wrapped
-
-
-# > 0 while layer fits run in parallel (run_parallel): BLAS is then pinned to one thread for the
-# whole section, and the per-call limits below do nothing (a worker restoring "two threads" on
-# exit would otherwise change the other worker's thread count, and each call costs ~1 ms).
-_pinned = 0
-
-
-def _single_blas_thread():
-    """LAPACK's symmetric eigensolver (tridiagonal reduction) gains nothing from a second
-    OpenBLAS thread at these sizes and loses a lot when the cores are busy: measured on the
-    2-core machine, eigh of a 1024 x 1024 Gram took 0.26-0.52 s on one thread vs 0.97-2.3 s
-    on two. threadpoolctl (optional) pins it to one; without it nothing changes."""
-    if _pinned:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - depends on the environment
-        return contextlib.nullcontext()
-    _load_scipy_blas()
-    return threadpool_limits(1, user_api="blas")
+    if n < LARGE_GRAM or parallel.pinned():
+        return single_blas_thread()
+    return parallel.blas_threads(2)
 
 
 def unfold(w: np.ndarray, mode: int) -> np.ndarray:
@@ -482,7 +437,7 @@ def damping(cov: np.ndarray, damp: float) -> float:
 def _eigh_desc(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvectors (sign-fixed columns) and square-rooted eigenvalues of a symmetric PSD
     matrix, in descending order."""
-    with _single_blas_thread():
+    with single_blas_thread():
         evals, evecs = np.linalg.eigh((sym + sym.T) / 2)
     order = np.argsort(evals)[::-1]
     evals, evecs = evals[order], evecs[:, order]
@@ -500,7 +455,7 @@ class WhitenedFactors:
     chol: np.ndarray | None  # L with S = L L^T, when the input side was whitened
     lw: np.ndarray | None = None  # the whitened target L^T W (with chol)
 
-    @_one_blas_thread
+    @one_blas_thread
     def pair(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(A (in x r), B (r x out)) with W' = A B. A rank above min(in, out) is exact; its extra
         columns of A (rows of B) are zeros, so the pair has the shape the caller builds on (a
@@ -519,7 +474,7 @@ class WhitenedFactors:
         return a, b
 
 
-@_one_blas_thread
+@one_blas_thread
 def whitened_factors(w: np.ndarray, cov: np.ndarray, damp: float = 1e-2, chol: np.ndarray | None = None
                      ) -> WhitenedFactors:
     """Truncated SVD of L^T W (S + damping = L L^T), through the smaller Gram matrix:
@@ -536,14 +491,14 @@ def whitened_factors(w: np.ndarray, cov: np.ndarray, damp: float = 1e-2, chol: n
         v, vals = _eigh_desc(w.T @ s @ w)
         return WhitenedFactors(w, v, vals, None)
     if chol is None:
-        with _single_blas_thread():
+        with single_blas_thread():
             chol = np.linalg.cholesky(s)
     lw = chol.T @ w
     u, vals = _eigh_desc(gram(lw))
     return WhitenedFactors(w, u, vals, chol, lw)
 
 
-def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
+def whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
     """Factors W' = L^-T M_r for a whitened target M (in x out), M_r its truncated SVD."""
     if m.shape[0] > m.shape[1]:
         v, vals = _eigh_desc(m.T @ m)
@@ -554,7 +509,7 @@ def _whitened_target(m: np.ndarray, chol: np.ndarray) -> "WhitenedFactors":
     return WhitenedFactors(m, u, vals, chol, m)
 
 
-def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def sample_gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a^T b / rows, for the (rows x d) sample products, in float32 (GEMM over a few thousand
     rows; measured 1.7x faster than float64 here), the sums returned in float64 for the
     factorizations that follow. Everything the size of the sample (centring, projections,
@@ -568,17 +523,17 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 ERROR_ROWS = 512
 
 
-def _f32(a) -> np.ndarray:
+def as_f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x - mean in float32, the mean in float64) for a float32 sample."""
     mean = x.mean(0, dtype=np.float64)
     return x - mean.astype(np.float32), mean
 
 
-def _relative(diff: np.ndarray, ref: np.ndarray) -> float:
+def relative_norm(diff: np.ndarray, ref: np.ndarray) -> float:
     nr = np.linalg.norm(ref)
     return float(np.linalg.norm(diff) / nr) if nr > 0 else float(np.linalg.norm(diff))
 
@@ -620,7 +575,7 @@ class DataLinear:
     def values(self) -> np.ndarray:
         return self.factors.values
 
-    @_one_blas_thread
+    @one_blas_thread
     def fit(self, rank: int, bias: np.ndarray | float = 0.0, error: bool = True) -> LinearFit:
         """The rank-r factors, the bias shift and (error=False: skipped, NaN) the output error."""
         a, b = self.factors.pair(rank)
@@ -632,7 +587,7 @@ class DataLinear:
         x, t = self.x[:ERROR_ROWS].astype(np.float64), self.t[:ERROR_ROWS].astype(np.float64)
         y = t @ self.w + bias + (0.0 if self.d is None else self.d[:ERROR_ROWS])
         y2 = (x @ a) @ b + bias + shift
-        return LinearFit(a, b, shift, _relative(y2 - y, y), self.values)
+        return LinearFit(a, b, shift, relative_norm(y2 - y, y), self.values)
 
 
 @dataclass
@@ -661,7 +616,7 @@ class Moments:
 
     def with_chol(self, damp: float) -> "Moments":
         if self.chol is None or self.damp != damp:
-            with _single_blas_thread():
+            with single_blas_thread():
                 self.chol, self.damp = np.linalg.cholesky(regularised(self.xx, damp)), damp
         return self
 
@@ -681,21 +636,21 @@ def moments(rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered
     """S~ (and, with target rows and the layer's W, C W) of a sample, the products float32 like
     the rows (_gram). `offset` (rows x out, with target rows): added to the target outputs,
     which are then x W + d."""
-    x = _f32(rows)
-    xc, mx = _centred(x)
-    t, tc, mt = (x, xc, mx) if target_rows is None else (_f32(target_rows), *_centred(_f32(target_rows)))
+    x = as_f32(rows)
+    xc, mx = centred(x)
+    t, tc, mt = (x, xc, mx) if target_rows is None else (as_f32(target_rows), *centred(as_f32(target_rows)))
     if not centered:
         xc, tc = x, t
     if target_rows is None:
-        return Moments(len(x), mx, mt, centered, _gram(xc, xc))
+        return Moments(len(x), mx, mt, centered, sample_gram(xc, xc))
     if w is None:
         raise ValueError("moments with target rows need the layer's W (they keep C W)")
     w = np.asarray(w, dtype=np.float64)
     xtd, md = None, 0.0
     if offset is not None:
-        d, md = _centred(_f32(offset))
-        xtd = _gram(xc, d if centered else _f32(offset))
-    return Moments(len(x), mx, mt, centered, _gram(xc, xc), _gram(xc, tc @ _f32(w)), w, xtd, md)
+        d, md = centred(as_f32(offset))
+        xtd = sample_gram(xc, d if centered else as_f32(offset))
+    return Moments(len(x), mx, mt, centered, sample_gram(xc, xc), sample_gram(xc, tc @ as_f32(w)), w, xtd, md)
 
 
 def pooled(a: Moments, b: Moments) -> Moments:
@@ -716,15 +671,15 @@ def pooled(a: Moments, b: Moments) -> Moments:
                    pool(a.xtd, b.xtd, dx, np.subtract(a.mean_d, b.mean_d)), p * a.mean_d + q * b.mean_d)
 
 
-@_one_blas_thread
+@one_blas_thread
 def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None = None, *, centered: bool = True,
                 damp: float = 1e-2, stats: Moments | None = None, offset: np.ndarray | None = None) -> DataLinear:
     """The fit of DataLinear; `stats`: the sample's moments (with C W when there is a target), when
     the caller has them (the held-out trials share them, see linear_trials). `offset` (with target
     rows): the targets are x W + d (moments)."""
     w = np.asarray(w, dtype=np.float64)
-    x = _f32(rows)
-    t = x if target_rows is None else _f32(target_rows)
+    x = as_f32(rows)
+    t = x if target_rows is None else as_f32(target_rows)
     offset = None if target_rows is None else offset
     m = stats if stats is not None else \
         moments(x, target_rows, centered=centered, w=w, offset=offset).aimed("sequential" if offset is None
@@ -741,8 +696,8 @@ def data_linear(w: np.ndarray, rows: np.ndarray, target_rows: np.ndarray | None 
     # excite keep W instead of collapsing to zero (and x~ = x gives W* = W exactly).
     chol = m.with_chol(damp).chol
     target = solve_triangular(chol, m.xtw + damping(cov, damp) * w, lower=True)
-    return DataLinear(w, x, t, m.mean_x, m.mean_t, _whitened_target(target, chol), centered,
-                      None if offset is None else _f32(offset), m.mean_d)
+    return DataLinear(w, x, t, m.mean_x, m.mean_t, whitened_target(target, chol), centered,
+                      None if offset is None else as_f32(offset), m.mean_d)
 
 
 @dataclass
@@ -775,7 +730,7 @@ class DataChannelSpectra:
     out_values: np.ndarray
 
 
-@_one_blas_thread
+@one_blas_thread
 def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.ndarray | None = None,
                          damp: float = 1e-2) -> DataChannelSpectra:
     """Spectra for a data-aware Tucker-2 from a sample of the conv's input patches (rows laid
@@ -789,14 +744,14 @@ def data_channel_spectra(w: np.ndarray, patches: np.ndarray, target_patches: np.
     Output side: the eigenvectors of the covariance of the target responses y = W p (Zhang et
     al.), whose eigenvalues are the output energy each direction carries."""
     w = np.asarray(w, dtype=np.float64)
-    x = _f32(patches)
+    x = as_f32(patches)
     return _spectra(w, _input_side(w, x, damp), _output_side(responses(w, x if target_patches is None else
                                                                          target_patches)))
 
 
 def responses(w: np.ndarray, patches: np.ndarray) -> np.ndarray:
     """y = W p for patch rows (n, c*K): (n, f), float32 like the patches."""
-    return _f32(patches) @ _f32(np.reshape(w, (w.shape[0], -1))).T
+    return as_f32(patches) @ as_f32(np.reshape(w, (w.shape[0], -1))).T
 
 
 def _input_side(w: np.ndarray, x: np.ndarray, damp: float, mode1: np.ndarray | None = None) -> tuple:
@@ -805,18 +760,18 @@ def _input_side(w: np.ndarray, x: np.ndarray, damp: float, mode1: np.ndarray | N
     products instead of two c x (f*K) ones."""
     f, c = w.shape[:2]
     K = int(np.prod(w.shape[2:]))
-    xc, mu = _centred(x)
+    xc, mu = centred(x)
     per_offset = xc.reshape(len(xc), c, K).transpose(0, 2, 1).reshape(len(xc) * K, c)
-    with _single_blas_thread():
-        chol = np.linalg.cholesky(regularised(_gram(per_offset, per_offset), damp))
+    with single_blas_thread():
+        chol = np.linalg.cholesky(regularised(sample_gram(per_offset, per_offset), damp))
     m = gram(unfold(w, 1)) if mode1 is None else mode1
     return (xc, mu, chol, *_eigh_desc(chol.T @ m @ chol))
 
 
 def _output_side(y: np.ndarray) -> tuple:
     """(centred responses y = W p of the target patches, their mean, output eigenvectors, values)."""
-    y, ymean = _centred(_f32(y))
-    return (y, ymean, *_eigh_desc(_gram(y, y)))
+    y, ymean = centred(as_f32(y))
+    return (y, ymean, *_eigh_desc(sample_gram(y, y)))
 
 
 def _spectra(w: np.ndarray, inputs: tuple, outputs: tuple) -> DataChannelSpectra:
@@ -825,7 +780,7 @@ def _spectra(w: np.ndarray, inputs: tuple, outputs: tuple) -> DataChannelSpectra
     return DataChannelSpectra(w, xc, mu, y, ymean, chol, in_vectors, in_values, out_vectors, out_values)
 
 
-@_one_blas_thread
+@one_blas_thread
 def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | float = 0.0,
                  ridge: float = 1e-3, refit: bool = True, error: bool = True) -> DataTucker:
     """Input factor B = L^-T V_r1, output factor O = leading r2 response eigenvectors, and the
@@ -857,12 +812,12 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     if refit:
         from scipy.linalg import solve
 
-        t = spec.responses @ _f32(o)                                                       # (n, R2)
+        t = spec.responses @ as_f32(o)                                                       # (n, R2)
         p = h.shape[1]
         if n >= p:
-            gram = _gram(h, h)
+            gram = sample_gram(h, h)
             lam = ridge * float(np.trace(gram)) / p + 1e-12
-            rhs = _gram(h, t) + lam * core0.T
+            rhs = sample_gram(h, t) + lam * core0.T
             gram[np.diag_indices_from(gram)] += lam
             core = solve(gram, rhs, assume_a="pos", overwrite_a=True).T                    # (R2, R1*K)
         else:
@@ -873,7 +828,7 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
             k = hd @ hd.T / n
             lam = ridge * float(np.trace(k)) / p + 1e-12
             k[np.diag_indices_from(k)] += lam
-            resid = (t - h @ _f32(core0).T).astype(np.float64) / n
+            resid = (t - h @ as_f32(core0).T).astype(np.float64) / n
             core = core0 + solve(k, resid, assume_a="pos", overwrite_a=True).T @ hd
     else:
         core = core0
@@ -883,7 +838,7 @@ def data_tucker2(spec: DataChannelSpectra, r1: int, r2: int, bias: np.ndarray | 
     if error:
         m = min(n, ERROR_ROWS)
         y = spec.responses[:m] + spec.response_mean + bias
-        out_error = _relative((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
+        out_error = relative_norm((h[:m] @ core.T) @ o.T - spec.responses[:m], y)  # the centred parts differ, means match
     return DataTucker(core.reshape((r2, r1) + tuple(kernel)), o, b, shift, out_error)
 
 
@@ -891,7 +846,7 @@ def patches_through(patches: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Patch rows (n, c*K: channel-major) through the in factor B (c x R1) at every kernel
     offset: (n, R1*K), R1-major like the core's columns."""
     n, K = len(patches), patches.shape[1] // len(b)
-    h = np.tensordot(_f32(patches).reshape(n, len(b), K), _f32(b), axes=(1, 0))  # (n, K, R1)
+    h = np.tensordot(as_f32(patches).reshape(n, len(b), K), as_f32(b), axes=(1, 0))  # (n, K, R1)
     return h.transpose(0, 2, 1).reshape(n, -1)
 
 
@@ -973,20 +928,20 @@ def choose_fit(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, group
     held = held_out(groups, n)
     if not splits(held):
         return None
-    xh = _f32(rows[held])
-    th = xh if target is None else _f32(target[held])
-    y = th @ _f32(w)
+    xh = as_f32(rows[held])
+    th = xh if target is None else as_f32(target[held])
+    y = th @ as_f32(w)
     if offset is not None:
-        y += _f32(offset[held])
-    ref = y + _f32(bias)
+        y += as_f32(offset[held])
+    ref = y + as_f32(bias)
 
     fits = {}
 
     def score(name: str) -> float:
         # (A, B): x A B costs less than forming W' = A B; or x -> x W'
         approx, shift, fits[name] = trials[name](~held)
-        out = approx(xh) if callable(approx) else (xh @ _f32(approx[0])) @ _f32(approx[1])
-        return _relative(out + _f32(shift) - y, ref)
+        out = approx(xh) if callable(approx) else (xh @ as_f32(approx[0])) @ as_f32(approx[1])
+        return relative_norm(out + as_f32(shift) - y, ref)
 
     names = [name for name in FIT_CANDIDATES if name in trials]
     ahead = []
@@ -1039,14 +994,14 @@ class SampleMoments:
         """The moments of the training split (with its Cholesky factor) and of the held-out rows, as
         independent parts (run_parts), before the trials."""
         kind = "sequential" if self.has_target else "data"
-        return [_one_blas_thread(functools.partial(self.split, kind, train, True)),
-                _one_blas_thread(functools.partial(self.split, kind, ~train))]
+        return [one_blas_thread(functools.partial(self.split, kind, train, True)),
+                one_blas_thread(functools.partial(self.split, kind, ~train))]
 
     def ahead(self, train: np.ndarray) -> list:
         """The moments of every row and their Cholesky factor, as a part that runs beside the trials:
         both data fits read the moments; the factor serves the sequential fit, and the data fit
         too when in <= out (with in > out it goes unused when the data fit wins)."""
-        return [_one_blas_thread(functools.partial(self.every_row, "sequential" if self.has_target else "data", train,
+        return [one_blas_thread(functools.partial(self.every_row, "sequential" if self.has_target else "data", train,
                                                    True))]
 
     def every_row(self, kind: str, train: np.ndarray, chol: bool = False) -> Moments:
@@ -1114,8 +1069,8 @@ class SampleRows(Computed):
 
     def _side(self, source: np.ndarray, rows: np.ndarray) -> tuple:
         """(X: the rows centred (unless the fit is not) over sqrt(n), float32; their mean)."""
-        x = _f32(source[rows])
-        xc, mean = _centred(x)
+        x = as_f32(source[rows])
+        xc, mean = centred(x)
         return (xc if self.centered else x) / np.float32(np.sqrt(len(x))), mean
 
     def split(self, rows: np.ndarray) -> dict:
@@ -1123,10 +1078,10 @@ class SampleRows(Computed):
         def make():
             x, mx = self._side(self.rows, rows)
             out = {"x": x, "mean_x": mx, "q": gram(x), "lam": damping(np.square(x, dtype=np.float64).sum(0), self.damp),
-                   "z": (x @ _f32(self.w)).astype(np.float64)}
+                   "z": (x @ as_f32(self.w)).astype(np.float64)}
             if self.target is not None:
                 t, out["mean_t"] = self._side(self.target, rows)
-                out["t"] = (t @ _f32(self.w)).astype(np.float64)
+                out["t"] = (t @ as_f32(self.w)).astype(np.float64)
                 if self.offset is not None:
                     d, out["mean_d"] = self._side(self.offset, rows)
                     out["d"] = d.astype(np.float64)
@@ -1150,10 +1105,10 @@ class SampleRows(Computed):
             wstar = self.w + s["x"].T.astype(np.float64) @ e
             m = aim.T @ (z + s["q"] @ e) + lam * (self.wtw() + z.T @ e)
             mean_t = s["mean_t"]
-            mean_d, d = (s["mean_d"], _f32(self.offset[rows])) if kind == "residual" and "d" in s else (0.0, None)
+            mean_d, d = (s["mean_d"], as_f32(self.offset[rows])) if kind == "residual" and "d" in s else (0.0, None)
         v, vals = _eigh_desc(m)
-        x = _f32(self.rows[rows])
-        t = x if kind == "data" or self.target is None else _f32(self.target[rows])
+        x = as_f32(self.rows[rows])
+        t = x if kind == "data" or self.target is None else as_f32(self.target[rows])
         return DataLinear(self.w, x, t, s["mean_x"], mean_t, WhitenedFactors(wstar, v, vals, None), self.centered,
                           d, mean_d)
 
@@ -1162,7 +1117,7 @@ class SampleRows(Computed):
 
     def parts(self, train: np.ndarray) -> list:
         """The training split's products and W^T W, as independent parts (run_parts)."""
-        return [_one_blas_thread(functools.partial(self.split, train)), _one_blas_thread(self.wtw)]
+        return [one_blas_thread(functools.partial(self.split, train)), one_blas_thread(self.wtw)]
 
 
 def linear_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, rank: int, *, centered: bool,
@@ -1209,14 +1164,14 @@ class ConvSample(Computed):
         if kind == "in":
             mode1 = self._once("mode1", lambda: gram(unfold(self.w, 1)))
             return self._once(("in", source, rows.tobytes()), lambda: _input_side(
-                self.w, _f32(self.sources[source][rows]), self.damp, mode1))
+                self.w, as_f32(self.sources[source][rows]), self.damp, mode1))
         y = self.responses(source)
         return self._once(("out", source, rows.tobytes()), lambda: _output_side(y[rows]))
 
     def responses(self, source: str) -> np.ndarray:
         """W p on every row of `source` (residual: the target's, plus the offset)."""
         if source == "residual":
-            return self._once(("responses", source), lambda: self.responses("target") + _f32(self.offset))
+            return self._once(("responses", source), lambda: self.responses("target") + as_f32(self.offset))
         return self._once(("responses", source), lambda: responses(self.w, self.sources[source]))
 
     # the responses each fit aims at: data x~ W, sequential x W, residual x W + d
@@ -1231,7 +1186,7 @@ class ConvSample(Computed):
         """The training split's sides as independent parts (run_parts), before the trials."""
         used = [("in", "rows"), ("out", "rows")] + ([("out", "target")] if self.sources["target"] is not None else []) \
             + ([("out", "residual")] if self.sources["target"] is not None and self.offset is not None else [])
-        return [_one_blas_thread(functools.partial(self.side, kind, source, train)) for kind, source in used]
+        return [one_blas_thread(functools.partial(self.side, kind, source, train)) for kind, source in used]
 
 
 def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1: int, r2: int, *, damp: float,
@@ -1248,11 +1203,11 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
     stats = stats or ConvSample(w, rows, target, damp, offset)
 
     def tucker(kind: str):
-        @_one_blas_thread
+        @one_blas_thread
         def trial(train):
             spec = stats.spectra(kind, train)
             fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT, error=False)
-            core, o, b = _f32(fit.core.reshape(r2, -1)).T, _f32(fit.out_factor).T, fit.in_factor
+            core, o, b = as_f32(fit.core.reshape(r2, -1)).T, as_f32(fit.out_factor).T, fit.in_factor
             # x W' through the factors: fewer products than forming W' (c*K x f) and x W'
             return (lambda rows: (patches_through(rows, b) @ core) @ o), fit.shift, fit
         return trial
@@ -1273,7 +1228,7 @@ def output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray, target: np
     x = np.asarray(rows[:ERROR_ROWS], dtype=np.float64)
     t = x if target is None else np.asarray(target[:ERROR_ROWS], dtype=np.float64)
     y = t @ w + (0.0 if offset is None else np.asarray(offset[:ERROR_ROWS], dtype=np.float64))
-    return _relative(x @ approx + shift - y, y + bias)
+    return relative_norm(x @ approx + shift - y, y + bias)
 
 
 def sample_offset(sample, outputs: int) -> np.ndarray | None:
@@ -1378,7 +1333,7 @@ def fit_linear(w: np.ndarray, sample, rank_of, *, refuse=None, centered: bool = 
     # aimed at the original model's outputs whichever fit won (aimed at x~ W after a data fit,
     # EfficientNet-Lite0 drifted 0.627 / 0.504 at ratio 0.25 / 0.5 instead of 0.567 / 0.473)
     aim = offset if kind == "residual" else None
-    y = _f32(rows if target is None else target) @ _f32(w) + _f32(bias) + (0 if aim is None else _f32(aim))
+    y = as_f32(rows if target is None else target) @ as_f32(w) + as_f32(bias) + (0 if aim is None else as_f32(aim))
     through = refine(clip, rows, y, fitted.a, fitted.b, bias + fitted.shift, w, damp=damp, chol=chol)
     shift = through.bias - bias
     error = output_error(w, through.a @ through.b, rows, target, shift, bias, aim) if through.kept \
@@ -1435,7 +1390,7 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, *, refuse=None, damp: float = 1e
     core = fitted.core.reshape(r2, -1).T
     # responses W p, centred: the original model's (plus the offset after a residual fit) whichever fit won
     y = stats.side("out", "rows" if target is None else "residual" if kind == "residual" else "target", every)
-    through = refine(clip, h, y[0] + y[1] + _f32(bias), core, fitted.out_factor.T, bias + fitted.shift,
+    through = refine(clip, h, y[0] + y[1] + as_f32(bias), core, fitted.out_factor.T, bias + fitted.shift,
                      core @ fitted.out_factor.T, damp=damp)
     core, out = through.a.T.reshape(fitted.core.shape), through.b.T
     shift = through.bias - bias
@@ -1444,118 +1399,3 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, *, refuse=None, damp: float = 1e
         approx = tucker2_full(core, out, fitted.in_factor).reshape(f, -1).T
         error = output_error(flat, approx, rows, target, shift, bias, offset if kind == "residual" else None)
     return LayerFit((r1, r2), None, (core, out, fitted.in_factor), shift, error, kind, choice, through=through)
-
-
-# seconds between progress calls while a stage's fits run and none finishes
-HEARTBEAT_S = 5.0
-
-# the pool of the running run_parallel, so that one fit's independent parts (its held-out
-# trials) can run on a worker that has no layer left (see run_parts)
-_pool = None
-
-
-class Part:
-    """A zero-argument callable that an idle worker of the running run_parallel pool may run
-    (spawn); get() runs it in the caller when no worker has claimed it yet, else waits for it.
-    A part never waits on its caller, so this cannot deadlock."""
-
-    def __init__(self, fn):
-        self.fn, self.claim, self.done, self.result = fn, threading.Lock(), threading.Event(), None
-
-    def run(self) -> None:
-        if not self.claim.acquire(blocking=False):
-            return
-        try:
-            self.result = (True, self.fn())
-        except BaseException as exc:  # noqa: BLE001 - raised again in get()
-            self.result = (False, exc)
-        finally:
-            self.done.set()
-
-    def get(self):
-        self.run()
-        self.done.wait()
-        ok, value = self.result
-        if not ok:
-            raise value
-        return value
-
-
-def spawn(fn) -> Part:
-    """`fn` as a Part, queued on the running pool (when there is one) for an idle worker."""
-    part = Part(fn)
-    if _pool is not None:
-        try:
-            _pool.submit(part.run)
-        except RuntimeError:  # the pool is shutting down (Ctrl-C): get() runs it
-            pass
-    return part
-
-
-def run_parts(parts: list) -> list:
-    """The results of independent zero-argument callables, in order. Inside run_parallel, idle
-    workers help: every part but the first is queued on the pool (spawn), and the caller runs
-    each one no worker has claimed yet itself, then waits for the ones taken. A stage of few
-    layers, one of them large, otherwise leaves a core idle while that layer's trials run one
-    after another: on ResNet-50 the fits used 1.57 of the 2 cores. Each part does the same
-    arithmetic on whichever thread, so results repeat."""
-    if _pool is None or len(parts) < 2:
-        return [part() for part in parts]
-    queued = [Part(parts[0])] + [spawn(part) for part in parts[1:]]
-    for part in queued:
-        part.run()
-    return [part.get() for part in queued]
-
-
-def run_parallel(jobs: dict, workers: int | None = None, progress=None) -> dict:
-    """Run independent layer fits (name -> zero-argument callable) on a pool of threads, each on
-    one BLAS thread (numpy and scipy release the GIL in BLAS/LAPACK, so two fits use two cores,
-    where one fit on two BLAS threads gained little: its solves are small). A fit that raises
-    gives its exception as the result, raised again where its layer is rewritten. Each fit does
-    the same arithmetic whatever the worker count, so the results repeat byte for byte.
-    progress(done, total, name) is called (from this thread) as each fit finishes, and every
-    HEARTBEAT_S while none does (name: "<the first fit not done>, still running")."""
-    import os
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    global _pinned, _pool
-
-    def guarded(job):
-        try:
-            return job()
-        except Exception as exc:  # noqa: BLE001 - reported on its own layer
-            return exc
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # one pool thread per core even for fewer fits: a stage of one large layer (AlexNet's fc6)
-    # otherwise ran its held-out trials one after another with a core idle (run_parts)
-    workers = max(1, workers or cores)
-    with _single_blas_thread():
-        _pinned += 1
-        try:
-            tick = progress or (lambda done, total, name: None)
-            if workers == 1:
-                out = {}
-                for name, job in jobs.items():
-                    out[name] = guarded(job)
-                    tick(len(out), len(jobs), name)
-                return out
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="surgeon-fit")
-            _pool = pool
-            try:
-                futures = {pool.submit(guarded, job): name for name, job in jobs.items()}
-                order = {fut: i for i, fut in enumerate(futures)}
-                pending, done = set(futures), 0
-                while pending:
-                    finished, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
-                    if not finished:  # a long fit (AlexNet's fc6: a minute): the log shows it still runs
-                        tick(done, len(jobs), f"{futures[min(pending, key=order.get)]}, still running")
-                    for fut in sorted(finished, key=order.get):
-                        done += 1
-                        tick(done, len(jobs), futures[fut])
-                return {name: fut.result() for fut, name in futures.items()}
-            finally:  # on Ctrl-C, drop the fits not started instead of finishing the whole stage
-                _pool = None
-                pool.shutdown(wait=True, cancel_futures=True)
-        finally:
-            _pinned -= 1

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
-from surgeon import lowrank
+from surgeon import lowrank, parallel
 from surgeon.layer_stats import ConvWindow, patches_at
 from tests.models import init, make_model, run, tensor
 
@@ -328,20 +328,13 @@ def _flat(fit) -> bytes:
 def test_parallel_fits_equal_serial_fits_to_the_bit():
     """The fits of a stage run on a thread pool, each on one BLAS thread: the same bytes as one
     after the other, and the held-out choice the same."""
-    serial = lowrank.run_parallel(_layer_jobs(), workers=1)
-    parallel = lowrank.run_parallel(_layer_jobs(), workers=2)
-    assert set(serial) == set(parallel) == {"conv0", "conv1", "fc", "fc_few"}
+    serial = parallel.run_parallel(_layer_jobs(), workers=1)
+    pooled = parallel.run_parallel(_layer_jobs(), workers=2)
+    assert set(serial) == set(pooled) == {"conv0", "conv1", "fc", "fc_few"}
     for name in serial:
-        assert _flat(serial[name]) == _flat(parallel[name])
-        assert serial[name].kind == parallel[name].kind and serial[name].ranks == parallel[name].ranks
-    assert lowrank._pinned == 0  # the section's BLAS pin is released
-
-
-def test_a_failing_fit_is_returned_not_raised():
-    def broken():
-        raise ValueError("singular layer")
-    out = lowrank.run_parallel({"ok": lambda: 1, "bad": broken}, workers=2)
-    assert out["ok"] == 1 and isinstance(out["bad"], ValueError)
+        assert _flat(serial[name]) == _flat(pooled[name])
+        assert serial[name].kind == pooled[name].kind and serial[name].ranks == pooled[name].ranks
+    assert parallel._pinned == 0  # the section's BLAS pin is released
 
 
 def test_ranks_without_a_spectrum_give_the_same_choice():
@@ -349,9 +342,9 @@ def test_ranks_without_a_spectrum_give_the_same_choice():
     choice, which comes out the same. A layer whose winner is the first candidate (sequential)
     gets, where the spectrum was computed, that fit on every row (select=refit's bytes);
     otherwise the winning trial, byte for byte either way."""
-    full = lowrank.run_parallel(_layer_jobs(spectrum=True), workers=1)
-    lean = lowrank.run_parallel(_layer_jobs(spectrum=False), workers=1)
-    refit = lowrank.run_parallel(_layer_jobs(spectrum=False, select="refit"), workers=1)
+    full = parallel.run_parallel(_layer_jobs(spectrum=True), workers=1)
+    lean = parallel.run_parallel(_layer_jobs(spectrum=False), workers=1)
+    refit = parallel.run_parallel(_layer_jobs(spectrum=False, select="refit"), workers=1)
     firsts = 0
     for name in full:
         assert full[name].kind == lean[name].kind == refit[name].kind
@@ -365,36 +358,10 @@ def test_ranks_without_a_spectrum_give_the_same_choice():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_parallel_fits_report_progress_as_they_finish(workers):
     seen = []
-    out = lowrank.run_parallel(_layer_jobs(), workers=workers, progress=lambda done, total, name: seen.append(
+    out = parallel.run_parallel(_layer_jobs(), workers=workers, progress=lambda done, total, name: seen.append(
         (done, total, name)))
     assert [d for d, _, _ in seen] == [1, 2, 3, 4] and {t for _, t, _ in seen} == {4}
     assert sorted(n for _, _, n in seen) == sorted(out) == ["conv0", "conv1", "fc", "fc_few"]
-
-
-def test_an_interrupted_stage_drops_the_fits_not_started():
-    """Ctrl-C (here: the progress callback raising) while a stage's fits run: the fits still
-    queued are cancelled, not run to the end."""
-    import threading
-    import time
-
-    started = []
-    lock = threading.Lock()
-
-    def job(i):
-        def run():
-            with lock:
-                started.append(i)
-            time.sleep(0.05)
-            return i
-        return run
-
-    def interrupt(done, total, name):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        lowrank.run_parallel({f"l{i}": job(i) for i in range(20)}, workers=2, progress=interrupt)
-    assert len(started) < 20
-    assert lowrank._pinned == 0
 
 
 def test_tucker_trials_share_sides_without_changing_a_fit():
@@ -458,37 +425,6 @@ def test_a_fit_on_pooled_moments_is_the_fit_on_every_row():
         scale = np.abs(w).max()
         np.testing.assert_allclose(pooled.a @ pooled.b, direct.a @ direct.b, rtol=0, atol=1e-4 * scale)
         np.testing.assert_allclose(pooled.shift, direct.shift, rtol=0, atol=1e-4 * scale * np.abs(x).max())
-
-
-def test_run_parts_outside_a_pool_runs_them_in_order():
-    seen = []
-    assert lowrank.run_parts([lambda i=i: seen.append(i) or i * i for i in range(4)]) == [0, 1, 4, 9]
-    assert seen == [0, 1, 2, 3]
-
-
-def test_an_idle_worker_takes_parts_of_a_running_fit():
-    """A stage with one large layer: its independent parts (held-out trials) run on the worker
-    that has no layer left. The first part waits for the second to start, so it can only finish
-    when another thread runs the second; a failing part's error reaches the fit."""
-    import threading
-
-    started = threading.Event()
-
-    def first():
-        return started.wait(timeout=30)
-
-    def second():
-        started.set()
-        return threading.current_thread().name
-
-    def failing():
-        raise ValueError("part failed")
-
-    out = lowrank.run_parallel({"big": lambda: lowrank.run_parts([first, second]),
-                                "bad": lambda: lowrank.run_parts([lambda: 1, failing])}, workers=2)
-    assert out["big"][0] is True and out["big"][1].startswith("surgeon-fit")
-    assert isinstance(out["bad"], ValueError)
-    assert lowrank._pool is None
 
 
 def test_core_refit_with_fewer_rows_than_unknowns_is_the_same_least_squares():
@@ -555,53 +491,6 @@ def test_fewer_rows_than_inputs_build_no_input_by_input_matrix(monkeypatch):
         monkeypatch.setattr(lowrank, name, refuse)
     again = lowrank.fit_linear(w, sample, lambda values: 6, damp=0.05)
     assert again.kind == fit.kind and _flat(again) == _flat(fit)
-
-
-def test_a_spawned_part_runs_once_and_raises_in_its_caller():
-    calls = []
-    part = lowrank.spawn(lambda: calls.append(1) or 7)  # no pool: get() runs it here
-    assert part.get() == 7 and part.get() == 7 and calls == [1]
-
-    def boom():
-        raise ValueError("in a part")
-
-    def job():
-        parts = [lowrank.spawn(boom), lowrank.spawn(lambda: 3)]
-        return [p.get() if i else None for i, p in enumerate(parts)], parts[0]
-    (values, failed), = lowrank.run_parallel({"j": job}, workers=2).values()
-    assert values == [None, 3]
-    with pytest.raises(ValueError, match="in a part"):
-        failed.get()
-
-
-def test_a_thread_limit_reaches_scipys_blas_loaded_after_it():
-    """scipy.linalg is imported where first used; a limit set before that import did not reach
-    its OpenBLAS, and the first stage of fits in a process ran its solves on every core (other
-    last bits than later stages)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    import subprocess
-    import sys
-    code = ("import sys; from surgeon import lowrank\n"
-            "assert 'scipy.linalg' not in sys.modules\n"
-            "with lowrank._single_blas_thread():\n"
-            "    import scipy.linalg, threadpoolctl\n"
-            "    print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[1]", out
-
-
-def test_a_long_fit_reports_progress_while_it_runs(monkeypatch):
-    """A stage whose fit takes long still calls progress (a CI log shows it working): every
-    HEARTBEAT_S with the done count so far and a fit still running."""
-    import time
-    monkeypatch.setattr(lowrank, "HEARTBEAT_S", 0.05)
-    seen = []
-    out = lowrank.run_parallel({"slow": lambda: time.sleep(0.4) or 1, "quick": lambda: 2}, workers=2,
-                               progress=lambda done, total, name: seen.append((done, total, name)))
-    assert out == {"slow": 1, "quick": 2}
-    assert seen[-1][0] == 2 and [d for d, _, _ in seen if d == 2] == [2]
-    beats = [s for s in seen if s[0] == 1]
-    assert beats[0] == (1, 2, "quick") and len(beats) >= 4 and set(beats[1:]) == {(1, 2, "slow, still running")}
 
 
 def test_a_layer_gets_the_factors_that_won_on_held_out_samples():
