@@ -307,7 +307,7 @@ def plugins_cmd(json_out: JsonOpt = None) -> None:
     with _errors():
         reg = registry()
         for f in getattr(reg, "failures", []):
-            err.print(f"[yellow]warning:[/] {escape(str(f))}", highlight=False)
+            err.print(f"[yellow]warning:[/] {escape(str(f))}", highlight=False, soft_wrap=False)
         if json_out:
             _emit_json(json_out, {"plugins": [
                 {"name": p.name, "summary": p.summary, "from": reg.origin(p.name),
@@ -454,7 +454,7 @@ def _grouped_notes(notes: list[str], layers: set[str]) -> list[str]:
 
 def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | None, verbose: bool) -> None:
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=False)  # prose, like the notes
     for step in result.steps:
         s = step.surgery
         title = f"{s.plugin} on {Path(result.input).name}"
@@ -464,9 +464,9 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
             out.print(report.skipped_table(s.layers))
         out.print(f"{len(s.rewritten)} rewritten, {len(s.skipped)} skipped"
                   + ("" if verbose or not s.skipped else " (-v shows which and why)"))
-        steps = report.steps_table(s.extras)
-        if steps is not None:
-            out.print(steps)
+        for table in (report.steps_table(s.extras), report.explain_table(s.extras)):
+            if table is not None:
+                out.print(table)
         # the MACs note is the totals table's caption
         notes = [n for n in getattr(s, "notes", []) if n != s.before.macs_note] + list(s.extras.get("notes", []))
         for note in _grouped_notes(notes, {l.layer for l in s.layers}):

@@ -304,6 +304,31 @@ def steps_table(extras: dict[str, Any]) -> FitTable | None:
     return t
 
 
+def explain_table(extras: dict[str, Any], top: int = 5) -> FitTable | None:
+    """int8's `explain` section (option explain=true): the drift with only the weights or only
+    the activations quantized, and the tensors and layers that drift most alone."""
+    ex = extras.get("explain")
+    if not ex or not ex.get("drift"):
+        return None
+    t = FitTable(title="where the error comes from" + (f" (on {ex['rows_are']})" if ex.get("rows_are") else ""))
+    t.add_column("quantized", "wrap")
+    t.add_column("rel. L2 drift", "num")
+    labels = {"int8": "weights and activations (before the corrections)", "weights_only": "weights only", "activations_only": "activations only"}
+    for key, label in labels.items():
+        if key in ex["drift"]:
+            t.add_row(label, f"{ex['drift'][key]['rel_l2']:.4f}")
+    for a in ex.get("activations", [])[:top]:
+        t.add_row(f"tensor {a['tensor']} alone (range {a['min']:.3g}..{a['max']:.3g}, tail ratio "
+                  f"{a['tail_ratio']:.2g})", f"{a['drift_alone']:.4f}")
+    for w in ex.get("weights", [])[:top]:
+        t.add_row(f"weight of {w['layer']} alone", f"{w['drift_alone']:.4f}")
+    counts = ex.get("counts", {})
+    if counts:
+        t.caption = (f"the {top} worst of {counts.get('activation_tensors', '?')} activation tensors and "
+                     f"{counts.get('weighted_layers', '?')} weighted layers; all in the JSON report")
+    return t
+
+
 def totals_table(before: Profile, after: Profile) -> FitTable:
     t = FitTable(title="totals")
     t.add_column("", "text")

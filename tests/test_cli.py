@@ -374,6 +374,21 @@ def test_notes_about_dynamic_shapes_fit_80_columns(tmp_path):
     assert "note: latency guard not applied to" in text and "validation skipped: input 'images'" in text, text
 
 
+def test_warnings_fit_80_columns(tmp_path):
+    """Magnitude pruning's warning (zeros do not run faster) was one line of 250 characters in
+    a log, where the notes beside it wrapped at the width."""
+    import onnx
+    from tests.models import conv_model
+    src = tmp_path / "convs.onnx"
+    onnx.save(conv_model(), src)
+    r = runner.invoke(app, ["apply", str(src), "-p", "prune", "-O", "method=magnitude", "--ratio", "0.5",
+                            "--no-validate", "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert all(len(l) <= 80 for l in lines), r.stderr
+    assert "warning: prune: magnitude pruning only writes zeros" in " ".join(l.strip() for l in lines)
+
+
 def test_grouped_notes():
     from surgeon.cli import _grouped_notes
 

@@ -429,3 +429,20 @@ def test_sequential_bias_correction_that_cannot_run_is_skipped_with_the_reason(m
     assert not info["kept"] and "cannot load the probe model" in info["skipped"]
     assert "sequential bias correction" not in [s["step"] for s in res.extras["steps"]]
     checked(res.model)
+
+
+def test_the_cli_prints_where_the_error_comes_from(tmp_path):
+    """explain=true filled the JSON report only; the terminal showed nothing of it."""
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+    model = outlier_channel_model()
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((24, 4, 6, 6)).astype(np.float32))
+    r = CliRunner().invoke(app, ["apply", str(src), "-p", "int8", "-O", "explain=true", "--calib", str(calib),
+                                 "--no-validate", "-o", str(tmp_path / "q.onnx")], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert "where the error comes from" in r.stdout
+    assert "weights only" in r.stdout and "activations only" in r.stdout
+    assert "tensor h alone" in r.stdout and "weight of c1 alone" in r.stdout
