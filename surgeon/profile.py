@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 # ops whose cost we count; the rest of a network (activations, pooling, adds) is cheap in comparison
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "MatMulInteger",
-                "QLinearMatMul", "MatMulNBits", "FusedConv", "FusedMatMul"}
+                "QLinearMatMul", "MatMulNBits", "FusedConv", "FusedMatMul", "LSTM", "GRU", "RNN",
+                "DynamicQuantizeLSTM"}
+# gates per step of a recurrent layer: each is a (hidden x input) and a (hidden x hidden) product
+RECURRENT_GATES = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass
@@ -251,8 +254,29 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
+def _recurrent_cost(node: onnx.NodeProto, shapes, weight) -> LayerCost | None:
+    """LSTM / GRU / RNN (ONNX layout: X is (seq, batch, input), or (batch, seq, input) with
+    layout=1): W, R and B are the parameters; per step and direction, each gate multiplies the
+    input by a (hidden x input) matrix and the state by a (hidden x hidden) one."""
+    tensors = [weight(i) for i in node.input[1:4] if i]
+    if not tensors or any(t is None for t in tensors[:2]):
+        return None
+    hidden = _attr(node, "hidden_size", 0)
+    directions = 2 if _attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+    x = shapes.get(node.input[0])
+    macs = None
+    if x is not None and len(x) == 3 and hidden:
+        seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+        macs = seq * batch * directions * RECURRENT_GATES[node.op_type] * hidden * (x[2] + hidden)
+    return LayerCost(node.name or node.output[0], node.op_type, list(tensors[0].dims),
+                     int(sum(math.prod(t.dims) for t in tensors if t is not None)),
+                     None if macs is None else int(macs), int(sum(_nbytes(t) for t in tensors if t is not None)))
+
+
 def _cost(node: onnx.NodeProto, shapes, weight) -> LayerCost | None:
     op = node.op_type
+    if op in RECURRENT_GATES:
+        return _recurrent_cost(node, shapes, weight)
     w_index = {"QLinearConv": 3, "QLinearMatMul": 3}.get(op, 1)
     if len(node.input) <= w_index:
         return None
