@@ -219,11 +219,10 @@ def calibration_data(model: onnx.ModelProto, ctx: Context, opts: Int8Options, ex
         data = synthesize(model, samples=max(8, min(opts.samples, 32)), seed=ctx.seed)
     if data.synthetic:
         # dynamic mode computes activation ranges at run time; the data only measures drift
-        msg = ("int8 is calibrated on SYNTHESIZED random inputs: ranges and accuracy will be poor; "
+        msg = ("calibrated on SYNTHESIZED random inputs: ranges and accuracy will be poor; "
                "pass real calibration data with --data for real accuracy") if opts.mode == "static" and opts.bits == 8 else (
-              "int8: no --data given, so drift is measured on SYNTHESIZED random inputs")
-        log.warning(msg)
-        extras["warnings"].append(msg)
+              "no --data given, so drift is measured on SYNTHESIZED random inputs")
+        _warn(extras, msg)
     n = len(data)
     if n >= HOLDOUT_MIN:
         cut = n - n // 4
@@ -454,10 +453,8 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
             log.info("int8 fallback: %d node(s) in float; latency %.3fx of the all-int8 model (95%% interval "
                      "%.3f-%.3f, batch 1)", len(result.kept_float), lat["ratio"], lat["ratio_low"], lat["ratio_high"])
         if not result.met:
-            msg = (f"int8: the budget ({budget.describe()}) is not met even with every candidate node in float; "
-                   f"returning the best model found ({_show(m)})")
-            log.warning(msg)
-            extras["warnings"].append(msg)
+            _warn(extras, f"the budget ({budget.describe()}) is not met even with every candidate node in float; "
+                          f"returning the best model found ({_show(m)})")
         steps.append(("fallback", m["rel_l2"]))
         for name in result.kept_float:
             excluded[name] = f"kept in float: fallback, drift {_show(corrected)} -> {_show(m)}"
@@ -787,6 +784,12 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     return m
+
+
+def _warn(extras: dict, msg: str) -> None:
+    """A warning, logged now and kept for the report (which prefixes the plugin's name, as here)."""
+    log.warning("int8: %s", msg)
+    extras["warnings"].append(msg)
 
 
 def _show(m: dict[str, float]) -> str:

@@ -511,7 +511,7 @@ def activation_stats(model: onnx.ModelProto, an: Analysis, ctx: Context, opts: P
             data = synthesize(model, samples=min(opts.samples, 32), seed=ctx.seed)
         msg = ("activation statistics come from SYNTHESIZED random inputs: pass real calibration data "
                "with --calib or --data for a meaningful activation criterion or compensation")
-        log.warning(msg)
+        log.warning("prune: %s", msg)  # as the report's warnings will say it: the CLI shows it once
         extras["warnings"].append(msg)
     if len(data) > opts.samples:
         data = data.take(opts.samples)

@@ -62,9 +62,22 @@ MaxLatencyOpt = Annotated[Optional[float], typer.Option("--max-latency-ratio", h
 MaxSizeOpt = Annotated[Optional[float], typer.Option("--max-size-mb", help="budget: candidate file size in MB")]
 
 
+# warnings the log has already shown (a plugin logs what it also puts in its report's warnings)
+_logged_warnings: set[str] = set()
+
+
+class _RememberWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            _logged_warnings.add(record.getMessage())
+        return True
+
+
 def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err, show_time=False, show_path=False)
+    handler.addFilter(_RememberWarnings())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_time=False, show_path=False)], force=True)
+                        handlers=[handler], force=True)
 
 
 @contextlib.contextmanager
@@ -454,7 +467,8 @@ def _grouped_notes(notes: list[str], layers: set[str]) -> list[str]:
 
 def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | None, verbose: bool) -> None:
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=False)  # prose, like the notes
+        if w not in _logged_warnings:  # shown once: the log may have printed it while the plugin ran
+            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=False)  # prose, like the notes
     for step in result.steps:
         s = step.surgery
         title = f"{s.plugin} on {Path(result.input).name}"

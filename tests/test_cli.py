@@ -389,6 +389,19 @@ def test_warnings_fit_80_columns(tmp_path):
     assert "warning: prune: magnitude pruning only writes zeros" in " ".join(l.strip() for l in lines)
 
 
+def test_a_plugin_warning_is_shown_once(tmp_path):
+    """int8 without --data logged its synthetic-calibration warning, and the command printed
+    the report's copy of it again ("warning: int8: int8 is calibrated on SYNTHESIZED ...")."""
+    import onnx
+    from tests.models import conv_model
+    src = tmp_path / "convs.onnx"
+    onnx.save(conv_model(), src)
+    r = runner.invoke(app, ["apply", str(src), "-p", "int8", "--no-latency", "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("SYNTHESIZED") == 1, r.stderr
+    assert "int8: calibrated on SYNTHESIZED" in r.stderr
+
+
 def test_grouped_notes():
     from surgeon.cli import _grouped_notes
 
