@@ -645,7 +645,7 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
 
 
 def run_nbits(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict):
-    float_model, converted = _as_matmul(model, excluded)
+    float_model, converted = _as_matmul(_copy(model), excluded)  # the quantizer edits what it is given
     if converted:
         extras["gemm_as_matmul"] = converted
     q = io.quantize_nbits(float_model, opts.bits, opts.block_size, excluded)

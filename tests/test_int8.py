@@ -274,6 +274,22 @@ def test_dynamic_mode_reports_a_quantized_lstm():
     assert [(l.layer, l.status) for l in res.layers] == [("lstm", "rewritten")]
 
 
+def test_four_bit_drift_is_measured_against_the_float_model():
+    """onnxruntime's MatMulNBitsQuantizer rewrites the ModelProto it is given: a model with no
+    Gemm to convert must still reach it as a copy, or the plugin's drift compares the 4-bit
+    model with itself."""
+    pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", ["N", 64])],
+                       [tensor("y", ["N", 32])], [init("w", rng.standard_normal((64, 32)).astype(np.float32))])
+    before = model.SerializeToString()
+    res = surgeon.apply(model, "int8", {"bits": 4}, data=DataSet({"x": rng.standard_normal((8, 64)).astype(np.float32)},
+                                                                 source="test"))
+    assert op_counts(res.model).get("MatMulNBits") == 1
+    assert model.SerializeToString() == before
+    assert res.extras["drift"]["rel_l2"] > 1e-3  # 4-bit weights against the float ones
+
+
 def test_four_bit_weights_shrink_the_mlp(mlp):
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
     ds = surgeon.load_data(MLP_CALIB, mlp)
