@@ -688,7 +688,9 @@ def _sweep_tables(res) -> list:
     if res.uniform:
         rows = []
         for r in _sweep.uniform_rows(res):
-            lat = (f"{r['latency_ms']:.3f} ({r['latency_ratio']:.2f}x)" if r.get("latency_ms") is not None else "-")
+            # the speedup, original / candidate, as apply prints it (the JSON keeps latency_ratio)
+            lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.3f}" + (
+                f" ({1 / r['latency_ratio']:.2f}x)" if r.get("latency_ratio") else "")
             rows.append([f"{r['ratio']:g}", report.human(r["params"]), report.human(r["macs"]), lat,
                          _fmt(r["drift"], "{:.4f}"), _fmt(r["agreement"], "{:.2%}"), _fmt(r["accuracy"], "{:.2%}")
                          if not r.get("error") else r["error"][:40]])
@@ -696,7 +698,7 @@ def _sweep_tables(res) -> list:
         tables.append(report.table(f"{res.plugin} sweep on {name} (original: {report.human(orig.get('params'))} params, "
                                    f"{report.human(orig.get('macs'))} MACs"
                                    + (f", accuracy {orig['accuracy']:.2%}" if orig.get("accuracy") is not None else "")
-                                   + ")", ["ratio", "params", "MACs", "ms (vs original)", "drift", "agreement",
+                                   + ")", ["ratio", "params", "MACs", "ms (speedup)", "drift", "agreement",
                                           "accuracy"], rows))
     if res.per_layer:
         all_rows = _sweep.layer_rows(res)

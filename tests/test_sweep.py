@@ -40,6 +40,9 @@ def test_uniform_sweep_writes_tables_csv_json_and_plots(tmp_path):
     assert [u["rewritten"] for u in doc["uniform"]] == [["conv2", "conv3", "conv4", "conv5"]] * 2
     for png in ("sweep_quality.png", "sweep_latency.png"):
         assert (out / png).read_bytes()[:8] == PNG
+    # the table gives the speedup (original / candidate), as apply does, not the latency ratio
+    speedup = 1 / float(lo["latency_ratio"])  # median over interleaved pairs, as apply's
+    assert "ms (speedup)" in r.stdout and f"{float(lo['latency_ms']):.3f} ({speedup:.2f}x)" in r.stdout
 
 
 def test_per_layer_sweep_changes_one_layer_at_a_time(tmp_path):
