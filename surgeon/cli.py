@@ -74,6 +74,7 @@ class _RememberWarnings(logging.Filter):
 
 
 def _setup_logging(verbose: bool) -> None:
+    _logged_warnings.clear()  # one command's
     handler = RichHandler(console=err, show_time=False, show_path=False)
     handler.addFilter(_RememberWarnings())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
