@@ -73,7 +73,8 @@ def test_data_shapes_let_the_guard_time_each_layer(det):
     data = DataSet({"images": images((2, 3, 40, 56))}, source="test rows", batch=1)
     res = surgeon.apply(det, "tucker", data=data)
     timed = [l for l in res.layers if l.details.get("guard")]
-    assert len(timed) == 5 and res.notes == []
+    # whatever the verdicts (on a loaded machine all five can come out slower), none went untimed
+    assert len(timed) == 5 and not any("latency guard not applied" in n for n in res.notes), res.notes
 
 
 def test_shape_option_fills_the_dims_in(det):

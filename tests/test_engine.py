@@ -124,3 +124,15 @@ def test_guard_verdicts_are_cached_so_reruns_write_the_same_bytes(monkeypatch, t
     assert second.model.SerializeToString(deterministic=True) == first.model.SerializeToString(deterministic=True)
     monkeypatch.setenv("SURGEON_GUARD_CACHE", "0")
     assert guard.cache_dir() is None
+
+
+def test_why_no_layer_was_rewritten_groups_reasons_by_their_gist():
+    """The latency guard's reasons carry each layer's figures, so no two are equal: the note
+    groups them by the words before the figures and shows one in full."""
+    from surgeon.engine import _why_none
+    from surgeon.plugin import LayerReport
+    slower = [LayerReport(f"c{i}", "Conv", "skipped", f"slower ({1.5 + i}x the original's time)") for i in range(4)]
+    assert _why_none("tucker", slower) == ("tucker rewrote no layer: all 4 it looked at were skipped: slower, "
+                                           "e.g. c0: slower (1.5x the original's time) (-v shows each)")
+    mixed = slower[:1] + [LayerReport("fc", "Gemm", "skipped", "weight is not constant")] * 2
+    assert _why_none("svd", mixed) == "svd rewrote no layer: 2 of the 3 it looked at were skipped: weight is not constant"
