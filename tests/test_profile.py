@@ -71,7 +71,7 @@ import importlib  # noqa: E402
 
 profile_module = importlib.import_module("surgeon.profile")  # the package exports the function under this name
 from surgeon.profile import tensor_shapes  # noqa: E402
-from tests.models import detector_model, init, make_model, tensor  # noqa: E402
+from tests.models import detector_model  # noqa: E402
 
 
 def reshape_chain_model(through_float: bool = False):
