@@ -20,7 +20,6 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -66,19 +65,23 @@ MaxSizeOpt = Annotated[Optional[float], typer.Option("--max-size-mb", help="budg
 _logged_warnings: set[str] = set()
 
 
-class _RememberWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+class _LogToConsole(logging.Handler):
+    """Log records on stderr in the command's own words: "warning: ..." like the report's
+    warnings (and remembered, so _print_apply does not repeat them), the rest as plain lines
+    (-v); prose wraps at the width like the notes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
         if record.levelno >= logging.WARNING:
-            _logged_warnings.add(record.getMessage())
-        return True
+            _logged_warnings.add(msg)
+            err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=False)
+        else:
+            err.print(escape(msg), highlight=False, soft_wrap=False)
 
 
 def _setup_logging(verbose: bool) -> None:
     _logged_warnings.clear()  # one command's
-    handler = RichHandler(console=err, show_time=False, show_path=False)
-    handler.addFilter(_RememberWarnings())
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[handler], force=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[_LogToConsole()], force=True)
 
 
 @contextlib.contextmanager
