@@ -157,7 +157,7 @@ class QuantizeInt8(ModelPlugin):
         data = calibration_data(model, ctx, opts, extras)
         prepared = ip.prepare_for_ort(model)
         for name, why in prepared.keep_float.items():
-            excluded.setdefault(name, f"kept in float: {why}")
+            excluded.keep_float(name, why, replace=False)
         if prepared.notes:
             extras["prepared"] = prepared.notes
         source, model = model, prepared.model
@@ -193,7 +193,21 @@ class QuantizeInt8(ModelPlugin):
 
 # --- inputs -----------------------------------------------------------------------------------
 
-def user_exclusions(model: onnx.ModelProto, opts: Int8Options, layers: Callable[[str], bool]) -> dict[str, str]:
+class Exclusions(dict):
+    """Node name -> why it stays float. `ours` are the nodes int8 itself keeps in float (an op
+    onnxruntime cannot quantize there, the fallback), which the report lists whatever their op."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ours: set[str] = set()
+
+    def keep_float(self, name: str, why: str, *, replace: bool = True) -> None:
+        if replace or name not in self:
+            self[name] = f"kept in float: {why}"
+            self.ours.add(name)
+
+
+def user_exclusions(model: onnx.ModelProto, opts: Int8Options, layers: Callable[[str], bool]) -> Exclusions:
     """Node name -> why it stays float (--option exclude by name or op type, or --layers)."""
     names = {n.name for n in model.graph.node}
     ops = {n.op_type for n in model.graph.node}
@@ -201,7 +215,7 @@ def user_exclusions(model: onnx.ModelProto, opts: Int8Options, layers: Callable[
         if item not in names and item not in ops:
             raise UsageError(f"int8: exclude entry '{item}' is neither a node name nor an op type in the model "
                              f"(op types: {', '.join(sorted(ops))})")
-    out = {}
+    out = Exclusions()
     for n in model.graph.node:
         if n.name in opts.exclude:
             out[n.name] = "excluded by --option exclude (name)"
@@ -250,7 +264,7 @@ def reduce_range(opts: Int8Options, activation_type: str) -> tuple[bool, str]:
     return False, "onnxruntime on this CPU does not saturate 8-bit products: full-range weights"
 
 
-def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
+def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras: dict, ws: io.Workspace):
     seven_bit, why = reduce_range(opts, opts.activation_type)
     cfg = io.StaticConfig(opts.per_channel, seven_bit, opts.activation_type, opts.weight_type,
                           opts.calibration, opts.percentile)
@@ -457,7 +471,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: dict[str, str], ex
                           f"returning the best model found ({_show(m)})")
         steps.append(("fallback", m["rel_l2"]))
         for name in result.kept_float:
-            excluded[name] = f"kept in float: fallback, drift {_show(corrected)} -> {_show(m)}"
+            excluded.keep_float(name, f"fallback, drift {_show(corrected)} -> {_show(m)}")
     extras["drift"] = m
     extras["steps"] = [{"step": s, "rel_l2": d} for s, d in steps]
     if opts.explain:
@@ -609,7 +623,7 @@ DYNAMIC_CONV_WHY = ("mode=dynamic keeps convs float: onnxruntime's ConvInteger r
                     "(use mode=static for convs, or dynamic_conv=true)")
 DYNAMIC_OPS = ("MatMul", "Gemm", "Conv", "LSTM")  # what the report lists in dynamic mode
 
-def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict, ws: io.Workspace):
+def run_dynamic(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras: dict, ws: io.Workspace):
     float_model, note = ig.upgrade_opset(_copy(model), 11)
     if note:
         extras["opset"] = note
@@ -638,13 +652,13 @@ def run_dynamic(model, data, ctx, opts: Int8Options, excluded: dict[str, str], e
         extras["fallback"] = {"budget": budget.describe(), "met": met, "kept_float": kept,
                               "drift_before": m, "drift_after": m2, "ranking": ranking[:10]}
         for name in kept:
-            excluded[name] = f"kept in float: fallback, drift {_show(m)} -> {_show(m2)}"
+            excluded.keep_float(name, f"fallback, drift {_show(m)} -> {_show(m2)}")
         m = m2
     extras["drift"] = m
     return _finish(q, model)
 
 
-def run_nbits(model, data, ctx, opts: Int8Options, excluded: dict[str, str], extras: dict):
+def run_nbits(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras: dict):
     float_model, converted = _as_matmul(_copy(model), excluded)  # the quantizer edits what it is given
     if converted:
         extras["gemm_as_matmul"] = converted
@@ -711,7 +725,7 @@ def is_dynamic_quantized(q: onnx.ModelProto, node: onnx.NodeProto) -> bool:
     return not any(n.name == node.name and n.op_type == node.op_type for n in q.graph.node)
 
 
-def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Options, excluded: dict[str, str],
+def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Options, excluded: Exclusions,
                   extras: dict) -> list[LayerReport]:
     reports = []
     folded_into = {}
@@ -728,7 +742,7 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
             continue
         # other ops are reported only when kept in float for a cause of ours (the output Softmax)
         reported = DYNAMIC_OPS if opts.mode == "dynamic" else COMPUTE_OPS
-        if n.op_type not in reported and not excluded.get(n.name, "").startswith("kept in float:"):
+        if n.op_type not in reported and n.name not in excluded.ours:
             continue
         if n.name in excluded:
             reports.append(LayerReport(n.name, n.op_type, "skipped", excluded[n.name]))

@@ -299,7 +299,9 @@ class DataSplit:
 
     calib: DataSet | None
     eval: DataSet | None
-    note: str = ""
+    note: str = ""  # how the rows were split, or why there are none
+    warning: str = ""  # what the user should hear about: validation scoring the rows fitted on
+    unsynthesizable: str = ""  # why inputs could not be synthesized (string or sequence inputs)
 
     def to_json(self) -> dict:
         def part(ds: DataSet | None) -> dict | None:
@@ -315,10 +317,10 @@ def split(given: DataSet | None, calib: DataSet | None, *, needs_calibration: bo
     on data: the first `calib_rows` rows (default a third, at least 1) calibrate and the rest
     are scored. Only --data otherwise: every row is scored."""
     if calib is not None:
-        note = ""
+        same = ""
         if given is not None and given.source and given.source == calib.source:
-            note = "--calib and --data name the same file: validation scores the rows the plugins fitted on"
-        return DataSplit(calib, given, note)
+            same = "--calib and --data name the same file: validation scores the rows the plugins fitted on"
+        return DataSplit(calib, given, same, warning=same)
     if given is None:
         return DataSplit(None, None)
     if not needs_calibration:

@@ -52,6 +52,10 @@ class SurgeryResult:
     def skipped(self) -> list[LayerReport]:
         return [l for l in self.layers if l.status != "rewritten"]
 
+    @property
+    def failed(self) -> list[LayerReport]:
+        return [l for l in self.layers if l.status == "failed"]
+
     def to_json(self) -> dict[str, Any]:
         from surgeon.plugin import _jsonable
         return {"plugin": self.plugin, "options": _jsonable(self.options), "seconds": round(self.seconds, 3),
@@ -213,7 +217,7 @@ def _rewrite_one(plug: GraphPlugin, graph: gs.Graph, cand: Candidate, ctx: Conte
         raise
     except Exception as exc:  # a plugin bug must not lose the whole run: report it on the layer
         log.exception("plugin %s failed on %s", plug.name, cand.layer)
-        return LayerReport(cand.layer, op, "skipped", f"plugin error: {type(exc).__name__}: {exc}")
+        return LayerReport(cand.layer, op, "failed", f"plugin error: {type(exc).__name__}: {exc}")
     if isinstance(result, Skip):
         return LayerReport(cand.layer, op, "skipped", result.reason)
     details = dict(result.details)

@@ -17,6 +17,10 @@ class ModelError(UsageError):
     """The model file cannot be read, parsed or checked."""
 
 
+class RuntimeLoadError(ModelError):
+    """onnxruntime refuses to load the model (an op it does not know, a type it does not run)."""
+
+
 class PluginLoadError(UsageError):
     """A plugin package could not be imported or registered."""
 

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from surgeon import calibration, engine, model as model_io
 from surgeon.budgets import Budgets, Check
 from surgeon.calibration import DataSet, DataSplit
 from surgeon.engine import SurgeryResult
-from surgeon.errors import ModelError, SurgeonError, UsageError
+from surgeon.errors import ModelError, RuntimeLoadError, SurgeonError, UsageError
 from surgeon.plugin import Plugin, registry
 from surgeon.recipe import Recipe, Step, check_patterns, check_regex
 from surgeon.validate import drift_metrics, latency_ab, run as run_model, session, validate
@@ -92,12 +92,29 @@ class StepReport:
 
 
 @dataclass
+class NotValidated:
+    """Why a run has no validation: skipped (no data, a model onnxruntime cannot run), or
+    failed (the surgery broke a model that loaded before: never a pass)."""
+
+    reason: str
+    failed: bool = False
+
+    def __str__(self) -> str:
+        return f"{'failed' if self.failed else 'skipped'}: {self.reason}"
+
+
+@dataclass
 class Outcome:
     """The verdict of a run: budgets checked, plugin failures, what validation could not do."""
 
     checks: list[Check] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # a plugin failed on layers / its own budget
-    validation_skipped: str = ""
+    not_validated: NotValidated | None = None
+
+    @property
+    def validation_skipped(self) -> str:
+        """Why there is no validation, as the report says it ("skipped: ..."), or ""."""
+        return str(self.not_validated) if self.not_validated else ""
 
     @property
     def status(self) -> str:
@@ -156,9 +173,10 @@ def load_split(model: onnx.ModelProto, opts: RunOptions, needs_calibration: bool
             except UsageError as exc:  # string or sequence inputs: rewrites need no data
                 log.info("no synthesized data: %s", exc)
                 split.note = split.note or str(exc)
+                split.unsynthesizable = str(exc)
             else:
-                split = DataSplit(split.calib or (synth_calib if needs_calibration else None),
-                                  split.eval or synth_eval, split.note)
+                split = replace(split, calib=split.calib or (synth_calib if needs_calibration else None),
+                                eval=split.eval or synth_eval)
     return split, shapes
 
 
@@ -227,7 +245,7 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
         raise UsageError(_budgets.AGREEMENT_UNMEASURABLE)
     if budgets.min_accuracy is not None and (split.eval is None or split.eval.labels is None):
         raise UsageError(_budgets.unmeasurable(budgets, latency=True, labels=False)[0])
-    warnings = [split.note] if split.note.startswith("--calib and --data") else []
+    warnings = [split.warning] if split.warning else []
     recipe_warnings = check_patterns(Recipe(steps, source="recipe"), [n.name for n in original.graph.node])
     warnings += [w.replace("recipe: ", "") for w in recipe_warnings]
 
@@ -258,9 +276,9 @@ def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions
     outcome = Outcome(failures=_failures(reports))
     validation = None
     if opts.validate:
-        validation, outcome.validation_skipped = _validate(original, current, split, opts, tick, source)
-        if outcome.validation_skipped.startswith("failed:"):
-            outcome.failures.append(outcome.validation_skipped.removeprefix("failed: "))
+        validation, outcome.not_validated = _validate(original, current, split, opts, tick, source)
+        if outcome.not_validated and outcome.not_validated.failed:
+            outcome.failures.append(outcome.not_validated.reason)
     if budgets.any():
         if validation is None:
             outcome.failures.append(f"the budgets cannot be checked: {outcome.validation_skipped}")
@@ -309,7 +327,7 @@ def _step_metrics(rep: StepReport, original: onnx.ModelProto, data: DataSet, opt
 def _failures(reports: list[StepReport]) -> list[str]:
     out = []
     for r in reports:
-        failed = [l for l in r.surgery.layers if l.reason.startswith("plugin error:")]
+        failed = r.surgery.failed
         if failed:
             out.append(f"{r.step.plugin} failed on {len(failed)} layer(s), left as they were: "
                        + "; ".join(f"{l.layer}: {l.reason}" for l in failed[:3]))
@@ -328,27 +346,27 @@ def _loads(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _validate(original, candidate, split: DataSplit, opts: RunOptions, tick: Progress, source: str):
+def _validate(original, candidate, split: DataSplit, opts: RunOptions, tick: Progress, source: str
+              ) -> tuple[dict[str, Any] | None, NotValidated | None]:
     if split.eval is None:
-        if split.note.startswith("cannot synthesize"):
-            return None, f"skipped: {split.note}; pass --data"
+        if split.unsynthesizable:
+            return None, NotValidated(f"{split.unsynthesizable}; pass --data")
         hint = calibration.shape_hint(original, calibration.resolve_shapes(original, opts.shapes, required=False))
-        return None, f"skipped: {hint or 'no data to validate on; pass --data'}"
+        return None, NotValidated(hint or "no data to validate on; pass --data")
     tick("validating", 0, 1)
     try:
         v = validate(original, candidate, split.eval, threads=opts.threads, latency=opts.latency,
                      latency_batch=opts.batch, repeats=opts.repeats)
-    except ModelError as exc:
-        if "onnxruntime cannot load" in str(exc):
-            if _loads(original):  # the surgery broke it: never a pass
-                return None, f"failed: the rewritten model does not load in onnxruntime, the original does ({exc})"
-            return None, f"skipped: onnxruntime cannot run this model ({exc})"
-        raise
+    except RuntimeLoadError as exc:
+        if _loads(original):  # the surgery broke it: never a pass
+            return None, NotValidated(f"the rewritten model does not load in onnxruntime, the original does ({exc})",
+                                      failed=True)
+        return None, NotValidated(f"onnxruntime cannot run this model ({exc})")
     except SurgeonError as exc:
-        return None, f"skipped: {exc}"
+        return None, NotValidated(str(exc))
     # its own label: a rate-limited repeat of "validating" read like a second validation
     tick("validating: done", 1, 1)
-    return v.to_json(), ""
+    return v.to_json(), None
 
 
 # --- checking two models (validate, gate) --------------------------------------------------------
@@ -388,8 +406,7 @@ def check(original: str | Path, candidate: str | Path, opts: RunOptions | None =
     if budgets.min_accuracy is not None and (split.eval is None or split.eval.labels is None):
         raise UsageError(_budgets.unmeasurable(budgets, latency=True, labels=False)[0])
     outcome = Outcome()
-    validation, outcome.validation_skipped = _validate(a, b, split, opts, progress or (lambda *a: None),
-                                                       str(original))
+    validation, outcome.not_validated = _validate(a, b, split, opts, progress or (lambda *a: None), str(original))
     if validation is None:
         raise UsageError(f"cannot validate: {outcome.validation_skipped}")
     size = Path(candidate).stat().st_size

@@ -355,7 +355,7 @@ def _run_with_split(st: Setup, rec: _recipe.Recipe, opts: pipeline.RunOptions, b
     res = engine.apply(st.prepared, st.plugin, dict(step.options), layers=step.select, per_layer=per, skip=skip,
                        data=split.calib, input_shapes=st.shapes, threads=opts.threads, seed=opts.seed, prepared=True)
     outcome = Outcome()
-    validation, outcome.validation_skipped = _validate(st.original, res.model, split, opts, lambda *a: None, st.source)
+    validation, outcome.not_validated = _validate(st.original, res.model, split, opts, lambda *a: None, st.source)
     outcome.checks = _budgets.evaluate(b, validation, res.model.ByteSize()) if validation else []
     return PipelineResult(st.source, st.original, res.model, [StepReport(step, res)], split, b, validation, outcome,
                           reproduce_info(st.original, rec.steps, opts, split))

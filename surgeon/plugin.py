@@ -76,7 +76,8 @@ class Rewrite:
 class LayerReport:
     layer: str
     op: str
-    status: Literal["rewritten", "skipped", "reverted"]
+    # failed: the plugin raised on this layer, which was left as it was (a run with one fails)
+    status: Literal["rewritten", "skipped", "reverted", "failed"]
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from surgeon.calibration import DataSet
-from surgeon.errors import ModelError, SurgeonError
+from surgeon.errors import ModelError, RuntimeLoadError, SurgeonError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir:
     try:
         sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+        raise RuntimeLoadError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
     sess._surgeon_initializers = values  # the session reads them: they live as long as it does
     return sess
 

@@ -62,7 +62,8 @@ def test_plugin_exception_is_reported_on_the_layer(cnn, monkeypatch):
     monkeypatch.setattr(ReluToClip, "rewrite", broken)
     res = surgeon.apply(cnn, ReluToClip())
     r3 = next(l for l in res.layers if l.layer == "relu3")
-    assert r3.status == "skipped" and "kaboom" in r3.reason
+    assert r3.status == "failed" and "kaboom" in r3.reason
+    assert [l.layer for l in res.failed] == ["relu3"]
     assert len(res.rewritten) == 5
     checked(res.model)
 

@@ -294,5 +294,30 @@ def test_a_rewritten_model_onnxruntime_cannot_load_fails_instead_of_skipping_val
     result = pipeline.run(CNN, [Step("prune", {"ratio": 0.5, "compensate": "mean"})],
                           pipeline.RunOptions(data=CNN_TEST, latency=False))
     assert result.status == "fail"
+    assert result.outcome.not_validated.failed
     assert any("the rewritten model does not load in onnxruntime, the original does" in f
                for f in result.outcome.failures), result.outcome.failures
+
+
+def test_the_same_file_for_calib_and_data_is_a_warning_not_a_split_note():
+    result = pipeline.run(CNN, [Step("prune", {"ratio": 0.5})],
+                          pipeline.RunOptions(data=CNN_TEST, calib=CNN_TEST, latency=False))
+    assert result.split.warning.startswith("--calib and --data name the same file")
+    assert result.split.warning in result.warnings
+    apart = pipeline.run(CNN, [Step("prune", {"ratio": 0.5})],
+                         pipeline.RunOptions(data=CNN_TEST, calib=CNN_CALIB, latency=False))
+    assert apart.split.warning == "" and not apart.warnings
+
+
+def test_validation_of_a_model_whose_inputs_cannot_be_synthesized_says_why(tmp_path):
+    """A string input: nothing to synthesize, so validation is skipped with the reason and what
+    to pass, and the run is not failed for it."""
+    m = make_model([helper.make_node("Identity", ["s"], ["t"]), helper.make_node("Relu", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [1]), tensor("x", [1, 4])],
+                   [helper.make_tensor_value_info("t", onnx.TensorProto.STRING, [1]), tensor("y", [1, 4])])
+    p = tmp_path / "strings.onnx"
+    onnx.save(m, p)
+    result = pipeline.run(p, [Step("prune", {"ratio": 0.5})], pipeline.RunOptions(latency=False))
+    assert result.split.unsynthesizable.startswith("cannot synthesize inputs")
+    assert not result.outcome.not_validated.failed and result.status == "pass"
+    assert result.outcome.validation_skipped.endswith("; pass --data")
