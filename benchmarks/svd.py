@@ -214,7 +214,7 @@ def factor_speed() -> Table:
     from onnx import numpy_helper
     from threadpoolctl import threadpool_limits
 
-    from surgeon import lowrank, zoo
+    from surgeon import lowrank, rank_choice, zoo
 
     m = zoo.load("vgg19")
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -224,14 +224,14 @@ def factor_speed() -> Table:
     for node in (n for n in m.graph.node if n.op_type == "Gemm"):
         w = inits[node.input[1]]
         w = (w.T if any(a.name == "transB" and a.i for a in node.attribute) else w).astype(np.float64)
-        r = lowrank.rank_from_ratio(min(w.shape), 0.25)
+        r = rank_choice.rank_from_ratio(min(w.shape), 0.25)
         t0 = time.perf_counter()
         side = w.T if w.shape[0] > w.shape[1] else w
         g = side @ side.T
         with threadpool_limits(1, user_api="blas"):
             ev, vec = np.linalg.eigh(g)
         order = np.argsort(ev)[::-1]
-        vec = vec[:, order] * lowrank._column_signs(vec[:, order])
+        vec = vec[:, order] * lowrank.column_signs(vec[:, order])
         old = lowrank.MatrixFactors(w, vec, np.sqrt(np.clip(ev[order], 0, None)), w.shape[0] > w.shape[1])
         before = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 import surgeon
-from surgeon import lowrank, zoo
+from surgeon import lowrank, rank_choice, zoo
 from surgeon.validate import latency_ab, session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +69,11 @@ def ours(w: np.ndarray, ratio: float) -> tuple[float, float, tuple[int, int]]:
     f, c = w.shape[:2]
     if all(k == 1 for k in w.shape[2:]):
         a = w.reshape(f, c).astype(np.float64)
-        r = lowrank.rank_from_ratio(min(f, c), ratio)
+        r = rank_choice.rank_from_ratio(min(f, c), ratio)
         left, right = lowrank.matrix_factors(a).pair(r)
         seconds = time.perf_counter() - t0
         return seconds, lowrank.relative_error(a, left @ right), (r, r)
-    r1, r2 = lowrank.rank_from_ratio(c, ratio), lowrank.rank_from_ratio(f, ratio)
+    r1, r2 = rank_choice.rank_from_ratio(c, ratio), rank_choice.rank_from_ratio(f, ratio)
     core, o, i = lowrank.hosvd_channels(w, r1, r2)
     seconds = time.perf_counter() - t0
     return seconds, lowrank.relative_error(w, lowrank.tucker2_full(core, o, i)), (r1, r2)
@@ -85,7 +85,7 @@ def tensorly(w: np.ndarray, ratio: float, n_iter_max: int | None) -> tuple[float
 
     w = np.asarray(w, dtype=np.float64)
     f, c = w.shape[:2]
-    ranks = [lowrank.rank_from_ratio(f, ratio), lowrank.rank_from_ratio(c, ratio)]
+    ranks = [rank_choice.rank_from_ratio(f, ratio), rank_choice.rank_from_ratio(c, ratio)]
     kw = {} if n_iter_max is None else {"n_iter_max": n_iter_max}
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 from surgeon.calibration import synthesize
 from surgeon.channel_groups import (PREDICTION_DAMP, Analysis, Group, analyze, head_of, prune_channels,
                                      weight_out_axis)
-from surgeon.lowrank import regularised
+from surgeon.data_factors import regularised
 from surgeon.model import to_graph, to_model
 from surgeon.plugin import Context, LayerReport, ModelPlugin
 from surgeon.rewrite import constant_value

@@ -41,9 +41,10 @@ from typing import Any, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon import layer_stats, lowrank
-from surgeon.lowrank import MatrixFactors, RankOptions, matrix_factors, matrix_rank
+from surgeon import data_fit, layer_stats
+from surgeon.lowrank import MatrixFactors, matrix_factors
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
+from surgeon.rank_choice import RankOptions, matrix_rank
 from surgeon.rewrite import Chain, clip_after, constant_value, input_or_none, shared_by
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class GemmToSvd(GraphPlugin):
         return Rewrite(chain.nodes, details, timed=shared is None)
 
     def _data_fit(self, graph: gs.Graph, node: gs.Node, ctx: Context, opts: SvdOptions):
-        """(sample, lowrank.LayerFit) of this layer on the graph as rewritten so far; the fits of
+        """(sample, data_fit.LayerFit) of this layer on the graph as rewritten so far; the fits of
         a stage's layers run in parallel when its samples are drawn (layer_stats.layer_fit)."""
         return layer_stats.layer_fit(graph, node.name, ctx, opts, layer_stats.fc_request, "svd",
                                      lambda n, sample, o: self._fit_job(graph, n, sample, o))
@@ -252,7 +253,7 @@ class GemmToSvd(GraphPlugin):
         centered = node.op == "Gemm" and (bias is None or (c_value is not None and c_value.size in (1, n_out)))
         c_row = beta * c_value.astype(np.float64).reshape(-1) if centered and c_value is not None else 0.0
 
-        return lambda: lowrank.fit_linear(
+        return lambda: data_fit.fit_linear(
             alpha * w.astype(np.float64), sample,
             lambda values: matrix_rank(opts, values, w.shape, explicit=opts.rank, default_ratio=DEFAULT_RATIO),
             refuse=lambda r: _saves_nothing(r, n_in, n_out, opts), centered=centered, damp=opts.damp,

@@ -33,7 +33,7 @@ from typing import Iterable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon import layer_stats, lowrank
+from surgeon import data_fit, layer_stats, lowrank, rank_choice
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rewrite import (Chain, clip_after, constant_value, input_or_none, pointwise_weight, shared_by,
                              spatial_attrs)
@@ -44,7 +44,7 @@ DEFAULT_RATIO = 0.5
 
 
 @dataclass
-class TuckerOptions(lowrank.RankOptions):
+class TuckerOptions(rank_choice.RankOptions):
     """Ranks: one of --ratio, --energy, --ranks R1,R2 or rank_method=vbmf; none given means
     ratio 0.5."""
 
@@ -91,17 +91,17 @@ def choose_ranks(opts: TuckerOptions, c: int, f: int, in_values: np.ndarray, out
                  in_shape: tuple[int, int], out_shape: tuple[int, int]) -> tuple[int, int]:
     """(R1, R2) for a kernel with c inputs, f outputs and the given unfolding spectra/shapes."""
     if opts.rank_method == "vbmf":
-        r1, r2 = lowrank.vbmf_rank(in_values, in_shape), lowrank.vbmf_rank(out_values, out_shape)
+        r1, r2 = rank_choice.vbmf_rank(in_values, in_shape), rank_choice.vbmf_rank(out_values, out_shape)
     elif opts.ranks is not None:
         r1, r2 = opts.ranks
     elif opts.energy is not None:
-        r1, r2 = lowrank.rank_from_energy(in_values, opts.energy), lowrank.rank_from_energy(out_values, opts.energy)
+        r1, r2 = rank_choice.rank_from_energy(in_values, opts.energy), rank_choice.rank_from_energy(out_values, opts.energy)
     else:
         ratio = opts.ratio if opts.ratio is not None else DEFAULT_RATIO
-        r1, r2 = lowrank.rank_from_ratio(c, ratio), lowrank.rank_from_ratio(f, ratio)
+        r1, r2 = rank_choice.rank_from_ratio(c, ratio), rank_choice.rank_from_ratio(f, ratio)
     multiple = opts.rounding(opts.explicit)
-    r1 = lowrank.round_to_multiple(max(1, min(r1, c)), multiple, c)
-    r2 = lowrank.round_to_multiple(max(1, min(r2, f)), multiple, f)
+    r1 = rank_choice.round_to_multiple(max(1, min(r1, c)), multiple, c)
+    r2 = rank_choice.round_to_multiple(max(1, min(r2, f)), multiple, f)
     return r1, r2
 
 
@@ -215,7 +215,7 @@ class ConvToTucker(GraphPlugin):
         return lowrank.hosvd_channels(w, r1, r2, factors)
 
     def _data_fit(self, graph: gs.Graph, node: gs.Node, ctx: Context, opts: TuckerOptions):
-        """(sample, lowrank.LayerFit) of this conv on the graph as rewritten so far; the fits of
+        """(sample, data_fit.LayerFit) of this conv on the graph as rewritten so far; the fits of
         a stage's convs run in parallel when its samples are drawn (layer_stats.layer_fit)."""
         def request(n: gs.Node):
             w = constant_value(n.inputs[1]) if len(n.inputs) > 1 else None
@@ -241,7 +241,7 @@ class ConvToTucker(GraphPlugin):
             def refuse_rank(r):
                 return self._saves_nothing(cost, *_pair_after(cost, c, f, r), f"rank {r}", opts)
 
-            return lambda: lowrank.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c),
+            return lambda: data_fit.fit_linear(a.T, sample, lambda values: _pair_rank(opts, values, f, c),
                                               refuse=refuse_rank, damp=opts.damp, select=opts.select, bias=bias,
                                               spectrum=spectrum, clip=clip)
 
@@ -251,7 +251,7 @@ class ConvToTucker(GraphPlugin):
         def refuse(r1, r2):
             return self._saves_nothing(cost, *_tucker_after(cost, c, f, K, r1, r2), f"ranks {r1},{r2}", opts)
 
-        return lambda: lowrank.fit_tucker(w, sample, ranks_of, refuse=refuse, damp=opts.damp, select=opts.select,
+        return lambda: data_fit.fit_tucker(w, sample, ranks_of, refuse=refuse, damp=opts.damp, select=opts.select,
                                           bias=bias, spectrum=spectrum, clip=clip)
 
     # --- 1x1: the SVD pair ---------------------------------------------------------------------
@@ -316,7 +316,7 @@ class ConvToTucker(GraphPlugin):
 
 def _pair_rank(opts: TuckerOptions, values: np.ndarray | None, f: int, c: int) -> int:
     """The rank of a 1x1 conv's SVD pair (f x c weight), from its spectrum when the options need one."""
-    return lowrank.matrix_rank(opts, values, (f, c), vbmf=opts.rank_method == "vbmf",
+    return rank_choice.matrix_rank(opts, values, (f, c), vbmf=opts.rank_method == "vbmf",
                                explicit=min(opts.ranks) if opts.ranks else None, default_ratio=DEFAULT_RATIO)
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from surgeon.lowrank import regularised
+from surgeon.data_factors import regularised
 from surgeon.rewrite import constant_value, input_or_none
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from surgeon.lowrank import as_f32, centred, damping, regularised, relative_norm, sample_gram, whitened_target
+from surgeon.data_factors import as_f32, centred, damping, regularised, relative_norm, sample_gram, whitened_target
 from surgeon.parallel import one_blas_thread, run_parts, single_blas_thread
 
 # lam per iteration: Zhang et al. use 25 at 0.01, then 25 at 1. Five of each measured as good on
@@ -103,7 +103,7 @@ def refit_through(clip: Clip, x: np.ndarray, y: np.ndarray, rank: int, a: np.nda
     anchor0 = np.asarray(anchor, dtype=np.float64)
     # At the rank of its inputs (the second factor's refit, see refine) the truncation keeps all
     # of W*, which needs no eigendecomposition (on AlexNet's fc6: ten of 1418 x 1418 per refit).
-    # With fewer rows than inputs too, W* comes from the rows (push-through, as lowrank.SampleRows):
+    # With fewer rows than inputs too, W* comes from the rows (push-through, as data_fit.SampleRows):
     # W* = A0 + X^T (X X^T + lam I)^-1 (Z - X A0), X and Z the centred rows over sqrt(n) (two
     # 1418 x 1418 x 4096 triangular solves per iteration there otherwise: 11 of 15 s).
     whole = rank == d_in

@@ -1,6 +1,6 @@
 """What a layer sees on the calibration data: a bounded sample of its input rows or patches.
 
-Data-aware factorization (surgeon.lowrank: whitened SVD, data-aware Tucker-2) needs, per
+Data-aware factorization (surgeon.data_factors: whitened SVD, data-aware Tucker-2) needs, per
 layer, the covariance of the rows a fully connected layer multiplies or of the patches a
 conv's kernel covers. Both come from a fixed-size random sample of those rows, drawn batch
 by batch while surgeon.validate.stream_tensors runs the model (one batch of activations in
@@ -473,7 +473,7 @@ def report(sample: Sample, out_error: float, kind: str, choice=None, through=Non
     """fit=data report fields of one layer: the output-space error on the sampled calibration
     rows (y = W p + b per row: the figure the data-aware fit minimises, next to the weight-space
     rel_error), the sample, which fit the layer got (`fit_choice`) and, when it was chosen on
-    held-out samples (a surgeon.lowrank.FitChoice), every candidate's held-out output error;
+    held-out samples (a surgeon.data_fit.FitChoice), every candidate's held-out output error;
     with a refit to the clipped output (a surgeon.clipped_fit.ClippedFit), the error after the
     clip before and after it, and whether it was kept."""
     d = {"out_error": out_error, "calib_rows": len(sample.rows), "calib_inputs": int(np.shape(sample.rows)[1]),

@@ -1,6 +1,6 @@
 """Layer fits on a pool of threads, and how many BLAS threads each may use.
 
-The data-aware low-rank fits (surgeon.lowrank, surgeon.clipped_fit) are independent per layer
+The data-aware low-rank fits (surgeon.data_fit, surgeon.clipped_fit) are independent per layer
 within a stage, and numpy and scipy release the GIL in BLAS/LAPACK, so a pool of threads uses
 both cores where one fit on two BLAS threads gained little. Each fit does the same arithmetic
 on whichever thread and with whatever worker count, so a run repeats byte for byte.

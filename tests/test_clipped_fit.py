@@ -14,13 +14,13 @@ import pytest
 from onnx import helper
 
 import surgeon
-from surgeon import lowrank
+from surgeon import data_factors
 from surgeon.calibration import DataSet
 from surgeon import clipped_fit
 from surgeon.clipped_fit import Clip, refine, refit_through, through_clip
 from surgeon.rewrite import clip_after
 from tests.models import CNN, CNN_CALIB, checked, init, make_model, rel_l2, run, tensor
-from tests.test_lowrank import anisotropic_rows
+from tests.test_data_factors import anisotropic_rows
 
 CLIPS = [Clip(0.0, 6.0), Clip(0.0, np.inf, "Relu"), Clip(-1.0, 1.0)]
 
@@ -48,7 +48,7 @@ def _layer(seed=0, n=1500, d=12, f=20, shift=1.0):
 
 def test_a_clip_that_never_bites_keeps_the_linear_fit():
     x, w, bias = _layer()
-    fit = lowrank.data_linear(w, x, damp=0.05).fit(4, bias)
+    fit = data_factors.data_linear(w, x, damp=0.05).fit(4, bias)
     res = refit_through(Clip(-np.inf, np.inf), x, x @ w + bias, 4, fit.a, fit.b, bias + fit.shift, w, damp=0.05)
     np.testing.assert_allclose(res.a @ res.b, fit.a @ fit.b, atol=1e-5)
     np.testing.assert_allclose(res.bias, bias + fit.shift, atol=1e-5)
@@ -61,7 +61,7 @@ def test_the_refit_lowers_the_clipped_error_and_never_raises_it(clip, rank):
     never rises; with no iterations the starting fit comes back unchanged."""
     x, w, bias = _layer(seed=rank)
     y = x @ w + bias
-    fit = lowrank.data_linear(w, x, damp=0.05).fit(rank, bias)
+    fit = data_factors.data_linear(w, x, damp=0.05).fit(rank, bias)
     res = refit_through(clip, x, y, rank, fit.a, fit.b, bias + fit.shift, w, damp=0.05)
     clipped = lambda a, b, c: rel_l2(clip(y), clip(x @ a @ b + c))  # noqa: E731
     assert res.before == pytest.approx(clipped(fit.a, fit.b, bias + fit.shift), rel=1e-4)
@@ -84,7 +84,7 @@ def test_wide_or_thin_samples_refit_the_second_factor_only(why, monkeypatch):
     if why == "wide":
         monkeypatch.setattr(clipped_fit, "WHOLE_REFIT", 8)
     clip = Clip(0.0, 6.0)
-    fit = lowrank.data_linear(w, x, damp=0.05).fit(3, bias)
+    fit = data_factors.data_linear(w, x, damp=0.05).fit(3, bias)
     res = refine(clip, x, x @ w + bias, fit.a, fit.b, bias + fit.shift, w, damp=0.05)
     q, _ = np.linalg.qr(fit.a)
     np.testing.assert_allclose(q @ (q.T @ res.a), res.a, atol=1e-8)
@@ -227,7 +227,7 @@ def test_a_core_with_more_outputs_than_inputs_is_refitted_whole():
     out = run(r.model, {"x": x[:4]})[0]
     assert out.shape == (4, 32, 8, 8) and np.isfinite(out).all()
     # the padded pair is the same map: x A B with A's extra columns (B's extra rows) zero
-    fit = lowrank.data_linear(rng.standard_normal((9, 32)), rng.standard_normal((200, 9)))
+    fit = data_factors.data_linear(rng.standard_normal((9, 32)), rng.standard_normal((200, 9)))
     a, bb = fit.factors.pair(12)
     a9, b9 = fit.factors.pair(9)
     assert a.shape == (9, 12) and bb.shape == (12, 32) and not a[:, 9:].any() and not bb[9:].any()
@@ -250,7 +250,7 @@ def test_a_second_factor_refit_step_is_the_ridge_solution(n):
     z = through_clip(clip(y), x @ a0.astype(np.float32) + bias.astype(np.float32), lam_z, clip).astype(np.float64)
     xc, zc = x - x.mean(0, dtype=np.float64), z - z.mean(0)
     s = xc.T @ xc / n
-    lam = lowrank.damping(np.diag(s), 0.05)
+    lam = data_factors.damping(np.diag(s), 0.05)
     expect = np.linalg.solve(s + lam * np.eye(d), xc.T @ zc / n + lam * a0)
     np.testing.assert_allclose(res.a @ res.b, expect, rtol=0, atol=1e-4 * np.abs(expect).max())
     np.testing.assert_allclose(res.a, np.eye(d))

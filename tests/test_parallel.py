@@ -95,7 +95,7 @@ def test_a_thread_limit_reaches_scipys_blas_loaded_after_it():
     pytest.importorskip("threadpoolctl")
     import subprocess
     import sys
-    code = ("import sys; from surgeon import lowrank, parallel  # noqa: F401\n"
+    code = ("import sys; from surgeon import data_factors, data_fit, lowrank, parallel, rank_choice  # noqa: F401\n"
             "assert 'scipy.linalg' not in sys.modules\n"
             "with parallel.single_blas_thread():\n"
             "    import scipy.linalg, threadpoolctl\n"

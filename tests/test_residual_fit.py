@@ -15,12 +15,12 @@ import pytest
 from onnx import helper
 
 import surgeon
-from surgeon import lowrank
+from surgeon import data_factors
 from surgeon.calibration import DataSet
 from surgeon.layer_stats import ConvWindow, output_rows, patches_at
 from surgeon.rewrite import add_partner
 from tests.models import checked, init, make_model, rel_l2, run, tensor
-from tests.test_lowrank import anisotropic_rows
+from tests.test_data_factors import anisotropic_rows
 
 
 def _add_graph(*, other="x", extra_reader=False, pre_is_output=False, op="Add"):
@@ -62,7 +62,7 @@ def test_offset_rows_sit_at_the_layers_output_positions(stride, pad):
     window = ConvWindow((3, 3), (stride, stride), (1, 1), (pad,) * 4)
     picks = np.sort(rng.choice(y.shape[0] * y.shape[2] * y.shape[3], 20, replace=False))
     got = output_rows(y, x, window, picks)
-    np.testing.assert_allclose(got, lowrank.responses(w, patches_at(x, window, picks)) + b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, data_factors.responses(w, patches_at(x, window, picks)) + b, rtol=1e-4, atol=1e-4)
     assert output_rows(y[:, :, :1], x, window, picks) is None  # shaped unlike the output: no offset
     rows = rng.standard_normal((2, 7, 6)).astype(np.float32)  # a MatMul's input and output
     assert np.array_equal(output_rows(rows * 2, rows, None, np.array([0, 9, 13])), rows.reshape(-1, 6)[[0, 9, 13]] * 2)
@@ -81,15 +81,15 @@ def test_offset_moments_pool_exactly():
     """Pooled splits give the whole sample's E[x~_c^T d_c] and mean of d; the residual fit reads
     C W + that, the sequential fit C W alone."""
     x, t, w, d = _offset_layer()
-    whole = lowrank.moments(x, t, w=w, offset=d)
-    a, b = lowrank.moments(x[:500], t[:500], w=w, offset=d[:500]), lowrank.moments(x[500:], t[500:], w=w,
+    whole = data_factors.moments(x, t, w=w, offset=d)
+    a, b = data_factors.moments(x[:500], t[:500], w=w, offset=d[:500]), data_factors.moments(x[500:], t[500:], w=w,
                                                                                    offset=d[500:])
-    pooled = lowrank.pooled(a, b)
+    pooled = data_factors.pooled(a, b)
     xc, dc = x - x.mean(0), d - d.mean(0)
     np.testing.assert_allclose(whole.xtd, xc.T.astype(np.float64) @ dc / len(x), rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(pooled.xtd, whole.xtd, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(pooled.mean_d, d.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pooled.xtw, lowrank.moments(x, t, w=w).xtw, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(pooled.xtw, data_factors.moments(x, t, w=w).xtw, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(whole.aimed("residual").xtw, whole.xtw + whole.xtd)
     assert whole.aimed("sequential").xtw is whole.xtw and whole.aimed("sequential").mean_d == 0.0
 
@@ -99,13 +99,13 @@ def test_the_full_rank_sequential_fit_is_least_squares_on_the_offset_target():
     of x W + b + d on x~."""
     x, t, w, d = _offset_layer()
     bias = np.linspace(-1, 1, w.shape[1])
-    fit = lowrank.data_linear(w, x, t, damp=1e-9, offset=d).fit(w.shape[1], bias)
+    fit = data_factors.data_linear(w, x, t, damp=1e-9, offset=d).fit(w.shape[1], bias)
     pred = (x @ fit.a) @ fit.b + bias + fit.shift
     x1 = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
     coef, *_ = np.linalg.lstsq(x1, t @ w + bias + d, rcond=None)
     np.testing.assert_allclose(pred, x1 @ coef, rtol=1e-3, atol=1e-3)
     # the reported error is relative to the same target, x W + b + d
-    y, m = t @ w + bias + d, lowrank.ERROR_ROWS
+    y, m = t @ w + bias + d, data_factors.ERROR_ROWS
     expected = np.linalg.norm((x1 @ coef - y)[:m]) / np.linalg.norm(y[:m])
     assert fit.out_error == pytest.approx(expected, rel=1e-3)
 
