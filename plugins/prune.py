@@ -41,8 +41,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.calibration import synthesize
-from surgeon.channel_groups import (PREDICTION_DAMP, Analysis, Group, analyze, head_of, prune_channels,
-                                     weight_out_axis)
+from surgeon.channel_groups import Analysis, Group, analyze
+from surgeon.channel_removal import PREDICTION_DAMP, head_of, prune_channels, weight_out_axis
 from surgeon.data_factors import regularised
 from surgeon.model import to_graph, to_model
 from surgeon.plugin import Context, LayerReport, ModelPlugin

@@ -1,11 +1,12 @@
 """The channel dependency analysis: which layers are coupled, which channels must stay, and
-that removing channels equals masking them (surgeon/channel_groups.py)."""
+that removing channels equals masking them (surgeon/channel_groups.py, surgeon/channel_removal.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from surgeon.channel_groups import analyze, head_of, mask_channels, prune_channels
+from surgeon.channel_groups import analyze
+from surgeon.channel_removal import head_of, mask_channels, prune_channels
 from surgeon.engine import prepare
 from surgeon.model import to_graph, to_model
 from tests import models as M

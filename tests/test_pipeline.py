@@ -288,9 +288,9 @@ def test_a_rewritten_model_onnxruntime_cannot_load_fails_instead_of_skipping_val
     """A plugin defect that leaves a model onnxruntime refuses (here a float64 bias on a float
     conv, what prune's compensation once wrote on a conv without a bias) is a failure, never a
     pass with the validation skipped; the original loads, so the surgery is to blame."""
-    from surgeon import channel_groups
-    real = channel_groups._add_bias
-    monkeypatch.setattr(channel_groups, "_add_bias", lambda node, index, delta, dtype: real(node, index, delta, np.float64))
+    from surgeon import channel_removal
+    real = channel_removal._add_bias
+    monkeypatch.setattr(channel_removal, "_add_bias", lambda node, index, delta, dtype: real(node, index, delta, np.float64))
     result = pipeline.run(CNN, [Step("prune", {"ratio": 0.5, "compensate": "mean"})],
                           pipeline.RunOptions(data=CNN_TEST, latency=False))
     assert result.status == "fail"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import surgeon
 from surgeon import calibration
-from surgeon.channel_groups import mask_channels
+from surgeon.channel_removal import mask_channels
 from surgeon.cli import app
 from surgeon.engine import prepare
 from surgeon.errors import UsageError
@@ -148,7 +148,7 @@ def test_mean_compensation_replaces_removed_channels_by_their_mean():
 
 
 def test_linear_prediction_is_exact_for_dependent_channels_and_the_mean_for_independent_ones():
-    from surgeon.channel_groups import linear_prediction
+    from surgeon.channel_removal import linear_prediction
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5000, 4)) + [1.0, -2.0, 0.5, 3.0]
     x = np.column_stack([x, x[:, :3] @ [0.5, -1.0, 2.0] + 0.7, rng.standard_normal(5000) + 4.0])  # 4: dependent, 5: not
