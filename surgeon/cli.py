@@ -768,7 +768,9 @@ def plan_cmd(
     latency_local: LatencyLocalOpt = False,
     max_verifications: Annotated[int, typer.Option("--max-verifications", help="end-to-end verification rounds at most (1-100)")] = 12,
     compare_uniform: Annotated[bool, typer.Option("--compare-uniform", help="also find the fastest uniform ratio meeting the budget, for comparison")] = False,
-    attribution: Annotated[bool, typer.Option("--attribution/--no-attribution", help="measure each chosen layer's effect in the final plan (one end-to-end evaluation per layer)")] = True,
+    # one flag, not --attribution/--no-attribution: the pair widened help's flag column until
+    # the descriptions wrapped to a word a line at 80 columns
+    no_attribution: Annotated[bool, typer.Option("--no-attribution", help="skip measuring each chosen layer's effect in the final plan (one end-to-end evaluation per layer)")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Choose per-layer ratios with the largest measured latency reduction within a budget;
@@ -789,7 +791,7 @@ def plan_cmd(
         popts = _plan.PlanOptions(plugin, budgets, _sweep.parse_ratios(ratios) if ratios else [],
                                   _sweep_plugin_options(plugin, option), layers, _plan.parse_target(target),
                                   workers, backend, address, latency_local, max_verifications,
-                                  compare_uniform=compare_uniform, attribution=attribution)
+                                  compare_uniform=compare_uniform, attribution=not no_attribution)
         dest = output or Path(f"{model.stem}.{plugin}.plan.toml")
         _check_paths({"--output": dest, "--json": json_out}, {"model": model, "--data file": data, "--calib file": calib})
         opts = _run_options(data, calib, labels, shape, calib_rows, threads, seed, batch, True, True, None)

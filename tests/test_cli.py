@@ -267,6 +267,16 @@ def test_help_keeps_bracketed_text():
     assert "[gate]" in gate.output and "[tool.surgeon.gate]" in gate.output
 
 
+@pytest.mark.parametrize("command", ["plugins", "inspect", "apply", "validate", "gate", "sweep", "plan"])
+def test_help_at_80_columns_cuts_no_flag_or_text(command):
+    """plan's --attribution/--no-attribution pair widened the flag column: at 80 columns
+    '--max-verifications' and its default printed cut off with an ellipsis."""
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert "\u2026" not in r.output, [l for l in r.output.splitlines() if "\u2026" in l]
+    assert max(len(l) for l in r.output.splitlines()) <= 80
+
+
 def test_progress_in_a_log_prints_every_phase_but_rate_limits_long_counts(monkeypatch):
     """In a CI log (stderr no terminal) each phase of a short count gets its line at once, so
     GPTQ's time is not shown under the equalization label; one label per layer of a long count
