@@ -601,7 +601,7 @@ def write(res: SweepResult, out_dir: str | Path) -> list[Path]:
     if res.per_layer:
         files += plots.per_layer(out, layer_rows(res), title, res.plugin in RATIO_REMOVES)
     if res.fallback:
-        files += plots.fallback(out, fallback_rows(res), title)
+        files += plots.fallback(out, res.fallback, title)
     if res.reconstruction:
         files += plots.reconstruction(out, res.reconstruction, title)
     return files

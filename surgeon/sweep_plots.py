@@ -132,12 +132,13 @@ def per_layer(out: Path, rows: list[dict[str, Any]], title: str, removes: bool) 
 
 
 def fallback(out: Path, rows: list[dict[str, Any]], title: str) -> list[Path]:
-    """fallback.png: drift with each node alone in float (bars), all-quantized drift as a line."""
-    base = next((r for r in rows if r["float_node"].startswith("(none")), None)
+    """fallback.png: drift with each node alone in float (bars), all-quantized drift as a line;
+    `rows`: SweepResult.fallback (the all-quantized row has no layer)."""
+    base = next((r for r in rows if not r["layer"]), None)
     nodes = [r for r in rows if r is not base and r.get("drift") is not None]
     plt, fig, (ax,) = _figure(1)
     ax.bar(range(len(nodes)), [r["drift"] for r in nodes])
-    ax.set_xticks(range(len(nodes)), [r["float_node"] for r in nodes], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(nodes)), [r["layer"] for r in nodes], rotation=60, ha="right", fontsize=7)
     if base is not None and base.get("drift") is not None:
         ax.axhline(base["drift"], color="C3", ls="--", label="every node quantized")
         ax.legend()
