@@ -703,7 +703,7 @@ def _sweep_tables(res) -> list:
                                    f"{report.human(orig.get('macs'))} MACs"
                                    + (f", accuracy {orig['accuracy']:.2%}" if orig.get("accuracy") is not None else "")
                                    + ")", ["ratio", "params", "MACs", "ms (speedup)", "drift", "agreement",
-                                          "accuracy"], rows))
+                                          "accuracy"], rows, optional=NO_SCORES))
     if res.per_layer:
         all_rows = _sweep.layer_rows(res)
         # a layer the plugin rewrote at no ratio (not a group's leader, or too small) has no curve
@@ -716,12 +716,13 @@ def _sweep_tables(res) -> list:
                                    ["layer", "ratio", _sweep.kept_label(res.plugin), "drift", "agreement", "accuracy",
                                     "ms saved\nalone"], rows,
                                    first="wrap", group=True, caption=f"{hidden} layer(s) rewritten at no ratio are left out (see the JSON)"
-                                   if hidden else None))
+                                   if hidden else None, optional=NO_SCORES))
     if res.fallback:
         rows = [[r["float_node"], _fmt(r["drift"], "{:.4f}"), _fmt(r["drift_reduction"], "{:+.4f}"),
                  _fmt(r["agreement"], "{:.2%}"), _fmt(r["accuracy"], "{:.2%}")] for r in _sweep.fallback_rows(res)]
         tables.append(report.table(f"{res.plugin}: drift with one node kept in float, {name}",
-                                   ["node in float", "drift", "drift reduction", "agreement", "accuracy"], rows))
+                                   ["node in float", "drift", "drift reduction", "agreement", "accuracy"], rows,
+                                   optional=NO_SCORES))
     if res.reconstruction:
         rows = []
         for (layer, mode), pts in _group(res.reconstruction).items():
@@ -730,6 +731,10 @@ def _sweep_tables(res) -> list:
         tables.append(report.table(f"reconstruction error ||W - W_r|| / ||W||, {name}",
                                    ["layer", "rank varied", "full", "at 1/4", "at 1/2", "at 3/4"], rows))
     return tables
+
+
+# columns a model without class scores (a detector, a recognizer) or labels leaves empty
+NO_SCORES = ("agreement", "accuracy")
 
 
 def _group(rows: list[dict]) -> dict:
@@ -821,7 +826,8 @@ def _print_plan(res) -> None:
             for c in res.choices]
     out.print(report.table(f"plan: {res.plugin} on {Path(res.model).name}, {len(res.choices)} layer(s)",
                            ["layer", "ratio", kept_label(res.plugin), "drift\nalone", "top-1\nalone", "ms saved\nalone",
-                            "drift\nin plan", "top-1\nin plan"], rows, first="wrap"))
+                            "drift\nin plan", "top-1\nin plan"], rows, first="wrap",
+                           optional=("top-1\nalone", "top-1\nin plan")))
     v = res.final.get("validation") or {}
     lat = v.get("latency") or {}
     p = res.predicted
@@ -829,6 +835,7 @@ def _print_plan(res) -> None:
                ["agreement", _fmt(p.get("agreement"), "{:.2%}"), _fmt(v.get("top1_agreement"), "{:.2%}")],
                ["latency vs original", _fmt(p.get("latency_ratio"), "{:.3f}"), _fmt(lat.get("ratio"), "{:.3f}")],
                ["MACs", "-", report.human(res.final.get("macs"))]]
+    summary = [r for r in summary if r[0] != "agreement" or r[1:] != ["-", "-"]]
     if v.get("accuracy"):
         summary.append(["accuracy", "-", f"{v['accuracy']['original']:.2%} -> {v['accuracy']['candidate']:.2%}"])
     out.print(report.table("plan: predicted (layers alone, combined) vs measured end to end", ["", "predicted", "measured"],

@@ -409,17 +409,22 @@ def validation_tables(v: dict[str, Any]) -> list[FitTable]:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str | None = None,
-          first: str = "name", group: bool = False) -> FitTable:
+          first: str = "name", group: bool = False, optional: Iterable[str] = ()) -> FitTable:
     """A plain table for benchmarks and sweeps: the first column names the row (kind `first`:
     "name" elides in the middle when the console is narrow, "wrap" folds it over lines so node
     names that differ in the middle stay whole), the others keep their values whole. `group`:
-    consecutive rows with the same first cell form one section that names it once."""
+    consecutive rows with the same first cell form one section that names it once. Columns named
+    in `optional` are left out when no row has a value there ("-": agreement and accuracy of a
+    detector), so the others keep their width at 80 columns."""
+    rows = [[x if isinstance(x, str) else (f"{x:.4g}" if isinstance(x, float) else str(x)) for x in r] for r in rows]
+    optional = set(optional)
+    keep = [i for i, c in enumerate(columns) if c not in optional or any(r[i] != "-" for r in rows)]
     t = FitTable(title=title, caption=caption)
-    for i, c in enumerate(columns):
-        t.add_column(c, first if i == 0 else "num")
+    for i in keep:
+        t.add_column(columns[i], first if i == 0 else "num")
     previous = None
     for r in rows:
-        cells = [x if isinstance(x, str) else (f"{x:.4g}" if isinstance(x, float) else str(x)) for x in r]
+        cells = [r[i] for i in keep]
         if group:
             if previous is not None and cells[0] != previous:
                 t.add_section()

@@ -292,3 +292,20 @@ def test_plugin_options_read_as_prose_at_80_columns():
     assert "how activation ranges are computed from the calibration data" in text
     assert "minmax|entropy|percentile|auto|minmax-or-percentile, default 'minmax-or-percentile'" in text
     assert len(lines) < 100  # 183 lines before, 83 after ("BatchNormalizat|ion" was cut mid-word)
+
+
+def test_a_column_no_row_fills_is_left_out():
+    """A detector has no top-1: a sweep's agreement and accuracy columns were all '-' and
+    squeezed the others at 80 columns. Optional columns go when empty, stay when any row has one."""
+    cols = ["ratio", "ms", "drift", "agreement", "accuracy"]
+    empty = render(report.table("sweep", cols, [["0.25", "3.1", "0.1", "-", "-"], ["0.5", "2.0", "0.2", "-", "-"]],
+                                optional=("agreement", "accuracy")))
+    header = next(l for l in empty if "ratio" in l)
+    assert "drift" in header and "agreement" not in header and "accuracy" not in header
+    assert any("0.25" in l and "3.1" in l for l in empty)
+    one = render(report.table("sweep", cols, [["0.25", "3.1", "0.1", "-", "-"], ["0.5", "2.0", "0.2", "91.0%", "-"]],
+                              optional=("agreement", "accuracy")))
+    header = next(l for l in one if "ratio" in l)
+    assert "agreement" in header and "accuracy" not in header
+    kept = render(report.table("sweep", cols, [["0.25", "3.1", "0.1", "-", "-"]]))  # not optional: shown
+    assert "agreement" in next(l for l in kept if "ratio" in l)
