@@ -201,6 +201,9 @@ def test_every_core_table_fits_80_columns():
     assert "already factor the channels" in text.replace("│", " ").replace("\n", " ").replace("  ", " ") or \
         "channels" in text  # the reason wraps, it is never cut
     assert "403.37k" in "\n".join(render(report.profile_table(prof)))
+    # the speedup is one line of its own, not a caption folded to the latency table's width
+    (speed,) = [line for t in report.validation_tables(v) for line in render(t) if "speedup" in line]
+    assert speed.startswith("speedup ") and "(95% interval, per pair)" in speed
 
 
 def test_tables_take_the_layout_with_the_fewest_lines():
