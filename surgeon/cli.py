@@ -480,7 +480,8 @@ def _print_apply(result: pipeline.PipelineResult, doc: dict, written: Path | Non
             out.print(report.layers_table(s.layers, title=title))
         if verbose and s.skipped:
             out.print(report.skipped_table(s.layers))
-        out.print(f"{len(s.rewritten)} rewritten, {len(s.skipped)} skipped"
+        left = len(s.skipped) - len(s.failed)
+        out.print(f"{len(s.rewritten)} rewritten, {left} skipped" + (f", {len(s.failed)} failed" if s.failed else "")
                   + ("" if verbose or not s.skipped else " (-v shows which and why)"))
         for table in (report.steps_table(s.extras), report.explain_table(s.extras)):
             if table is not None:

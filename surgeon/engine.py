@@ -59,7 +59,7 @@ class SurgeryResult:
     def to_json(self) -> dict[str, Any]:
         from surgeon.plugin import _jsonable
         return {"plugin": self.plugin, "options": _jsonable(self.options), "seconds": round(self.seconds, 3),
-                "rewritten": len(self.rewritten), "skipped": len(self.skipped),
+                "rewritten": len(self.rewritten), "skipped": len(self.skipped), "failed": len(self.failed),
                 "layers": [l.to_json() for l in self.layers],
                 "before": self.before.to_json(), "after": self.after.to_json(), "extras": _jsonable(self.extras),
                 "notes": list(self.notes)}

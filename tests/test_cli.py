@@ -213,6 +213,7 @@ def test_a_layer_the_plugin_fails_on_sets_exit_code_1(third_party, cnn_copy, mon
     r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "relu-clip", "--no-validate"])
     assert r.exit_code == 1, r.output
     assert "relu-clip failed on 6 layer(s)" in r.stderr and "kaboom" in r.stderr
+    assert "0 rewritten, 0 skipped, 6 failed" in r.stdout
 
 
 def test_json_report_never_overwrites_a_model(cnn_copy, tmp_path):

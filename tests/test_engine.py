@@ -64,6 +64,7 @@ def test_plugin_exception_is_reported_on_the_layer(cnn, monkeypatch):
     r3 = next(l for l in res.layers if l.layer == "relu3")
     assert r3.status == "failed" and "kaboom" in r3.reason
     assert [l.layer for l in res.failed] == ["relu3"]
+    assert res.to_json()["failed"] == 1 and res.to_json()["layers"][2]["status"] == "failed"
     assert len(res.rewritten) == 5
     checked(res.model)
 
