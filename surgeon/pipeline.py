@@ -362,6 +362,8 @@ def _validate(original, candidate, split: DataSplit, opts: RunOptions, tick: Pro
             return None, NotValidated(f"the rewritten model does not load in onnxruntime, the original does ({exc})",
                                       failed=True)
         return None, NotValidated(f"onnxruntime cannot run this model ({exc})")
+    except ModelError:
+        raise  # the two models cannot be compared (other inputs, outputs of another shape): never a skip
     except SurgeonError as exc:
         return None, NotValidated(str(exc))
     # its own label: a rate-limited repeat of "validating" read like a second validation

@@ -299,6 +299,17 @@ def test_a_rewritten_model_onnxruntime_cannot_load_fails_instead_of_skipping_val
                for f in result.outcome.failures), result.outcome.failures
 
 
+def test_models_that_cannot_be_compared_are_an_error_not_a_skipped_validation(monkeypatch):
+    """A rewrite that changed an output's shape must not pass with validation skipped."""
+    from surgeon.errors import ModelError
+
+    def differ(*args, **kwargs):
+        raise ModelError("output 'logits' has shape [1, 10] in the original, [1, 9] after")
+    monkeypatch.setattr(pipeline, "validate", differ)
+    with pytest.raises(ModelError, match="has shape"):
+        pipeline.run(CNN, [Step("prune", {"ratio": 0.5})], pipeline.RunOptions(data=CNN_TEST, latency=False))
+
+
 def test_the_same_file_for_calib_and_data_is_a_warning_not_a_split_note():
     result = pipeline.run(CNN, [Step("prune", {"ratio": 0.5})],
                           pipeline.RunOptions(data=CNN_TEST, calib=CNN_TEST, latency=False))
