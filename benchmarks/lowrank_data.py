@@ -36,7 +36,7 @@ from rich.table import Table
 
 import surgeon
 from surgeon.calibration import DataSet
-from surgeon.validate import stream_tensors
+from surgeon.validate import run, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -131,12 +131,10 @@ def measure(name, plugin, settings: list[tuple[str, float]], fits: list[str], la
 
 
 def outputs(model, names: list[str], data: DataSet) -> dict[str, np.ndarray]:
-    """The model's outputs on every scored row."""
-    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for batch in stream_tensors(model, names, data):
-        for n in names:
-            got[n].append(batch[n])
-    return {n: np.concatenate(v) for n, v in got.items()}
+    """The model's outputs on every scored row, a row per sample (validate.run: the OCR
+    recognizer's [T, 1, C] steps are joined as [N, T, C], so the bootstrap resamples lines)."""
+    sess = session(model)
+    return dict(zip([o.name for o in sess.get_outputs()], run(sess, data)))
 
 
 def row_energy(a: np.ndarray) -> np.ndarray:

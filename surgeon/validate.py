@@ -77,8 +77,9 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, profile_dir:
 
 
 def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list[np.ndarray]:
-    """All outputs over the whole data set, concatenated along the batch axis."""
+    """All outputs over the whole data set, one row per sample (axis 0; see by_sample)."""
     outs: list[list[np.ndarray]] = []
+    counts: list[int] = []
     for feed in data.batches(batch_size):
         try:
             res = sess.run(None, feed)
@@ -86,9 +87,32 @@ def run(sess: ort.InferenceSession, data: DataSet, batch_size: int = 32) -> list
             raise SurgeonError(f"onnxruntime failed to run the model: {ort_message(exc)}") from None
         if not outs:
             outs = [[] for _ in res]
+        counts.append(1 if data.stacked else len(next(iter(feed.values()))))
         for acc, r in zip(outs, res):
             acc.append(r)
-    return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+    return [by_sample(o, counts) for o in outs]
+
+
+def by_sample(parts: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """One output's values from consecutive runs (run i fed counts[i] samples) joined with the
+    samples along axis 0, so that a row is a sample: the bootstrap over rows then resamples
+    samples. The sample axis is axis 0 when its size is the sample count in every run; else the
+    one other axis that is (the OCR recognizer's per-step scores [T, 1, C] become [N, T, C]:
+    concatenated along axis 0, 32 lines made 1024 rows of time steps, and their drift interval
+    was a quarter as wide as over the lines); else, when every run is one sample, the runs are
+    stacked (an output without a batch axis). An output that fits none of these (a reduction
+    over the batch) is concatenated along axis 0, as it comes."""
+    shapes = [p.shape for p in parts]
+    if not parts[0].ndim:
+        return np.stack(parts)
+    if all(s[0] == n for s, n in zip(shapes, counts)):
+        return np.concatenate(parts)
+    axes = [k for k in range(1, parts[0].ndim) if all(len(s) > k and s[k] == n for s, n in zip(shapes, counts))]
+    if len(axes) == 1:
+        return np.concatenate([np.moveaxis(p, axes[0], 0) for p in parts])
+    if all(n == 1 for n in counts) and len(set(shapes)) == 1:
+        return np.stack(parts)
+    return np.concatenate(parts)
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:

@@ -141,7 +141,7 @@ def test_a_model_without_a_batch_axis_gets_whole_feeds():
     assert len(feeds) == 3 and feeds[0]["a"].shape == (2, 3)
     assert calibration.shapes_from_data(ds) == {"a": (2, 3), "b": (3, 4)}
     (y,) = run(session(m), ds)
-    assert y.shape == (6, 4)  # three feeds of (2, 4)
+    assert y.shape == (3, 2, 4)  # three feeds of (2, 4), a row each: a row is a sample (validate.by_sample)
     assert ds.rows(1, 3).stacked and len(ds.take(2)) == 2
 
 

@@ -208,3 +208,52 @@ def test_scores_with_trailing_unit_axes_get_agreement_and_accuracy():
     assert v.accuracy["candidate"] == pytest.approx(np.mean(top == 1))
     # a sequence model's per-step scores (T, 1, C) are not (N, C) rows: drift only
     assert "top1_agreement" not in drift_metrics(np.ones((5, 1, 3)), np.ones((5, 1, 3)))
+
+
+def sequence_model(steps: int = 6, classes: int = 5) -> onnx.ModelProto:
+    """A recognizer's layout (the shared OCR model): a static batch of 1, per-step scores [T, 1, C]
+    out, the batch on axis 1."""
+    from onnx import helper
+    from tests.models import init, make_model, tensor
+    w = np.random.default_rng(0).normal(size=(classes, classes)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["xt"]),            # [1, C, T]
+             helper.make_node("Transpose", ["xt"], ["steps"], perm=[2, 0, 1]),  # [T, 1, C]
+             helper.make_node("MatMul", ["steps", "w"], ["y"])]
+    return make_model(nodes, [tensor("x", [1, 1, classes, steps])], [tensor("y", [steps, 1, classes])],
+                      [init("shape", np.array([1, classes, steps], np.int64)), init("w", w)])
+
+
+def test_a_row_is_a_sample_when_the_batch_is_not_axis_0():
+    """Concatenated along axis 0, 16 samples of [T, 1, C] made 16 T rows of time steps, and the
+    drift interval resampled steps: narrower than over the samples it was measured on."""
+    from surgeon.validate import rel_l2_interval, run
+    m = sequence_model()
+    rng = np.random.default_rng(1)
+    # the steps of a sample alike (one text line), samples unlike: 96 steps are not 96 samples
+    x = np.repeat(rng.normal(size=(16, 1, 5, 1)) * rng.uniform(0.2, 3, size=(16, 1, 1, 1)), 6, axis=3)
+    x = (x + 0.01 * rng.normal(size=x.shape)).astype(np.float32)
+    ds = calibration.DataSet({"x": x}, batch=1)
+    (y,) = run(session(m), ds)
+    assert y.shape == (16, 6, 5)  # [N, T, C]
+    bad = onnx.ModelProto()
+    bad.CopyFrom(m)
+    w = next(t for t in bad.graph.initializer if t.name == "w")
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * rng.uniform(0.5, 1.5, size=(5, 5))
+                                            .astype(np.float32), "w"))
+    (z,) = run(session(bad), ds)
+    per_sample = rel_l2_interval(y, z)
+    per_step = rel_l2_interval(y.reshape(-1, 1, 5), z.reshape(-1, 1, 5))
+    assert validate(m, bad, ds, latency=False).outputs["y"]["rel_l2_interval"] == per_sample
+    assert per_sample[1] - per_sample[0] > 1.5 * (per_step[1] - per_step[0])
+
+
+def test_outputs_are_joined_by_sample():
+    from surgeon.validate import by_sample
+    a, b = np.zeros((2, 3)), np.ones((1, 3))
+    assert by_sample([a, b], [2, 1]).shape == (3, 3)                      # batch on axis 0
+    seq = [np.full((4, 1, 3), i) for i in range(3)]
+    joined = by_sample(seq, [1, 1, 1])                                    # [T, 1, C], batch on axis 1
+    assert joined.shape == (3, 4, 3) and (joined[2] == 2).all()
+    assert by_sample([np.zeros(5), np.ones(5)], [1, 1]).shape == (2, 5)   # no batch axis: stacked
+    assert by_sample([np.zeros(5), np.ones(5)], [2, 2]).shape == (10,)     # a reduction over the batch
+    assert by_sample([np.float32(1), np.float32(2)], [1, 1]).shape == (2,)
