@@ -384,7 +384,7 @@ def validation_tables(v: dict[str, Any]) -> list:
     tables = [t]
     iv = v.get("worst_rel_l2_interval")
     if iv:
-        notes.append(f"rel. L2 95% interval over rows: {iv[0]:.4f}-{iv[1]:.4f} (bootstrap)")
+        notes.append(f"rel. L2 95% interval over samples: {iv[0]:.4f}-{iv[1]:.4f} (bootstrap)")
     if v.get("accuracy"):
         a = v["accuracy"]
         notes.append(f"accuracy on the labels: {a['original']:.2%} before, {a['candidate']:.2%} after")

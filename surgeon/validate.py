@@ -326,7 +326,7 @@ class Validation:
 
     @property
     def worst_rel_l2_interval(self) -> list[float] | None:
-        """The 95% bootstrap interval over rows of the output with the largest drift."""
+        """The 95% bootstrap interval over samples (rows) of the output with the largest drift."""
         if self.non_finite_outputs or not self.outputs:
             return None
         return max(self.outputs.values(), key=lambda m: m["rel_l2"]).get("rel_l2_interval")
