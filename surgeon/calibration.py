@@ -6,6 +6,7 @@ labels, and hands them out in batches that fit the model's batch dimension.
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from surgeon.errors import UsageError
 from surgeon.model import input_signature
 
 DEFAULT_SYNTHETIC_SAMPLES = 8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -267,6 +270,13 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels_key: str = "label
                 raise UsageError(f"{path}: '{name}' has shape {list(a.shape)}, the model wants {_show(dims)}")
         if a.dtype != dtype:
             if np.issubdtype(dtype, np.floating) and (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+                if np.issubdtype(a.dtype, np.integer) and a.size:
+                    # Right for a model fed raw pixels (the ddddocr detector), wrong for one fed
+                    # normalised values (EfficientNet-Lite0): calibration and drift would then
+                    # both run on inputs the model never sees, and agree with each other.
+                    log.warning(f"{path}: '{name}' is {a.dtype} ({a.min()}..{a.max()}); the model takes "
+                                f"{np.dtype(dtype)}, so it is fed these values as they are, unscaled: "
+                                "apply the model's own preprocessing first if it expects normalised inputs")
                 a = a.astype(dtype)
             else:
                 raise UsageError(f"{path}: '{name}' is {a.dtype}, the model wants {np.dtype(dtype)}")

@@ -73,6 +73,8 @@ class _LogToConsole(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         if record.levelno >= logging.WARNING:
+            if msg in _logged_warnings:  # once per command (--calib and --data may be one file)
+                return
             _logged_warnings.add(msg)
             err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=False)
         else:

@@ -171,3 +171,22 @@ def test_synthesized_indices_stay_inside_the_table_they_index():
     ds = calibration.synthesize(m, samples=16)
     assert ds.inputs["ids"].max() == 3 and ds.inputs["ids"].min() == 0
     assert run(session(m), ds)[0].shape == (16, 5, 3)
+
+
+def test_integer_data_for_a_float_model_is_fed_unscaled_with_a_warning(tmp_path, caplog):
+    """uint8 photos given to a model that takes normalised floats calibrated and validated on
+    inputs the model never sees, without a word."""
+    import logging
+    m = model_io.load(CNN)
+    x = np.load(CNN_TEST)["input"]
+    np.savez(tmp_path / "u8.npz", input=np.round(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8))
+    np.savez(tmp_path / "f64.npz", input=x.astype(np.float64))
+    with caplog.at_level(logging.WARNING):
+        ds = calibration.load_data(tmp_path / "u8.npz", m)
+    assert ds.inputs["input"].dtype == np.float32 and ds.inputs["input"].max() == 255
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert "'input' is uint8 (0..255)" in msg and "unscaled" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        calibration.load_data(tmp_path / "f64.npz", m)
+    assert not caplog.records

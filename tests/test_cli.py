@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from typer.testing import CliRunner
 
@@ -418,3 +420,13 @@ def test_grouped_notes():
 
     assert _grouped_notes(["a: x", "b: x", "c: y", "free text: with a colon", "plain"], {"a", "b", "c"}) == \
         ["x (2 layers: a, ...)", "y (1 layer: c)", "free text: with a colon", "plain"]
+
+
+def test_a_warning_about_the_data_prints_once_for_calib_and_data(cnn_copy, tmp_path):
+    x = np.load(CNN_TEST)["input"]
+    u8 = tmp_path / "u8.npz"
+    np.savez(u8, input=np.round(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8))
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "svd", "--calib", str(u8), "--data", str(u8),
+                            "-o", str(tmp_path / "out.onnx"), "--no-latency"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("is uint8") == 1
