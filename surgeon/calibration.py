@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,6 +35,7 @@ class DataSet:
     source: str = ""
     batch: int | None = None  # the model's static batch size; None when it is free
     stacked: bool = False
+    warnings: tuple[str, ...] = ()  # about the file's contents (integers fed to a float input, unscaled)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -68,14 +69,11 @@ class DataSet:
         return {k: v[:step] for k, v in self.inputs.items()}
 
     def take(self, n: int) -> "DataSet":
-        return DataSet({k: v[:n] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:n], self.synthetic, self.source, self.batch,
-                       self.stacked)
+        return self.rows(0, n)
 
     def rows(self, start: int, stop: int) -> "DataSet":
-        return DataSet({k: v[start:stop] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[start:stop], self.synthetic, self.source,
-                       self.batch, self.stacked)
+        return replace(self, inputs={k: v[start:stop] for k, v in self.inputs.items()},
+                       labels=None if self.labels is None else self.labels[start:stop])
 
 
 def parse_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -252,6 +250,7 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels_key: str = "label
         raise UsageError(f"{path}: no array for input(s) {', '.join(missing)}; it has {', '.join(sorted(arrays)) or 'none'}"
                          f" (keys must be the model's input names)")
     inputs = {}
+    warnings = []
     stacked = unbatched(model)
     for name, dims, dtype in sig:
         a = arrays[name]
@@ -274,9 +273,10 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels_key: str = "label
                     # Right for a model fed raw pixels (the ddddocr detector), wrong for one fed
                     # normalised values (EfficientNet-Lite0): calibration and drift would then
                     # both run on inputs the model never sees, and agree with each other.
-                    log.warning(f"{path}: '{name}' is {a.dtype} ({a.min()}..{a.max()}); the model takes "
-                                f"{np.dtype(dtype)}, so it is fed these values as they are, unscaled: "
-                                "apply the model's own preprocessing first if it expects normalised inputs")
+                    warnings.append(f"{path}: '{name}' is {a.dtype} ({a.min()}..{a.max()}); the model takes "
+                                    f"{np.dtype(dtype)}, so it is fed these values as they are, unscaled: "
+                                    "apply the model's own preprocessing first if it expects normalised inputs")
+                    log.warning(warnings[-1])
                 a = a.astype(dtype)
             else:
                 raise UsageError(f"{path}: '{name}' is {a.dtype}, the model wants {np.dtype(dtype)}")
@@ -295,7 +295,7 @@ def load_data(path: str | Path, model: onnx.ModelProto, labels_key: str = "label
     if labels is not None and len(labels) != counts.pop():
         raise UsageError(f"{path}: '{labels_key}' has {len(labels)} rows, inputs have {len(next(iter(inputs.values())))}")
     ds = DataSet(inputs, labels, synthetic=False, source=str(path), batch=None if stacked else static_batch(model),
-                 stacked=stacked)
+                 stacked=stacked, warnings=tuple(warnings))
     if ds.batch and len(ds) < ds.batch:
         raise UsageError(f"{path}: {len(ds)} samples, fewer than the model's fixed batch of {ds.batch}")
     return ds.take(limit) if limit else ds
@@ -315,7 +315,8 @@ class DataSplit:
 
     def to_json(self) -> dict:
         def part(ds: DataSet | None) -> dict | None:
-            return None if ds is None else {"source": ds.source, "rows": len(ds), "synthetic": ds.synthetic}
+            return None if ds is None else {"source": ds.source, "rows": len(ds), "synthetic": ds.synthetic,
+                                            **({"warnings": list(ds.warnings)} if ds.warnings else {})}
         return {"calibration": part(self.calib), "evaluation": part(self.eval), "note": self.note}
 
 

@@ -427,6 +427,10 @@ def test_a_warning_about_the_data_prints_once_for_calib_and_data(cnn_copy, tmp_p
     u8 = tmp_path / "u8.npz"
     np.savez(u8, input=np.round(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8))
     r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "svd", "--calib", str(u8), "--data", str(u8),
-                            "-o", str(tmp_path / "out.onnx"), "--no-latency"])
+                            "-o", str(tmp_path / "out.onnx"), "--no-latency", "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     assert r.output.count("is uint8") == 1
+    data = json.loads((tmp_path / "r.json").read_text())["data"]
+    assert [w for side in ("calibration", "evaluation") for w in data[side]["warnings"]] == \
+        [f"{u8}: 'input' is uint8 (0..255); the model takes float32, so it is fed these values as they are, unscaled: "
+         "apply the model's own preprocessing first if it expects normalised inputs"] * 2
