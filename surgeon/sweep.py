@@ -165,6 +165,8 @@ def setup(model: str | Path | onnx.ModelProto, plugin: str, options: dict[str, A
     original = model_io.load(model) if not isinstance(model, onnx.ModelProto) else model
     if split is None:
         split, shapes = pipeline.load_split(original, run_opts, needs_calibration=plug.uses_data(plug.make_options(base)))
+        if split.warning:  # (apply puts it in its report's warnings; a sweep has only its notes in the JSON)
+            log.warning(split.warning)
     else:
         shapes = {**shapes_from_data(split.eval), **run_opts.shapes}
     if split.eval is None:

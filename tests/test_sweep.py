@@ -45,6 +45,14 @@ def test_uniform_sweep_writes_tables_csv_json_and_plots(tmp_path):
     assert "ms (speedup)" in r.stdout and f"{float(lo['latency_ms']):.3f} ({speedup:.2f}x)" in r.stdout
 
 
+def test_a_sweep_warns_when_calib_and_data_are_one_file(tmp_path):
+    """apply warned; a sweep scored the rows its fits saw with the warning only in its JSON."""
+    r = runner.invoke(app, ["sweep", str(CNN), "-p", "tucker", "--ratios", "0.5", "--calib", str(CNN_TEST),
+                            "--data", str(CNN_TEST), "--no-latency", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("--calib and --data name the same file") == 1
+
+
 def test_per_layer_sweep_changes_one_layer_at_a_time(tmp_path):
     so = sweep.SweepOptions("tucker", [0.25, 0.5], {"fit": "weights"}, per_layer=True, uniform=False)
     res = sweep.run_sweep(CNN, so, run_opts())
