@@ -157,6 +157,11 @@ class PipelineResult:
 
 def load_split(model: onnx.ModelProto, opts: RunOptions, needs_calibration: bool) -> tuple[DataSplit, dict]:
     """Read --data/--calib, split them, and take concrete input shapes from them (then --shape)."""
+    fixed = calibration.static_batch(model)
+    if opts.latency and fixed is not None and opts.batch not in (1, fixed):
+        # (the latency was measured at the model's batch, and the table said so in small print)
+        raise UsageError(f"--batch {opts.batch}: the model's batch dimension is fixed at {fixed}, so latency can "
+                         f"only be measured at batch {fixed}; drop --batch")
     given = calibration.load_data(opts.data, model, labels_key=opts.labels) if opts.data else None
     calib = calibration.load_data(opts.calib, model, labels_key=opts.labels) if opts.calib else None
     if opts.labels != "labels" and given is not None and given.labels is None:
@@ -410,7 +415,7 @@ def check(original: str | Path, candidate: str | Path, opts: RunOptions | None =
     outcome = Outcome()
     validation, outcome.not_validated = _validate(a, b, split, opts, progress or (lambda *a: None), str(original))
     if validation is None:
-        raise UsageError(f"cannot validate: {outcome.validation_skipped}")
+        raise UsageError(f"cannot validate: {outcome.not_validated.reason}")
     size = Path(candidate).stat().st_size
     outcome.checks = _budgets.evaluate(budgets, validation, size)
     return CheckResult(str(original), str(candidate), split, budgets, validation, outcome, size)

@@ -434,3 +434,31 @@ def test_a_warning_about_the_data_prints_once_for_calib_and_data(cnn_copy, tmp_p
     assert [w for side in ("calibration", "evaluation") for w in data[side]["warnings"]] == \
         [f"{u8}: 'input' is uint8 (0..255); the model takes float32, so it is fed these values as they are, unscaled: "
          "apply the model's own preprocessing first if it expects normalised inputs"] * 2
+
+
+def test_a_latency_batch_the_model_cannot_take_is_an_error(tmp_path):
+    """--batch 4 on a model whose batch is fixed at 1 was measured at batch 1, said only in the
+    latency table's title."""
+    import onnx
+    from tests.models import conv_model
+    m = tmp_path / "fixed.onnx"
+    onnx.save(conv_model(batch=1), str(m))
+    for cmd in (["validate", str(m), str(m), "--batch", "4"],
+                ["apply", str(m), "-p", "tucker", "--batch", "4", "-o", str(tmp_path / "out.onnx")]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2 and "the model's batch dimension is fixed at 1" in r.output, r.output
+    assert not (tmp_path / "out.onnx").exists()
+    r = runner.invoke(app, ["validate", str(m), str(m), "--batch", "4", "--no-latency"])
+    assert r.exit_code == 0, r.output
+
+
+def test_validate_without_data_for_a_dynamic_model_says_what_to_pass(tmp_path):
+    import onnx
+    from tests.models import make_model, tensor
+    from onnx import helper
+    m = tmp_path / "dyn.onnx"
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [1, 3, "W"])], [tensor("y", [1, 3, "W"])]),
+              str(m))
+    r = runner.invoke(app, ["validate", str(m), str(m)])
+    assert r.exit_code == 2
+    assert "error: cannot validate: input 'x'" in r.output and "skipped" not in r.output, r.output
