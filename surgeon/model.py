@@ -54,8 +54,28 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: parsed, but holds no graph (is it an ONNX file?)")
     if check:
-        check_model(model, what=str(path))
+        try:
+            check_model(model, what=str(path))
+        except ModelError as exc:
+            if "topologically sorted" not in str(exc):  # (also said of a tensor nothing produces)
+                raise
+            model = _sorted(model, str(path), exc)
     return model
+
+
+def _sorted(model: onnx.ModelProto, what: str, refused: ModelError) -> onnx.ModelProto:
+    """A copy of a model whose only fault is its node order, in topological order. onnxruntime's
+    own float16 converter (keep_io_types=True) appends the input Casts after the nodes that read
+    them: onnxruntime sorts such a model itself and runs it, onnx.checker refuses it. The order
+    changes no computation; anything else the checker finds is still an error."""
+    try:
+        ordered = to_model(to_graph(model), like=model)
+        check_model(ordered, what=what)
+    except Exception:
+        raise refused from None
+    log.warning(f"{what}: its nodes are not in topological order (onnxruntime runs it, onnx.checker refuses "
+                "it); surgeon works on a sorted copy, and what it writes is sorted")
+    return ordered
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
@@ -69,7 +89,8 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
                 onnx.save(model, str(p), save_as_external_data=True, location="m.onnx.data")
                 onnx.checker.check_model(str(p), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"{what}: fails the ONNX checker: {_first_line(exc)}") from None
+        # its messages break lines mid-sentence ("... of node: \nname: ... OpType: Conv\n is not ...")
+        raise ModelError(f"{what}: fails the ONNX checker: {' '.join(str(exc).split())[:300]}") from None
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,

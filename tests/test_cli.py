@@ -462,3 +462,18 @@ def test_validate_without_data_for_a_dynamic_model_says_what_to_pass(tmp_path):
     r = runner.invoke(app, ["validate", str(m), str(m)])
     assert r.exit_code == 2
     assert "error: cannot validate: input 'x'" in r.output and "skipped" not in r.output, r.output
+
+
+def test_an_unsorted_model_is_rewritten_with_a_warning(tmp_path):
+    import onnx
+    from surgeon import model as model_io
+    from tests.models import conv_model
+    m = conv_model(c=32, f=32)
+    m.graph.node.reverse()
+    p = tmp_path / "unsorted.onnx"
+    onnx.save(m, str(p))
+    r = runner.invoke(app, ["apply", str(p), "-p", "tucker", "-O", "guard=none", "-o", str(tmp_path / "out.onnx"),
+                            "--no-latency"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("not in topological order") == 1 and "1 rewritten" in r.output
+    onnx.checker.check_model(model_io.load(tmp_path / "out.onnx"))

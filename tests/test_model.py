@@ -182,3 +182,33 @@ def test_batchnorm_statistics_from_data_normalize_every_layer():
         eps = n.attribute[0].f if n.attribute else 1e-5
         var = inits[n.input[4]].astype(np.float64)
         np.testing.assert_allclose(y.std((0, 2, 3)), np.abs(inits[n.input[1]]) * np.sqrt(var / (var + eps)), rtol=2e-4)
+
+
+def test_a_model_whose_only_fault_is_its_node_order_is_sorted(tmp_path, caplog):
+    """onnxruntime's float16 converter (keep_io_types=True) appends its input Casts at the end:
+    onnxruntime runs the model, and surgeon refused it as failing the checker."""
+    import logging
+    m = conv_model()
+    m.graph.node.reverse()  # Relu before the Conv that feeds it
+    p = tmp_path / "unsorted.onnx"
+    onnx.save(m, p)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(onnx.load(p))
+    before = p.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        loaded = model_io.load(p)
+    assert [n.op_type for n in loaded.graph.node] == ["Conv", "Relu"]
+    assert "not in topological order" in caplog.text and p.read_bytes() == before
+    feeds = random_feeds(conv_model())
+    np.testing.assert_array_equal(run(loaded, feeds)[0], run(conv_model(), feeds)[0])
+
+
+def test_checker_messages_are_one_line(tmp_path):
+    node = helper.make_node("Relu", ["x"], ["y"])
+    m = make_model([node], [tensor("x", [1])], [tensor("y", [1])])
+    m.graph.node[0].input[0] = "undefined_tensor"  # "... of node: \nname: ... \n is not output of any previous nodes."
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    with pytest.raises(ModelError) as err:
+        model_io.load(p)
+    assert "\n" not in str(err.value) and "is not output of any previous nodes" in str(err.value)
