@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from surgeon.atomic import plain_mode
 from surgeon.errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             model = _copy(model)
             onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
+            # onnx >= 1.2x creates the data file owner-only (0600), the model file as open()
+            # does: a model another user (a container, a web server) could read, its weights not
+            os.chmod(Path(tmp_dir) / data_name, plain_mode())
             os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
         else:
             tmp.write_bytes(model.SerializeToString(deterministic=True))

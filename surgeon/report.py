@@ -6,13 +6,13 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rich.markup import escape
 from rich.table import Table
 
+from surgeon.atomic import replacing
 from surgeon.plugin import LayerReport, Registry, _jsonable, option_help
 from surgeon.profile import Profile
 
@@ -463,11 +463,11 @@ def plot(path: str | os.PathLike, x: Sequence[float], series: dict[str, Sequence
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".surgeon-", suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    fig.savefig(tmp, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path, ".png") as tmp:
+            fig.savefig(tmp, metadata={"Software": None})
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -575,13 +575,6 @@ def markdown(checks: Sequence[dict[str, Any]], status: str, title: str = "surgeo
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Atomic text write (JSON, JUnit, Markdown reports): a reader never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".surgeon-", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp:
+        Path(tmp).write_text(text)
     return path

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from surgeon.atomic import replacing
 
 
 def _figure(panels: int):
@@ -18,11 +18,11 @@ def _figure(panels: int):
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".surgeon-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path, ".png") as tmp:
+            fig.savefig(tmp, metadata={"Software": None})
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -95,6 +95,8 @@ def test_save_with_external_data_round_trips(tmp_path):
     p = model_io.save(m, tmp_path / "ext.onnx", external_data=True)
     assert (tmp_path / "ext.onnx.data").exists()
     assert p.stat().st_size < 100_000
+    # onnx >= 1.2x made the data file owner-only: others could read the model but not its weights
+    assert (tmp_path / "ext.onnx.data").stat().st_mode & 0o777 == p.stat().st_mode & 0o777
     back = model_io.load(p)
     feeds = random_feeds(m)
     np.testing.assert_array_equal(run(m, feeds)[0], run(back, feeds)[0])
@@ -212,3 +214,19 @@ def test_checker_messages_are_one_line(tmp_path):
     with pytest.raises(ModelError) as err:
         model_io.load(p)
     assert "\n" not in str(err.value) and "is not output of any previous nodes" in str(err.value)
+
+
+def test_reports_and_plots_get_the_mode_open_gives(tmp_path):
+    """mkstemp's owner-only files: every JSON report, recipe, CSV and PNG was 0600."""
+    from surgeon import report
+    from surgeon.atomic import plain_mode, replacing
+    made = [report.write_text(tmp_path / "r.json", "{}\n"),
+            report.plot(tmp_path / "p.png", [1, 2], {"a": [1.0, 2.0]}, xlabel="x", ylabel="y", title="t")]
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    for p in made:
+        assert p.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == plain_mode()
+    with pytest.raises(RuntimeError):
+        with replacing(tmp_path / "half.json"):
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "plain.txt", "r.json"]
