@@ -14,9 +14,22 @@ def plain_mode() -> int:
     """The mode open() gives a new file under the process's umask. mkstemp's files are
     owner-only (0600), which made every JSON report, recipe and plot unreadable to other users
     (a CI job's artifact server, a container writing to a mounted folder)."""
-    mask = os.umask(0)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Linux shows it; setting it to read it back is process-wide, a race with any thread
+    # creating a file at that moment
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 @contextlib.contextmanager

@@ -230,3 +230,8 @@ def test_reports_and_plots_get_the_mode_open_gives(tmp_path):
         with replacing(tmp_path / "half.json"):
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "plain.txt", "r.json"]
+    old = os.umask(0o027)  # a stricter umask is followed, not widened
+    try:
+        assert report.write_text(tmp_path / "strict.json", "{}\n").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
