@@ -108,19 +108,30 @@ def float_outputs(model: onnx.ModelProto, float_model: onnx.ModelProto | None = 
     changed = []
     direct = None if float_model is None else {
         o for n in float_model.graph.node if n.op_type in FLOAT_OUTPUT_OPS for o in n.output}
+    behind = {} if float_model is None else {n.output[0]: n.input[0] for n in float_model.graph.node if n.op_type == "Cast"}
     for out in list(graph.outputs):
-        if direct is not None and out.name not in direct:
-            continue
-        dq = out.inputs[0] if out.inputs else None
+        # A float16 model's output is written by the Cast back to float16 that int8_prepare puts
+        # at the boundary: the pair sits before that Cast (EfficientNet-Lite0 in float16 kept
+        # 92.2% of the answers with 8-bit logits, the float32 model 96.9% without)
+        cast = out.inputs[0] if out.inputs and out.inputs[0].op == "Cast" else None
+        end = cast.inputs[0] if cast is not None else out
+        dq = end.inputs[0] if end.inputs else None
         q = dq.inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs else None
         if q is None or q.op != "QuantizeLinear" or len(dq.inputs[0].outputs) != 1:
+            continue
+        if cast is not None and len(end.outputs) != 1:
             continue
         x = q.inputs[0]
         producer = x.inputs[0] if x.inputs else None
         if producer is None or producer.op not in FLOAT_OUTPUT_OPS or len(x.outputs) != 1 or x in graph.outputs:
             continue
-        producer.outputs[producer.outputs.index(x)] = out  # the Gemm writes the output itself
-        dq.outputs.clear()
+        if direct is not None and (behind.get(out.name) if cast is not None else out.name) not in direct:
+            continue  # (what the float model's Cast reads must be a Gemm's output, as the output itself is above)
+        if cast is not None:
+            cast.inputs[0] = x
+        else:
+            producer.outputs[producer.outputs.index(x)] = out  # the Gemm writes the output itself
+            dq.outputs.clear()
         changed.append(out.name)
     if not changed:
         return model, []

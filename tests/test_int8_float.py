@@ -138,3 +138,35 @@ def test_a_relu_after_the_gemm_keeps_its_output_pair():
     assert producer["y"].op_type == "DequantizeLinear"
     y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data.inputs["x"]})[0]
     assert y.min() >= 0 and (y == 0).any()
+
+
+def test_a_float16_models_logits_stay_float_behind_the_boundary_cast():
+    """A float16 model quantizes as float32 inside, and its output is written by a Cast back to
+    float16 (int8_prepare). The 8-bit pair sat before that Cast: EfficientNet-Lite0 in float16
+    kept 92.2% of the answers, the same weights in float32 93.75%. A Relu before the output is
+    folded into the pair, which stays, behind the Cast too."""
+    from onnx import TensorProto
+    rng = np.random.default_rng(0)
+
+    def model(relu: bool):
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc1", transB=1),
+                 helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+                 helper.make_node("Gemm", ["r", "w2", "b2"], ["g" if relu else "y"], name="fc2", transB=1)]
+        if relu:
+            nodes.append(helper.make_node("Relu", ["g"], ["y"], name="relu2"))
+        return checked(make_model(nodes, [tensor("x", ["N", 16], TensorProto.FLOAT16)],
+                                  [tensor("y", ["N", 8], TensorProto.FLOAT16)],
+                                  [init("w", (rng.standard_normal((24, 16)) * 0.3).astype(np.float16)),
+                                   init("b", np.zeros(24, np.float16)),
+                                   init("w2", (rng.standard_normal((8, 24)) * 0.3).astype(np.float16)),
+                                   init("b2", np.zeros(8, np.float16))]))
+
+    data = DataSet({"x": rng.standard_normal((32, 16)).astype(np.float16)}, source="test")
+    for relu in (False, True):
+        q = surgeon.apply(model(relu), "int8", {"weight_rounding": "nearest", "bias_correction": "off"}, data=data).model
+        producer = {o: n for n in q.graph.node for o in n.output}
+        cast = producer["y"]
+        assert cast.op_type == "Cast" and q.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+        assert producer[cast.input[0]].op_type == ("DequantizeLinear" if relu else "Gemm")
+        y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data.inputs["x"]})[0]
+        assert y.dtype == np.float16 and (y.min() >= 0 if relu else y.min() < 0)
