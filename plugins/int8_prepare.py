@@ -18,7 +18,8 @@ kept in float with a reason, so the user never sees onnxruntime's raw exception 
   1000-class distribution) came out all zeros: drift 1.0000, 0% agreement; 0.0006 and 100%
   with its Softmax in float. (A Softmax inside the graph, attention's, keeps onnxruntime's way.)
 * float16 models: onnxruntime quantizes float32 graphs only. Every float16 initializer is cast to
-  float32 (exact), Cast(to=float16) inside the graph becomes Cast(to=float32), and float16 graph
+  float32 (exact), as is every float16 tensor attribute (ConstantOfShape's value),
+  Cast(to=float16) inside the graph becomes Cast(to=float32), and float16 graph
   inputs/outputs keep their type through a Cast at the boundary, so the quantized model takes and
   returns what the original did. The int8 arithmetic is what it would be on the float32 model.
 """
@@ -158,6 +159,13 @@ def _float16_to_float32(graph: gs.Graph, res: Prepared) -> bool:
         if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT16:
             node.attrs["to"] = onnx.TensorProto.FLOAT
             touched = True
+        for value in node.attrs.values():
+            # a tensor attribute sets its output's type: ConstantOfShape's value (the OCR
+            # recognizer's LSTM initial states) kept float16 outputs in a float32 graph, and
+            # onnxruntime refused the model
+            if isinstance(value, gs.Constant) and np.asarray(value.values).dtype == f16:
+                value.values = np.asarray(value.values).astype(np.float32)
+                touched = True
     for t in [t for t in list(graph.inputs) + list(graph.outputs) if t.dtype is not None and np.dtype(t.dtype) == f16]:
         # the boundary keeps float16: the model still takes and returns what it did
         to = "to_float32" if t in graph.inputs else "to_float16"

@@ -141,6 +141,28 @@ def test_float16_model_quantizes_and_keeps_its_float16_interface():
     assert got.dtype == np.float16 and rel_l2(ref.astype(np.float32), got.astype(np.float32)) < 0.05
 
 
+def test_a_float16_tensor_attribute_becomes_float32_with_the_graph():
+    """onnxruntime's float16 converter makes ConstantOfShape's value float16 (the OCR recognizer's
+    LSTM initial states): in the float32 graph quantization works on, its output kept float16,
+    and onnxruntime refused the model ("Type (tensor(float)) of output arg ... does not match")."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float16)
+    fill = onnx.numpy_helper.from_array(np.array([0.25], np.float16))
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+                        helper.make_node("Shape", ["h"], ["s"], name="shape"),
+                        helper.make_node("ConstantOfShape", ["s"], ["c"], name="fill", value=fill),
+                        helper.make_node("Add", ["h", "c"], ["y"], name="add")],
+                       [tensor("x", ["N", 3, 8, 8], TensorProto.FLOAT16)],
+                       [tensor("y", ["N", 8, 8, 8], TensorProto.FLOAT16)], [init("w", w)])
+    data = _data(model, 32)
+    res = surgeon.apply(model, "int8", {}, data=data)
+    out = checked(res.model)
+    assert _quantized(out, "conv")
+    feeds = data.first_batch(8)
+    ref, got = run(model, feeds)[0], run(out, feeds)[0]
+    assert got.dtype == np.float16 and rel_l2(ref.astype(np.float32), got.astype(np.float32)) < 0.05
+
+
 def test_no_variant_shows_onnxruntimes_raw_text(capsys):
     """The CLI path on each variant: exit 0, nothing of onnxruntime's internal messages."""
     for model in (gemm_model(()), gemm_model((1, 12)), gemm_model((8, 12))):
