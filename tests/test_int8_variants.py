@@ -169,3 +169,24 @@ def test_no_variant_shows_onnxruntimes_raw_text(capsys):
         res = surgeon.apply(model, "int8", {}, data=_data(model, batch=8))
         text = " ".join(l.reason for l in res.layers) + capsys.readouterr().err
         assert not any(s in text for s in RAW_ORT_TEXT)
+
+
+def test_a_model_saved_after_onnxruntimes_fusions_is_refused_with_the_reason(tmp_path):
+    """onnxruntime's quantizer failed on its own FusedConv outputs with "Unable to get valid
+    quantization scale for input ...", and with their types given it left them float: slower
+    than the original. The CLI says what to quantize instead and writes nothing."""
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+    from surgeon.cli import app
+    from tests.models import conv_model
+    src, fused = tmp_path / "conv.onnx", tmp_path / "fused.onnx"
+    onnx.save(conv_model(), str(src))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(fused)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    assert [(n.domain, n.op_type) for n in onnx.load(str(fused)).graph.node] == [("com.microsoft", "FusedConv")]
+    r = CliRunner().invoke(app, ["apply", str(fused), "-p", "int8", "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2, r.output
+    assert "onnxruntime's own fused nodes (FusedConv x1)" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "q.onnx").exists()
