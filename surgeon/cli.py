@@ -305,8 +305,21 @@ def _emit_gate_reports(junit: Path | None, markdown: Path | None, checks: list[d
         report.write_text(junit, report.junit_xml(checks, suite=title))
         err.print(f"JUnit report written to {junit}")
     if markdown:
-        report.write_text(markdown, report.markdown(checks, status, title=title, extra=extra))
-        err.print(f"Markdown summary written to {markdown}")
+        text = report.markdown(checks, status, title=title, extra=extra)
+        if _is_step_summary(markdown):
+            # GitHub asks for appends: the step's other lines, or a second gate in the same step,
+            # were lost when the summary file was replaced
+            with open(markdown, "a") as f:
+                f.write(("\n" if markdown.stat().st_size else "") + text)
+            err.print(f"Markdown summary appended to {markdown} (GITHUB_STEP_SUMMARY)")
+        else:
+            report.write_text(markdown, text)
+            err.print(f"Markdown summary written to {markdown}")
+
+
+def _is_step_summary(path: Path) -> bool:
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    return bool(summary) and path.exists() and Path(summary).exists() and path.resolve() == Path(summary).resolve()
 
 
 def _exit_for(status: str, message: str) -> None:

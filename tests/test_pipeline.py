@@ -332,3 +332,21 @@ def test_validation_of_a_model_whose_inputs_cannot_be_synthesized_says_why(tmp_p
     assert result.split.unsynthesizable.startswith("cannot synthesize inputs")
     assert not result.outcome.not_validated.failed and result.status == "pass"
     assert result.outcome.validation_skipped.endswith("; pass --data")
+
+
+def test_the_github_step_summary_is_appended_to(tmp_path, monkeypatch):
+    """GitHub asks for appends to $GITHUB_STEP_SUMMARY: replacing it dropped what the step wrote
+    before (a heading, a second gate). Any other --markdown file is replaced."""
+    summary = tmp_path / "step_summary"
+    summary.write_text("## Model checks\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    args = ["gate", str(MLP), str(MLP), "--data", str(MLP_TEST), "--max-drift", "0.01", "--no-latency"]
+    for _ in range(2):
+        r = runner.invoke(app, args + ["--markdown", str(summary)])
+        assert r.exit_code == 0, r.output
+    text = summary.read_text()
+    assert text.startswith("## Model checks\n") and text.count("max_drift") == 2
+    other = tmp_path / "gate.md"
+    for _ in range(2):
+        assert runner.invoke(app, args + ["--markdown", str(other)]).exit_code == 0
+    assert other.read_text().count("max_drift") == 1
