@@ -93,13 +93,20 @@ def prepare_for_ort(model: onnx.ModelProto) -> Prepared:
 
 # ops that only move values: a Softmax's probabilities through them are still what the model returns
 MOVES_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _float_cast(node: gs.Node) -> bool:
+    """A Cast to another float type moves values too: a float16 model's output Softmax reaches the
+    output through the boundary Cast back to float16, and was quantized to steps of 1/255."""
+    return node.op == "Cast" and node.attrs.get("to") in FLOAT_TYPES
 
 
 def _returned(graph: gs.Graph, t: gs.Tensor) -> bool:
     """Whether `t` is a graph output, or reaches one through value-moving ops alone."""
     outputs = {o.name for o in graph.outputs}
     while t.name not in outputs:
-        if len(t.outputs) != 1 or t.outputs[0].op not in MOVES_ONLY:
+        if len(t.outputs) != 1 or not (t.outputs[0].op in MOVES_ONLY or _float_cast(t.outputs[0])):
             return False
         t = t.outputs[0].outputs[0]
     return True
