@@ -319,7 +319,7 @@ def _emit_gate_reports(junit: Path | None, markdown: Path | None, checks: list[d
 
 def _is_step_summary(path: Path) -> bool:
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    return bool(summary) and path.exists() and Path(summary).exists() and path.resolve() == Path(summary).resolve()
+    return bool(summary) and path.exists() and path.resolve() == Path(summary).resolve()
 
 
 def _exit_for(status: str, message: str) -> None:
