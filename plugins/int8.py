@@ -284,6 +284,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras
     if note:
         extras["opset"] = note
     graph = to_graph(float_model)
+    extras["folded_bias_add"] = ig.fold_bias_adds(graph)
     if opts.fold_bn:
         extras["folded_batchnorm"] = ig.fold_batchnorm(graph)
     if opts.bias_correction != "off":
@@ -733,6 +734,7 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
         src = next((n for n in model.graph.node if n.name == bn), None)
         prod = next((p for p in model.graph.node if src is not None and src.input[0] in p.output), None)
         folded_into[bn] = prod.name if prod is not None else "its conv"
+    folded_into.update(extras.get("folded_bias_add", {}))
     matmuls = set(extras.get("gemm_as_matmul", []))
     nbits_done = {n.name for n in out.graph.node if n.op_type in ("MatMulNBits",)} | {
         n.name[: -len("_Q4")] for n in out.graph.node if n.name.endswith(("_Q4", "_Q2", "_Q8"))}

@@ -9,6 +9,12 @@
   sqrt(r1_i * r2_i). Relu is homogeneous; Clip(0, M) (ReLU6) is not: rescaling through it is
   exact only where the clip never bites, so such channels are equalized only when the measured
   pre-activation range of the channel stays below M before and after (else s_i = 1).
+* Bias Add folding: Conv followed by Add(constant per output channel), the bias some exporters
+  leave outside the conv, becomes the conv's bias. Left apart, the conv's output is quantized
+  before the bias is added (another range, another rounding) and the Clip after the Add is no
+  longer the conv's activation, so neither the fused range nor equalization applies:
+  EfficientNet-Lite0 with its 49 biases as Adds kept 65.6% of the float answers (drift 0.59)
+  against 96.9% (0.051) as exported.
 * `ensure_bias` gives Conv a zero bias so bias correction has something to adjust.
 
 The rewrites edit an onnx-graphsurgeon graph in place through surgeon/rewrite.py (new constants
@@ -27,7 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.errors import UsageError
-from surgeon.rewrite import clip_after, constant_value, input_or_none, replace_constant, shared_by, sole_reader
+from surgeon.rewrite import (clip_after, constant_value, fold_bias_add, input_or_none, replace_constant, shared_by,
+                             sole_reader)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,18 @@ def fold_batchnorm(graph: gs.Graph) -> list[str]:
         bn.outputs.clear()
         conv.outputs[0] = out  # the conv now writes the BN's output; the BN is cleaned up
         folded.append(bn.name)
+    return folded
+
+
+def fold_bias_adds(graph: gs.Graph) -> dict[str, str]:
+    """Fold each per-channel Add after a constant-weight Conv into its bias (in place).
+    Returns {Add name: Conv name}."""
+    folded = {}
+    for conv in list(graph.nodes):
+        if conv.op == "Conv":
+            add = fold_bias_add(graph, conv, TAG)
+            if add is not None:
+                folded[add] = conv.name
     return folded
 
 

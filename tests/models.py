@@ -350,3 +350,34 @@ def float_types(model: onnx.ModelProto) -> set[int]:
     types = {t.data_type for t in model.graph.initializer}
     types |= {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     return types
+
+
+def biases_as_adds(model: onnx.ModelProto, shape=lambda c: (1, c, 1, 1)) -> onnx.ModelProto:
+    """`model` with every Conv's bias moved into an Add after it, the form paddle2onnx and some
+    TensorFlow converters export (the same function). A `shape` of fewer values than channels
+    keeps the first ones (a different function: `shape=lambda c: (1,)` adds b[0] everywhere)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 3 or not n.input[2]:
+            nodes.append(n)
+            continue
+        b = numpy_helper.to_array(inits[n.input[2]])
+        want = shape(b.size)
+        out.graph.initializer.append(init(f"{n.name}_add_bias", b.reshape(want) if np.prod(want) == b.size
+                                          else np.resize(b, want)))
+        conv = onnx.NodeProto()
+        conv.CopyFrom(n)
+        del conv.input[2]
+        conv.output[0] = f"{n.output[0]}_no_bias"
+        nodes += [conv, helper.make_node("Add", [conv.output[0], f"{n.name}_add_bias"], [n.output[0]],
+                                         name=f"{n.name}_add")]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out

@@ -7,8 +7,10 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from surgeon.model import to_graph, to_model
-from surgeon.rewrite import constant_value, replace_constant
-from tests.models import checked, conv_model, init, make_model, random_feeds, run, tensor
+import pytest
+
+from surgeon.rewrite import bias_add_after, constant_value, fold_bias_add, replace_constant
+from tests.models import biases_as_adds, checked, conv_model, init, make_model, random_feeds, run, tensor
 
 
 def _node(graph: gs.Graph, name: str) -> gs.Node:
@@ -48,3 +50,39 @@ def test_replace_constant_fills_an_omitted_input_and_leaves_a_shared_constant_al
     out = checked(to_model(graph, like=model))
     expected = ((x @ (2 * w) + 1) @ w)
     np.testing.assert_allclose(run(out, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 1, 1), (32, 1, 1), (1,)], ids=["1xCx1x1", "Cx1x1", "one value"])
+def test_a_bias_add_after_a_conv_folds_into_its_bias_exactly(shape):
+    model = biases_as_adds(conv_model(bias=True, relu=False), shape=lambda c: shape)
+    graph = to_graph(model)
+    conv = _node(graph, "conv")
+    assert fold_bias_add(graph, conv, "test") == "conv_add"
+    out = checked(to_model(graph, like=model))
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and out.graph.output[0].name == "y"
+    feeds = random_feeds(model)
+    np.testing.assert_allclose(run(out, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_add_that_is_not_a_per_channel_bias_is_left_alone():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    cases = {
+        "per position": rng.standard_normal((1, 4, 6, 6)).astype(np.float32),  # varies over space
+        "wrong length": rng.standard_normal((1, 2, 1, 1)).astype(np.float32),
+        "integer": np.ones((1, 4, 1, 1), np.int64),
+    }
+    for why, value in cases.items():
+        nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+                 helper.make_node("Add", ["h", "c"], ["y"], name="add")]
+        model = make_model(nodes, [tensor("x", [2, 3, 6, 6])], [tensor("y", [2, 4, 6, 6])],
+                           [init("w", w), init("c", value)])
+        graph = to_graph(model)
+        assert bias_add_after(graph, _node(graph, "conv")) is None, why
+    # the conv's output read by a second node too: the Add is not its bias alone
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["h", "c"], ["y"], name="add"), helper.make_node("Relu", ["h"], ["z"], name="r")]
+    model = make_model(nodes, [tensor("x", [2, 3, 6, 6])], [tensor("y", [2, 4, 6, 6]), tensor("z", [2, 4, 6, 6])],
+                       [init("w", w), init("c", np.ones((1, 4, 1, 1), np.float32))])
+    graph = to_graph(model)
+    assert fold_bias_add(graph, _node(graph, "conv"), "test") is None
