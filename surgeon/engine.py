@@ -199,6 +199,7 @@ def _apply_graph_plugin(plug: GraphPlugin, source: onnx.ModelProto, ctx: Context
         else:
             candidates.append(item)
     ctx.selected = {c.layer for c in candidates}
+    plug.before_rewrites(graph, candidates, ctx, opts)
     for i, cand in enumerate(candidates):
         ctx.tick(i, len(candidates), cand.layer)
         rep = _rewrite_one(plug, graph, cand, ctx, layer_opts.get(cand.layer, opts))

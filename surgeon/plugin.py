@@ -167,6 +167,11 @@ class GraphPlugin(Plugin):
     def rewrite(self, graph: gs.Graph, cand: Candidate, ctx: Context, opts: Any) -> Rewrite | Skip:
         raise NotImplementedError
 
+    def before_rewrites(self, graph: gs.Graph, candidates: list[Candidate], ctx: Context, opts: Any) -> None:
+        """Exact edits around the layers that will be rewritten (those left after --layers, the
+        recipe's skips), made before the first rewrite and before any calibration pass. None
+        by default."""
+
 
 class ModelPlugin(Plugin):
     def run(self, model: onnx.ModelProto, ctx: Context, opts: Any,

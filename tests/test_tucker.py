@@ -544,3 +544,22 @@ def test_held_out_choice_is_what_each_layer_gets():
     assert all("heldout_errors" not in l.details for l in plain.rewritten)
     # here every layer's winner is the default fit (data in the first stage, sequential after)
     assert [l.details["fit_choice"] for l in plain.rewritten] == choices
+
+
+def test_a_bias_exported_as_an_add_is_folded_into_the_conv_before_the_fit():
+    """paddle2onnx and some TensorFlow converters put a conv's bias in an Add after it; the fit
+    must still see the Relu behind it (the refit through the activation) and move the bias."""
+    from tests.models import biases_as_adds
+    m = _conv_model(c=16, f=32, k=3, hw=8, batch="N")
+    split = biases_as_adds(m)
+    data = _real(m, samples=16)
+    opts = {"guard": "none", "ratio": 0.25}
+    plain, folded = surgeon.apply(m, "tucker", opts, data=data), surgeon.apply(split, "tucker", opts, data=data)
+    (l,) = folded.rewritten
+    assert l.details["folded_bias_add"] == "conv_add" and l.details["activation"] == "Relu"
+    assert "Add" not in op_counts(checked(folded.model))
+    feeds = random_feeds(m, samples=4, seed=3)
+    np.testing.assert_allclose(run(folded.model, feeds)[0], run(plain.model, feeds)[0], rtol=1e-5, atol=1e-5)
+    # a conv that --layers leaves alone keeps its Add
+    untouched = surgeon.apply(split, "tucker", opts, data=data, layers="nothing")
+    assert op_counts(untouched.model)["Add"] == 1
