@@ -22,7 +22,8 @@ from surgeon.calibration import DataSet
 from surgeon.plugins.int8_float import float_outputs, keep_weights_float
 from surgeon.model import scratch_cwd
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.validate import drift_metrics, looks_like_scores, run, session, with_outputs
+from surgeon.validate import (discrete, drift_metrics, least_agreement, looks_like_scores, run, session, with_outputs,
+                              worst_drift)
 
 log = logging.getLogger(__name__)
 
@@ -255,17 +256,15 @@ class Evaluator:
 
     @property
     def has_scores(self) -> bool:
-        return any(looks_like_scores(r) for r in self.ref)
+        return any(looks_like_scores(r) or discrete(r) for r in self.ref)
 
     def __call__(self, model: onnx.ModelProto) -> dict[str, float]:
         self.calls += 1
         outs = run_outputs(model, self.data, self.threads)
-        rel, agree = 0.0, None
-        for r, o in zip(self.ref, outs):
-            m = drift_metrics(r, o)
-            rel = max(rel, m["rel_l2"])
-            if "top1_agreement" in m:
-                agree = m["top1_agreement"] if agree is None else min(agree, m["top1_agreement"])
+        metrics = [drift_metrics(r, o) for r, o in zip(self.ref, outs)]
+        rel, agree = worst_drift(metrics), least_agreement(metrics)
+        if rel is None:  # every output is discrete (labels): the steps are judged by disagreement
+            rel = 1.0 - agree
         out = {"rel_l2": rel}
         if agree is not None:
             out["top1_agreement"] = agree

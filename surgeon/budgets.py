@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import onnx
+
 from surgeon.errors import UsageError
 
 Status = Literal["pass", "fail", "inconclusive"]
@@ -127,13 +129,21 @@ def unmeasurable(budgets: Budgets, *, latency: bool, labels: bool) -> list[str]:
     return out
 
 
+INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                 onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+                 onnx.TensorProto.BOOL}
+
+
 def may_have_scores(model) -> bool:
-    """Whether some graph output can be class scores (N, C) with C > 1, from the declared
-    shapes: an output of unknown rank might be; a (T, N, C) sequence or a feature map is not."""
+    """Whether some graph output has an agreement, from the declared types and shapes: class
+    scores (N, C) with C > 1, or an integer output (labels); an output of unknown rank might
+    be scores; a (T, N, C) sequence or a feature map is not."""
     for o in model.graph.output:
         if not o.type.HasField("tensor_type"):
             continue
         t = o.type.tensor_type
+        if t.elem_type in INTEGER_TYPES:
+            return True
         if not t.HasField("shape"):
             return True
         dims = t.shape.dim
@@ -142,8 +152,8 @@ def may_have_scores(model) -> bool:
     return False
 
 
-AGREEMENT_UNMEASURABLE = ("min_agreement cannot be measured: no output of the model looks like class scores (N, C); "
-                          "use max_drift")
+AGREEMENT_UNMEASURABLE = ("min_agreement cannot be measured: no output of the model looks like class scores (N, C) "
+                          "or labels (an integer output); use max_drift")
 
 
 def evaluate(budgets: Budgets, validation: dict[str, Any], size_bytes: int | None) -> list[Check]:
@@ -162,7 +172,10 @@ def evaluate(budgets: Budgets, validation: dict[str, Any], size_bytes: int | Non
         checks.append(Check(name, value, budget, "pass" if margin >= 0 else "fail", margin, detail))
 
     if budgets.max_drift is not None:
-        add("max_drift", validation.get("worst_rel_l2"), budgets.max_drift, True)
+        floats = [m for m in (validation.get("outputs") or {}).values() if not m.get("discrete")]
+        add("max_drift", validation.get("worst_rel_l2"), budgets.max_drift, True,
+            "" if floats or not validation.get("outputs") else
+            "every output is integer (labels, ids): no rel. L2 to measure; use min_agreement")
     if budgets.min_agreement is not None:
         value = validation.get("top1_agreement")
         if value is None and not broken:
@@ -200,8 +213,11 @@ def _latency_check(budget: float, lat: dict[str, Any] | None, broken: str) -> Ch
 
 
 def _agreement_detail(v: dict[str, Any]) -> str:
-    counted = [m.get("agreement_rows") for m in v.get("outputs", {}).values() if m.get("agreement_rows") is not None]
-    return f"over {min(counted)} rows with a unique top-1" if counted else ""
+    outputs = v.get("outputs", {}).values()
+    counted = [m["agreement_rows"] for m in outputs if m.get("agreement_rows") is not None and not m.get("discrete")]
+    if counted:
+        return f"over {min(counted)} rows with a unique top-1"
+    return "equal values of the integer outputs" if any(m.get("discrete") for m in outputs) else ""
 
 
 def _non_finite(v: dict[str, Any]) -> str:

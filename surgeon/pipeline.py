@@ -218,10 +218,11 @@ def needs_calibration(resolved: list[tuple[Step, Plugin]]) -> bool:
 
 
 def _scores_on(model: onnx.ModelProto, data: DataSet) -> bool:
-    """Whether some output of `model`, run on the first sample of `data`, is class scores (N, C)."""
-    from surgeon.validate import looks_like_scores
+    """Whether some output of `model`, run on the first sample of `data`, has an agreement:
+    class scores (N, C) or an integer output (labels)."""
+    from surgeon.validate import discrete, looks_like_scores
 
-    return any(looks_like_scores(o) for o in run_model(session(model, threads=1), data.take(1)))
+    return any(looks_like_scores(o) or discrete(o) for o in run_model(session(model, threads=1), data.take(1)))
 
 
 def run(model: str | Path | onnx.ModelProto, steps: list[Step], opts: RunOptions | None = None,
@@ -319,8 +320,9 @@ def _step_metrics(rep: StepReport, original: onnx.ModelProto, data: DataSet, opt
         sb = session(rep.surgery.model, opts.threads)
         ref = ref if ref is not None else run_model(sa, data)
         outs = run_model(sb, data)
-        worst = max((drift_metrics(a, b) for a, b in zip(ref, outs)), key=lambda m: m["rel_l2"])
-        rep.drift = worst
+        metrics = [drift_metrics(a, b) for a, b in zip(ref, outs)]
+        floats = [m for m in metrics if m["rel_l2"] is not None]  # discrete outputs have agreement only
+        rep.drift = max(floats, key=lambda m: m["rel_l2"]) if floats else min(metrics, key=lambda m: m["top1_agreement"])
         if opts.latency:
             la, lb = latency_ab(sa, sb, data.first_batch(opts.batch), repeats=opts.repeats, budget_s=2.0)
             rep.original_ms, rep.latency_ms = la.median_ms, lb.median_ms

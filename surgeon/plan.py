@@ -234,6 +234,9 @@ def make_plan(model: str | Path | onnx.ModelProto, popts: PlanOptions, run_opts:
     backend = make_backend(popts.backend, popts.workers, popts.address, popts.latency_local)
     tick("loading", 0, 1)
     st = setup(model, plug.name, popts.options, run_opts, eval_threads=threads, parallel=parallel, split=split)
+    if not st.original_metrics["has_drift"]:  # the plan ranks layers by their measured drift
+        raise UsageError("plan needs a float output to measure drift on, and every output of this model is "
+                         "integer (labels, ids); export it with its scores as an output too")
     if b.min_accuracy is not None and st.original_metrics["accuracy"] is None:
         raise UsageError("an accuracy budget needs labels in the --data file")
     if b.min_agreement is not None and st.original_metrics["agreement"] is None:  # before the per-layer sweep

@@ -374,7 +374,9 @@ def validation_tables(v: dict[str, Any]) -> list:
                   _metric(m["cosine"], ".5f"), f"{agree:.1%}" if agree is not None else "-",
                   ", ".join(flags) or "-")
         rows = m.get("agreement_rows")
-        if rows is not None and rows < v["samples"]:
+        if m.get("discrete"):
+            notes.append(f"{name}: integer output; agreement = share of equal values")
+        elif rows is not None and rows < v["samples"]:
             notes.append(f"{name}: top-1 agreement over the {rows} of {v['samples']} rows whose original top-1 is "
                          "unique")
     if not any(m.get("non_finite") or (m.get("constant") and not m.get("constant_original"))

@@ -179,7 +179,8 @@ def setup(model: str | Path | onnx.ModelProto, plugin: str, options: dict[str, A
     prof = _profile_fn(prepared, shapes, data=split.calib)
     itself = score(reference, reference, split.eval.labels)  # agreement None: no output looks like class scores
     metrics = {"params": prof.total_params, "macs": prof.total_macs, "size_bytes": original.ByteSize(),
-               "accuracy": itself["accuracy"], "agreement": itself["agreement"], "rows": len(split.eval)}
+               "accuracy": itself["accuracy"], "agreement": itself["agreement"], "rows": len(split.eval),
+               "has_drift": itself["drift"] is not None}  # False: every output is integer (labels)
     return Setup(source, original, prepared, plug, split, shapes, base, payload, metrics)
 
 

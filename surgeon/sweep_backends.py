@@ -100,13 +100,9 @@ class Evaluator:
 
 def score(reference: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:
     """Worst drift over the outputs (rel. L2 up, agreement down) and accuracy with labels."""
-    from surgeon.validate import drift_metrics, looks_like_scores, unique_top1
+    from surgeon.validate import drift_metrics, least_agreement, looks_like_scores, unique_top1, worst_drift
     metrics = [drift_metrics(a, b) for a, b in zip(reference, outs)]
-    drift = float("inf") if any(m["non_finite"] for m in metrics) else max(m["rel_l2"] for m in metrics)
-    agree = [m["top1_agreement"] for m in metrics if m.get("top1_agreement") is not None]
-    out: dict[str, Any] = {"drift": drift, "agreement": min(agree) if agree else None, "accuracy": None}
-    if any(m["non_finite"] for m in metrics) and agree:
-        out["agreement"] = 0.0
+    out: dict[str, Any] = {"drift": worst_drift(metrics), "agreement": least_agreement(metrics), "accuracy": None}
     scores = [b for a, b in zip(reference, outs) if looks_like_scores(a)]
     if labels is not None and scores:
         top, ok = unique_top1(scores[0])

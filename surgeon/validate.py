@@ -215,7 +215,49 @@ def rel_l2_interval(ref: np.ndarray, out: np.ndarray, level: float = 0.95) -> li
     return [float(lo), float(hi)]
 
 
+def discrete(a: np.ndarray) -> bool:
+    """An integer or boolean output (class labels, token ids, counts, masks)."""
+    return np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_
+
+
+def worst_drift(metrics: Iterable[dict[str, Any]]) -> float | None:
+    """The largest relative L2 drift over the float outputs; inf when any output holds NaN/Inf;
+    None when every output is discrete (a rel. L2 of class indices means nothing: those are
+    compared by agreement)."""
+    metrics = list(metrics)
+    if any(m.get("non_finite") for m in metrics):
+        return float("inf")
+    values = [m["rel_l2"] for m in metrics if m.get("rel_l2") is not None]
+    return max(values) if values else None
+
+
+def least_agreement(metrics: Iterable[dict[str, Any]]) -> float | None:
+    """The smallest agreement over the outputs that have one (class scores' top-1, a discrete
+    output's equal values); 0 when any output holds NaN/Inf."""
+    metrics = list(metrics)
+    values = [m["top1_agreement"] for m in metrics if m.get("top1_agreement") is not None]
+    if values and any(m.get("non_finite") for m in metrics):
+        return 0.0
+    return min(values) if values else None
+
+
+def _discrete_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    """A discrete output agrees or not, value by value: a class index 3 against 4 is no smaller
+    a change than 3 against 900, so there is no rel. L2 or cosine, and its agreement is the
+    fraction of equal values (for a label per sample, the top-1 agreement)."""
+    d = np.abs(out.astype(np.float64) - ref.astype(np.float64)).ravel()
+    same = (ref == out) if ref.shape == out.shape else np.zeros(ref.shape, bool)
+    return {"max_abs": float(d.max()) if d.size else 0.0, "mean_abs": float(d.mean()) if d.size else 0.0,
+            "rel_l2": None, "cosine": None, "non_finite": 0, "non_finite_original": 0,
+            "constant": bool(out.size > 1 and np.all(out == out.ravel()[0])),
+            "constant_original": bool(ref.size > 1 and np.all(ref == ref.ravel()[0])),
+            "discrete": True, "agreement_rows": int(len(ref)) if ref.ndim else 1,
+            "top1_agreement": float(same.mean()) if same.size else 1.0}
+
+
 def _drift_metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    if discrete(ref):
+        return _discrete_metrics(ref, out)
     r = ref.astype(np.float64).ravel()
     o = out.astype(np.float64).ravel()
     d = o - r
@@ -318,25 +360,22 @@ class Validation:
     latency: dict[str, Any] | None = None
 
     @property
-    def worst_rel_l2(self) -> float:
-        """The largest relative L2 drift; inf when any output holds NaN/Inf (no budget can pass it)."""
-        if self.non_finite_outputs:
-            return float("inf")
-        return max((m["rel_l2"] for m in self.outputs.values()), default=0.0)
+    def worst_rel_l2(self) -> float | None:
+        """The largest relative L2 drift over the float outputs; inf when any output holds NaN/Inf
+        (no budget can pass it); None when every output is discrete (worst_drift)."""
+        return worst_drift(self.outputs.values()) if self.outputs else 0.0
 
     @property
     def worst_rel_l2_interval(self) -> list[float] | None:
         """The 95% bootstrap interval over samples (rows) of the output with the largest drift."""
-        if self.non_finite_outputs or not self.outputs:
+        floats = [m for m in self.outputs.values() if m.get("rel_l2") is not None]
+        if self.non_finite_outputs or not floats:
             return None
-        return max(self.outputs.values(), key=lambda m: m["rel_l2"]).get("rel_l2_interval")
+        return max(floats, key=lambda m: m["rel_l2"]).get("rel_l2_interval")
 
     @property
     def top1_agreement(self) -> float | None:
-        vals = [m["top1_agreement"] for m in self.outputs.values() if m.get("top1_agreement") is not None]
-        if self.non_finite_outputs and vals:
-            return 0.0
-        return min(vals) if vals else None
+        return least_agreement(self.outputs.values())
 
     @property
     def agreement_rows(self) -> int | None:

@@ -303,6 +303,20 @@ def test_a_model_without_class_scores_has_no_predicted_agreement(tmp_path, monke
     assert not swept
 
 
+def test_plan_refuses_a_model_whose_outputs_are_all_labels(tmp_path, monkeypatch):
+    """The plan ranks layers by drift, which an integer output does not have: a clear error
+    before the per-layer sweep (it was a TypeError deep in the greedy path)."""
+    from tests.test_validate import _with_label
+    path = tmp_path / "labels.onnx"
+    model_io.save(_with_label(model_io.load(CNN), keep_scores=False), path)
+    swept = []
+    monkeypatch.setattr(plan, "per_layer", lambda *a, **k: swept.append(1) or ([], {}))
+    with pytest.raises(UsageError, match="every output of this model is integer"):
+        plan.make_plan(path, plan.PlanOptions("tucker", Budgets(min_agreement=0.9), [0.5], {"fit": "weights"}),
+                       pipeline.RunOptions(latency=False, data=str(CNN_TEST)))
+    assert not swept
+
+
 def test_a_plan_at_the_edge_of_its_drift_budget_says_so():
     from surgeon.budgets import Budgets as B
 

@@ -257,3 +257,52 @@ def test_outputs_are_joined_by_sample():
     assert by_sample([np.zeros(5), np.ones(5)], [1, 1]).shape == (2, 5)   # no batch axis: stacked
     assert by_sample([np.zeros(5), np.ones(5)], [2, 2]).shape == (10,)     # a reduction over the batch
     assert by_sample([np.float32(1), np.float32(2)], [1, 1]).shape == (2,)
+
+
+def _with_label(model: onnx.ModelProto, keep_scores: bool = True) -> onnx.ModelProto:
+    """`model` also returning ArgMax(logits) as an int64 `label` (or returning only the label)."""
+    from onnx import TensorProto, helper
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0].name
+    m.graph.node.append(helper.make_node("ArgMax", [out], ["label"], name="argmax", axis=1, keepdims=0))
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])
+    if not keep_scores:
+        del m.graph.output[:]
+    m.graph.output.append(label)
+    return m
+
+
+def _perturbed(model: onnx.ModelProto) -> onnx.ModelProto:
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    w = next(t for t in bad.graph.initializer if t.name == "fc2.weight")
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr += 2.0 * arr.std() * np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    return bad
+
+
+def test_an_integer_label_output_is_compared_by_agreement_not_rel_l2():
+    """A classifier that also returns its ArgMax: the rel. L2 of class indices (3 against 4 is
+    'closer' than 3 against 9) once was the model's worst drift, failed drift budgets and steered
+    int8's choices. A label output agrees or not."""
+    from surgeon import budgets
+    m = model_io.load(CNN)
+    ds = calibration.load_data(CNN_TEST, m).take(200)
+    original, candidate = _with_label(m), _with_label(_perturbed(m))
+    v = validate(original, candidate, ds, latency=False)
+    label, logits = v.outputs["label"], v.outputs["logits"]
+    assert label["discrete"] and label["rel_l2"] is None and label["cosine"] is None
+    assert 0.5 < label["top1_agreement"] < 1.0
+    assert label["top1_agreement"] == pytest.approx(logits["top1_agreement"])  # the same answers
+    assert v.worst_rel_l2 == logits["rel_l2"] and v.worst_rel_l2_interval == logits["rel_l2_interval"]
+    checks = budgets.evaluate(budgets.Budgets(max_drift=logits["rel_l2"] * 1.01), v.to_json(), None)
+    assert checks[0].status == "pass"
+    # only the label: no drift to measure (said so), agreement still measured
+    only = validate(_with_label(m, keep_scores=False), _with_label(_perturbed(m), keep_scores=False), ds,
+                    latency=False)
+    assert only.worst_rel_l2 is None and only.top1_agreement == pytest.approx(label["top1_agreement"])
+    drift, agree = budgets.evaluate(budgets.Budgets(max_drift=0.1, min_agreement=0.5), only.to_json(), None)
+    assert drift.status == "fail" and "every output is integer" in drift.detail
+    assert agree.status == "pass"
