@@ -59,6 +59,12 @@ class Prepared:
 ORT_FUSED = ("FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv")
 
 
+# A model holding these is quantized already: onnxruntime's quantizer fails on it with "two nodes
+# with same node name (..._DequantizeLinear)" (EfficientNet-Lite0's int8 output, 7 Dec 2026).
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", "QLinearAdd", "QLinearMul")
+
+
 def prepare_for_ort(model: onnx.ModelProto) -> Prepared:
     """Exact rewrites so onnxruntime's quantizer accepts every node it is given."""
     fused = Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft" and n.op_type in ORT_FUSED)
@@ -67,6 +73,11 @@ def prepare_for_ort(model: onnx.ModelProto) -> Prepared:
                          f"({', '.join(f'{op} x{k}' for op, k in sorted(fused.items()))}), as onnxruntime saves a "
                          "model after its extended graph optimizations; its quantizer leaves them in float, "
                          "so quantize the model as it was exported (or as saved at optimization level basic)")
+    quantized = Counter(n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS)
+    if quantized:
+        raise UsageError(f"int8: the model is already quantized "
+                         f"({', '.join(f'{op} x{k}' for op, k in sorted(quantized.items()))}); quantize the float "
+                         "model it came from")
     graph = to_graph(model)
     res = Prepared(model)
     res.float16 = _float16_to_float32(graph, res)

@@ -46,7 +46,7 @@ from surgeon.channel_removal import PREDICTION_DAMP, head_of, prune_channels, we
 from surgeon.data_factors import regularised
 from surgeon.model import to_graph, to_model
 from surgeon.plugin import Context, LayerReport, ModelPlugin
-from surgeon.rewrite import constant_value
+from surgeon.rewrite import constant_value, not_constant
 from surgeon.validate import stream_tensors
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ def magnitude(model, ctx: Context, opts: PruneOptions, layers):
         idx = _weight_index(node)
         why = _wanted(ctx, layers, node.name)
         if idx is None:
-            reports.append(LayerReport(node.name, node.op, "skipped", "weight is not constant"))
+            reports.append(LayerReport(node.name, node.op, "skipped",
+                                       not_constant(node.inputs[1] if len(node.inputs) > 1 else None)))
             continue
         t = node.inputs[idx]
         if not np.issubdtype(np.asarray(t.values).dtype, np.floating):

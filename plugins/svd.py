@@ -45,7 +45,7 @@ from surgeon import data_fit, layer_stats
 from surgeon.lowrank import MatrixFactors, matrix_factors
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
 from surgeon.rank_choice import RankOptions, matrix_rank
-from surgeon.rewrite import Chain, clip_after, constant_value, input_or_none, shared_by
+from surgeon.rewrite import Chain, clip_after, constant_value, input_or_none, not_constant, shared_by
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class GemmToSvd(GraphPlugin):
         weight = node.inputs[1]
         value = constant_value(weight)
         if value is None:
-            return Skip(node.name, node.op, f"weight '{weight.name}' is not constant (computed at run time)")
+            return Skip(node.name, node.op, not_constant(weight, f"weight '{weight.name}'"))
         refusal = _refuse_weight(node, weight, value)
         if refusal:
             return refusal

@@ -35,8 +35,8 @@ import onnx_graphsurgeon as gs
 
 from surgeon import data_fit, layer_stats, lowrank, rank_choice
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
-from surgeon.rewrite import (Chain, clip_after, constant_value, fold_bias_add, input_or_none, pointwise_weight,
-                             shared_by, spatial_attrs)
+from surgeon.rewrite import (Chain, clip_after, constant_value, fold_bias_add, input_or_none, not_constant,
+                             pointwise_weight, shared_by, spatial_attrs)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ConvToTucker(GraphPlugin):
         weight = input_or_none(node, 1)
         w = constant_value(weight) if weight is not None else None
         if w is None:
-            return skip("weight is not constant")
+            return skip(not_constant(weight))
         if shared_by(weight, node):
             return skip(f"weight '{weight.name}' is shared with {', '.join(n.name for n in shared_by(weight, node))}")
         if w.ndim < 3:

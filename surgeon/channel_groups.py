@@ -42,7 +42,7 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.rewrite import constant_value, input_or_none
+from surgeon.rewrite import constant_value, input_or_none, not_constant
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class _Tracer:
         w = constant_value(node.inputs[1])
         x = mapped.get(0)
         if w is None:
-            self.untraced.append((node.name, node.op, "weight is not constant"))
+            self.untraced.append((node.name, node.op, not_constant(node.inputs[1])))
             return ()
         group = int(node.attrs.get("group", 1))
         if group == 1:

@@ -109,6 +109,16 @@ def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str) -> str | None:
     return add.name
 
 
+def not_constant(tensor: gs.Tensor | None, what: str = "weight") -> str:
+    """Why a layer whose `what` is not a constant is skipped. A weight a DequantizeLinear
+    computes belongs to a model that is already quantized: say so, and what to do instead."""
+    producer = tensor.inputs[0] if tensor is not None and tensor.inputs else None
+    if producer is not None and producer.op == "DequantizeLinear":
+        return (f"{what} is dequantized at run time (the model is already quantized): rewrite the float model, "
+                "then quantize")
+    return f"{what} is not constant"
+
+
 def input_or_none(node: gs.Node, index: int) -> gs.Tensor | None:
     """ONNX marks an omitted optional input with an empty name (graphsurgeon: an empty Variable)."""
     if index < len(node.inputs) and node.inputs[index].name != "":

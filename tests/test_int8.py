@@ -246,6 +246,17 @@ def test_a_label_output_does_not_steer_the_steps():
     assert 0.5 < m["top1_agreement"] < 1.0
 
 
+def test_an_already_quantized_model_gets_a_clear_answer(cnn, cnn_static):
+    """int8 on its own output failed with onnxruntime's "two nodes with same node name"; the other
+    plugins skipped every layer as "weight is not constant"."""
+    calib = surgeon.load_data(CNN_CALIB, cnn)
+    with pytest.raises(UsageError, match=r"already quantized \(DequantizeLinear x\d+, QuantizeLinear x\d+\)"):
+        surgeon.apply(cnn_static.model, "int8", {}, data=calib)
+    res = surgeon.apply(cnn_static.model, "tucker", {"fit": "weights"})
+    conv = status(res, "conv2")
+    assert conv.status == "skipped" and "already quantized" in conv.reason and "float model" in conv.reason
+
+
 def test_output_is_deterministic(mlp):
     ds = surgeon.load_data(MLP_CALIB, mlp)
     a = surgeon.apply(mlp, "int8", {}, data=ds).model.SerializeToString(deterministic=True)
