@@ -33,8 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.errors import UsageError
-from surgeon.rewrite import (clip_after, constant_value, fold_bias_add, input_or_none, replace_constant, shared_by,
-                             sole_reader)
+from surgeon.rewrite import (clip_after, constant_value, fold_batchnorm_after, fold_bias_add, input_or_none,
+                             replace_constant, shared_by, sole_reader)
 
 log = logging.getLogger(__name__)
 
@@ -72,30 +72,8 @@ def _bias_or_zeros(node: gs.Node, out_channels: int) -> np.ndarray | None:
 def fold_batchnorm(graph: gs.Graph) -> list[str]:
     """Fold every inference-mode BatchNormalization that directly follows a constant-weight Conv
     (the graph is edited in place). Returns the names of the folded BN nodes."""
-    folded = []
-    for bn in list(graph.nodes):
-        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0):
-            continue
-        conv = bn.inputs[0].inputs[0] if bn.inputs[0].inputs else None
-        if conv is None or conv.op != "Conv" or sole_reader(graph, conv) is not bn:
-            continue
-        w = constant_value(conv.inputs[1])
-        params = [constant_value(t) for t in bn.inputs[1:5]]
-        if w is None or any(p is None for p in params):
-            continue
-        b = _bias_or_zeros(conv, w.shape[0])
-        if b is None:
-            continue
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        a = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        replace_constant(graph, conv, 1, TAG, "weight", (w * a.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
-        replace_constant(graph, conv, 2, TAG, "bias", ((b - mean) * a + beta).astype(w.dtype))
-        out = bn.outputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
-        conv.outputs[0] = out  # the conv now writes the BN's output; the BN is cleaned up
-        folded.append(bn.name)
-    return folded
+    folded = [fold_batchnorm_after(graph, conv, TAG) for conv in list(graph.nodes) if conv.op == "Conv"]
+    return [name for name in folded if name is not None]
 
 
 def fold_bias_adds(graph: gs.Graph) -> dict[str, str]:

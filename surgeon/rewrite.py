@@ -109,6 +109,32 @@ def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str) -> str | None:
     return add.name
 
 
+def fold_batchnorm_after(graph: gs.Graph, node: gs.Node, tag: str) -> str | None:
+    """Fold the inference-mode BatchNormalization that alone reads a constant-weight Conv into
+    it, exactly: y = a * (W * x + b - mean) + beta with a = gamma / sqrt(var + eps) is the conv
+    W' = a[f] * W[f], b' = a * (b - mean) + beta (a conv without bias gets one). The conv then
+    writes the BN's output tensor. Returns the folded BN's name, or None."""
+    bn = sole_reader(graph, node)
+    if node.op != "Conv" or bn is None or bn.op != "BatchNormalization" or len(bn.outputs) != 1 \
+            or bn.attrs.get("training_mode", 0):
+        return None
+    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    params = [constant_value(t) for t in bn.inputs[1:5]]
+    bias = input_or_none(node, 2)
+    b = np.zeros(w.shape[0], np.float64) if w is not None and bias is None else constant_value(bias)
+    if w is None or b is None or len(params) != 4 or any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    a = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    replace_constant(graph, node, 1, tag, "weight", (w * a.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+    replace_constant(graph, node, 2, tag, "bias", ((b - mean) * a + beta).astype(w.dtype))
+    out = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    node.outputs[0] = out  # the BN, now unconnected, is dropped by the export's cleanup
+    return bn.name
+
+
 def not_constant(tensor: gs.Tensor | None, what: str = "weight") -> str:
     """Why a layer whose `what` is not a constant is skipped. A weight a DequantizeLinear
     computes belongs to a model that is already quantized: say so, and what to do instead."""

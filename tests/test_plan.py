@@ -65,21 +65,23 @@ def test_a_setting_that_breaks_the_budget_alone_stays_an_option():
 
 
 def test_the_cnn_uniform_seed_keeps_layers_that_break_the_budget_alone(monkeypatch):
-    """The real case: data-aware tucker on the sample CNN at drift<=0.05. conv2 and conv4 at
-    0.25 break it alone (0.061, 0.052); every conv at 0.25 meets it (0.045). That uniform plan
-    is verified whole, and the plan saves at least what it does. (Per-layer timings are faked:
-    savings of 0.02-0.06 ms at batch 1 can time as inconclusive on a loaded machine.)"""
+    """The real case: data-aware tucker on the sample CNN at drift<=0.048, fitted without the
+    refit through the Relus (which since its BNs are folded cuts every drift here below the
+    interesting range). conv4 at 0.25 breaks it alone (0.052); every conv at 0.25 meets it
+    (0.044). That uniform plan is verified whole, and the plan saves at least what it does.
+    (Per-layer timings are faked: savings of 0.02-0.06 ms at batch 1 can time as inconclusive
+    on a loaded machine.)"""
     def timings(model, plugin, options, layers, shapes, threads, seed):
         r = options["ratio"]
         return {f"conv{i}": {"original_ms": 1.0, "rewrite_ms": r, "speedup": 1 / r, "verdict": "faster"}
                 for i in (2, 3, 4, 5)}
 
     monkeypatch.setattr(sweep, "layer_timings", timings)
-    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.05), [0.25, 0.5], {}, attribution=False,
-                             max_verifications=2)
+    popts = plan.PlanOptions("tucker", Budgets(max_drift=0.048), [0.25, 0.5], {"activation": "ignore"},
+                             attribution=False, max_verifications=2)
     res = plan.make_plan(CNN, popts, pipeline.RunOptions(data=CNN_TEST, calib=CNN_CALIB, latency=False))
     alone = {(c["layer"], c["ratio"]): c["drift"] for c in res.curves}
-    assert alone[("conv2", 0.25)] > 0.05 and alone[("conv4", 0.25)] > 0.05
+    assert alone[("conv4", 0.25)] > 0.048
     whole = [v for v in res.verifications if v["plan"] == {f"conv{i}": 0.25 for i in (2, 3, 4, 5)}]
     assert whole and whole[0]["meets"]
     assert res.status == "pass" and res.final["macs"] <= whole[0]["macs"]
