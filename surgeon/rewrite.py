@@ -71,7 +71,7 @@ def bias_add_after(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, np.ndarray]
     an exporter left outside the conv: paddle2onnx, some TensorFlow converters), with that
     constant as a length-C vector; None otherwise. The constant, right-aligned against the
     output (N, C, *spatial), may vary along C only (a scalar or size-1 axis broadcasts)."""
-    add = sole_reader(graph, node)
+    add = sole_reader(graph, node) if node.op == "Conv" else None  # (ConvTranspose's weight is (C, F/g, k))
     if add is None or add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
         return None
     out = node.outputs[0]
