@@ -66,22 +66,28 @@ def add_partner(graph: gs.Graph, node: gs.Node) -> gs.Tensor | None:
     return other[0] if len(other) == 1 and not isinstance(other[0], gs.Constant) else None
 
 
-def bias_add_after(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, np.ndarray] | None:
-    """The Add that alone reads a Conv's output and adds a constant per output channel (a bias
-    an exporter left outside the conv: paddle2onnx, some TensorFlow converters), with that
-    constant as a length-C vector; None otherwise. The constant, right-aligned against the
-    output (N, C, *spatial), may vary along C only (a scalar or size-1 axis broadcasts)."""
-    add = sole_reader(graph, node) if node.op == "Conv" else None  # (ConvTranspose's weight is (C, F/g, k))
+def bias_add_after(graph: gs.Graph, node: gs.Node, input_rank: int | None = None) -> tuple[gs.Node, np.ndarray] | None:
+    """The Add that alone reads a layer's output and adds a constant per output channel (a bias
+    an exporter left outside the layer), with that constant as a length-C vector; None
+    otherwise. The layer is a Conv (paddle2onnx, some TensorFlow converters), or a MatMul with a
+    constant (in, C) weight whose input has `input_rank` 2 (tf2onnx's Dense, a Linear exported
+    as MatMul + Add). The constant, right-aligned against the output ((N, C, *spatial), (N, C)),
+    may vary along C only (a scalar or size-1 axis broadcasts)."""
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return None
+    if node.op == "Conv":  # (ConvTranspose's weight is (C, F/g, k): not this)
+        channels, rank = weight.shape[0], weight.ndim
+    elif node.op == "MatMul" and input_rank == 2 and weight.ndim == 2:
+        channels, rank = weight.shape[1], 2
+    else:
+        return None
+    add = sole_reader(graph, node)
     if add is None or add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
         return None
-    out = node.outputs[0]
-    other = [t for t in add.inputs if t is not out]
-    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    other = [t for t in add.inputs if t is not node.outputs[0]]
     value = constant_value(other[0]) if len(other) == 1 else None
-    if weight is None or value is None or not np.issubdtype(value.dtype, np.floating):
-        return None
-    channels, rank = weight.shape[0], weight.ndim  # the output is (N, C, *spatial): rank dims
-    if value.ndim > rank:
+    if value is None or not np.issubdtype(value.dtype, np.floating) or value.ndim > rank:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
     if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
@@ -89,18 +95,21 @@ def bias_add_after(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, np.ndarray]
     return add, np.broadcast_to(value.reshape(-1), (channels,)).astype(weight.dtype)
 
 
-def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str) -> str | None:
-    """Fold the per-channel Add after a Conv (`bias_add_after`) into the conv's bias, exactly:
-    conv(x) + b + c = conv(x) with bias b + c. The conv then writes the Add's output tensor, so
-    readers and names downstream stay as they were. Returns the folded Add's name, or None."""
-    found = bias_add_after(graph, node)
+def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str, input_rank: int | None = None) -> str | None:
+    """Fold the per-channel Add after a layer (`bias_add_after`) into it, exactly: a Conv's
+    bias b becomes b + c; a 2-D MatMul becomes Gemm(x, W, c) (what onnxruntime fuses it into
+    on load). The layer then writes the Add's output tensor, so readers and names downstream
+    stay as they were. Returns the folded Add's name, or None."""
+    found = bias_add_after(graph, node, input_rank)
     if found is None:
         return None
     add, extra = found
-    bias = input_or_none(node, 2)
+    bias = input_or_none(node, 2) if node.op == "Conv" else None
     old = np.zeros_like(extra) if bias is None else constant_value(bias)
     if old is None:
         return None  # a bias computed at run time
+    if node.op == "MatMul":
+        node.op = "Gemm"  # alpha = beta = 1, no transposes: x W + c
     replace_constant(graph, node, 2, tag, "bias", (old.astype(np.float64) + extra).astype(extra.dtype))
     out = add.outputs[0]
     add.inputs.clear()

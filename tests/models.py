@@ -381,3 +381,25 @@ def biases_as_adds(model: onnx.ModelProto, shape=lambda c: (1, c, 1, 1)) -> onnx
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
     return out
+
+
+def gemms_as_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every Gemm (alpha = beta = 1, no transA) written as MatMul(x, W) + Add(b), the
+    form tf2onnx gives a Dense layer and torch a Linear on more than two axes (the same function)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "Gemm":
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if any(a.name == "transB" and a.i for a in n.attribute):
+            w = w.T
+        out.graph.initializer.append(init(f"{n.name}_matmul_w", np.ascontiguousarray(w)))
+        nodes += [helper.make_node("MatMul", [n.input[0], f"{n.name}_matmul_w"], [f"{n.output[0]}_mm"], name=n.name),
+                  helper.make_node("Add", [f"{n.output[0]}_mm", n.input[2]], [n.output[0]], name=f"{n.name}_add")]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
