@@ -284,7 +284,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras
     if note:
         extras["opset"] = note
     graph = to_graph(float_model)
-    extras["folded_bias_add"] = ig.fold_bias_adds(graph)
+    extras["folded_bias_add"] = ig.fold_bias_adds(graph, ig.tensor_ranks(float_model))
     if opts.fold_bn:
         extras["folded_batchnorm"] = ig.fold_batchnorm(graph)
     if opts.bias_correction != "off":
@@ -735,6 +735,7 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
         prod = next((p for p in model.graph.node if src is not None and src.input[0] in p.output), None)
         folded_into[bn] = prod.name if prod is not None else "its conv"
     folded_into.update(extras.get("folded_bias_add", {}))
+    as_gemm = set(extras.get("folded_bias_add", {}).values())  # a 2-D MatMul with its bias Add is a Gemm now
     matmuls = set(extras.get("gemm_as_matmul", []))
     nbits_done = {n.name for n in out.graph.node if n.op_type in ("MatMulNBits",)} | {
         n.name[: -len("_Q4")] for n in out.graph.node if n.name.endswith(("_Q4", "_Q2", "_Q8"))}
@@ -767,7 +768,7 @@ def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Option
                                            "dynamic quantization covers MatMul, Gemm (as MatMul), LSTM and Conv "
                                            "with constant weights only"))
             continue
-        if is_quantized(out, n.name, n.op_type):
+        if is_quantized(out, n.name, "Gemm" if n.op_type == "MatMul" and n.name in as_gemm else n.op_type):
             reports.append(LayerReport(n.name, n.op_type, "rewritten", "",
                                        {"activations": opts.activation_type, "weights": opts.weight_type}))
         else:

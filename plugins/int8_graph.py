@@ -10,7 +10,8 @@
   exact only where the clip never bites, so such channels are equalized only when the measured
   pre-activation range of the channel stays below M before and after (else s_i = 1).
 * Bias Add folding: Conv followed by Add(constant per output channel), the bias some exporters
-  leave outside the conv, becomes the conv's bias. Left apart, the conv's output is quantized
+  leave outside the conv, becomes the conv's bias; a 2-D MatMul followed by a bias Add becomes
+  a Gemm (tf2onnx's Dense), whose logits float_outputs then leaves in float. Left apart, the conv's output is quantized
   before the bias is added (another range, another rounding) and the Clip after the Add is no
   longer the conv's activation, so neither the fused range nor equalization applies:
   EfficientNet-Lite0 with its 49 biases as Adds kept 65.6% of the float answers (drift 0.59)
@@ -76,16 +77,29 @@ def fold_batchnorm(graph: gs.Graph) -> list[str]:
     return [name for name in folded if name is not None]
 
 
-def fold_bias_adds(graph: gs.Graph) -> dict[str, str]:
-    """Fold each per-channel Add after a constant-weight Conv into its bias (in place).
-    Returns {Add name: Conv name}."""
+def fold_bias_adds(graph: gs.Graph, ranks: dict[str, int] | None = None) -> dict[str, str]:
+    """Fold each per-channel Add after a constant-weight Conv into its bias, and each bias Add
+    after a MatMul whose input has rank 2 (`ranks`: tensor name -> rank) into a Gemm (in place).
+    Returns {Add name: layer name}."""
     folded = {}
-    for conv in list(graph.nodes):
-        if conv.op == "Conv":
-            add = fold_bias_add(graph, conv, TAG)
+    for node in list(graph.nodes):
+        if node.op in ("Conv", "MatMul"):
+            add = fold_bias_add(graph, node, TAG, (ranks or {}).get(node.inputs[0].name))
             if add is not None:
-                folded[add] = conv.name
+                folded[add] = node.name
     return folded
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor ONNX shape inference can tell, on a copy (the model keeps no
+    value_info it did not have)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference refuses some valid models: then no ranks, no MatMul folds
+        return {}
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def ensure_bias(graph: gs.Graph, names: set[str] | None = None) -> list[str]:
