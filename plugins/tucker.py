@@ -160,9 +160,9 @@ class ConvToTucker(GraphPlugin):
           The weight fit keeps its BNs apart: on folded weights it drifted 0.856, 0.353, 0.183
           against 1.01, 0.184, 0.0868 (a = gamma / sqrt(var) is largest on the channels that
           vary least, and the weight error weighs them the most)."""
-        data = opts.fit_mode(ctx.data)[0] == "data"
-        folds = (fold_bias_add, fold_batchnorm_after, fold_bias_add) if data else (fold_bias_add,)
         for cand in candidates:
+            data = ctx.options_for(cand.layer, opts).fit_mode(ctx.data)[0] == "data"  # a recipe may set fit per layer
+            folds = (fold_bias_add, fold_batchnorm_after, fold_bias_add) if data else (fold_bias_add,)
             folded = [name for fold in folds if (name := fold(graph, cand.node, "tucker")) is not None]
             if folded:
                 cand.data["weight"] = constant_value(cand.node.inputs[1])

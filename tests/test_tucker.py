@@ -581,3 +581,5 @@ def test_a_data_fit_folds_the_batchnorm_after_the_conv_and_fits_through_the_relu
     assert all(l.details["activation"] == "Relu" for l in fitted.rewritten)
     weights = surgeon.apply(m, "tucker", {**FULL, "fit": "weights"}, data=calib)
     assert op_counts(weights.model)["BatchNormalization"] == 5 and "folded" not in weights.rewritten[0].details
+    mixed = surgeon.apply(m, "tucker", FULL, data=calib, per_layer={"conv2": {"fit": "weights"}})  # a recipe's
+    assert op_counts(mixed.model)["BatchNormalization"] == 1 and "folded" not in layer(mixed, "conv2").details
