@@ -284,7 +284,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras
     if note:
         extras["opset"] = note
     graph = to_graph(float_model)
-    extras["folded_bias_add"] = ig.fold_bias_adds(graph, ig.tensor_ranks(float_model))
+    extras["folded_bias_add"] = ig.fold_bias_adds(graph, {t: len(s) for t, s in ctx.shapes.items() if s is not None})
     if opts.fold_bn:
         extras["folded_batchnorm"] = ig.fold_batchnorm(graph)
     if opts.bias_correction != "off":

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import onnx
 
 from surgeon.errors import UsageError
+from surgeon.validate import discrete
 
 Status = Literal["pass", "fail", "inconclusive"]
 
@@ -129,11 +130,6 @@ def unmeasurable(budgets: Budgets, *, latency: bool, labels: bool) -> list[str]:
     return out
 
 
-INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-                 onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
-                 onnx.TensorProto.BOOL}
-
-
 def may_have_scores(model) -> bool:
     """Whether some graph output has an agreement, from the declared types and shapes: class
     scores (N, C) with C > 1, or an integer output (labels); an output of unknown rank might
@@ -142,7 +138,7 @@ def may_have_scores(model) -> bool:
         if not o.type.HasField("tensor_type"):
             continue
         t = o.type.tensor_type
-        if t.elem_type in INTEGER_TYPES:
+        if t.elem_type and discrete(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)):
             return True
         if not t.HasField("shape"):
             return True

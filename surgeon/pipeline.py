@@ -37,7 +37,7 @@ from surgeon.engine import SurgeryResult
 from surgeon.errors import ModelError, RuntimeLoadError, SurgeonError, UsageError
 from surgeon.plugin import Plugin, registry
 from surgeon.recipe import Recipe, Step, check_patterns, check_regex
-from surgeon.validate import drift_metrics, latency_ab, run as run_model, session, validate
+from surgeon.validate import drift_metrics, latency_ab, run as run_model, session, validate, worst_output
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,8 @@ def _step_metrics(rep: StepReport, original: onnx.ModelProto, data: DataSet, opt
         ref = ref if ref is not None else run_model(sa, data)
         outs = run_model(sb, data)
         metrics = [drift_metrics(a, b) for a, b in zip(ref, outs)]
-        floats = [m for m in metrics if m["rel_l2"] is not None]  # discrete outputs have agreement only
-        rep.drift = max(floats, key=lambda m: m["rel_l2"]) if floats else min(metrics, key=lambda m: m["top1_agreement"])
+        # discrete outputs have an agreement only: the least agreeing one when all are
+        rep.drift = worst_output(metrics) or min(metrics, key=lambda m: m["top1_agreement"])
         if opts.latency:
             la, lb = latency_ab(sa, sb, data.first_batch(opts.batch), repeats=opts.repeats, budget_s=2.0)
             rep.original_ms, rep.latency_ms = la.median_ms, lb.median_ms

@@ -215,9 +215,10 @@ def rel_l2_interval(ref: np.ndarray, out: np.ndarray, level: float = 0.95) -> li
     return [float(lo), float(hi)]
 
 
-def discrete(a: np.ndarray) -> bool:
-    """An integer or boolean output (class labels, token ids, counts, masks)."""
-    return np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_
+def discrete(a: np.ndarray | np.dtype) -> bool:
+    """An integer or boolean output (class labels, token ids, counts, masks), or such a dtype."""
+    dtype = np.dtype(getattr(a, "dtype", a))
+    return np.issubdtype(dtype, np.integer) or dtype == np.bool_
 
 
 def worst_drift(metrics: Iterable[dict[str, Any]]) -> float | None:
@@ -229,6 +230,13 @@ def worst_drift(metrics: Iterable[dict[str, Any]]) -> float | None:
         return float("inf")
     values = [m["rel_l2"] for m in metrics if m.get("rel_l2") is not None]
     return max(values) if values else None
+
+
+def worst_output(metrics: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The metrics of the float output with the largest rel. L2 drift; None when every output
+    is discrete."""
+    floats = [m for m in metrics if m.get("rel_l2") is not None]
+    return max(floats, key=lambda m: m["rel_l2"]) if floats else None
 
 
 def least_agreement(metrics: Iterable[dict[str, Any]]) -> float | None:
@@ -368,10 +376,8 @@ class Validation:
     @property
     def worst_rel_l2_interval(self) -> list[float] | None:
         """The 95% bootstrap interval over samples (rows) of the output with the largest drift."""
-        floats = [m for m in self.outputs.values() if m.get("rel_l2") is not None]
-        if self.non_finite_outputs or not floats:
-            return None
-        return max(floats, key=lambda m: m["rel_l2"]).get("rel_l2_interval")
+        worst = worst_output(self.outputs.values())
+        return None if self.non_finite_outputs or worst is None else worst.get("rel_l2_interval")
 
     @property
     def top1_agreement(self) -> float | None:
