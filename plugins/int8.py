@@ -86,7 +86,7 @@ class Int8Options:
         "help": "budget: relative L2 drift of the outputs; nodes are kept in float until it holds"})
     min_agreement: float | None = field(default=None, metadata={
         "help": "budget: top-1 agreement with the float model (0..1)"})
-    fold_bn: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding conv"})
+    fold_bn: bool = field(default=True, metadata={"help": "fold BatchNormalization, or its Mul + Add export, into the preceding conv"})
     equalize: Literal["auto", "on", "off"] = field(default="auto", metadata={
         "help": "cross-layer equalization of Conv->Relu/ReLU6->Conv; auto keeps it only if drift drops"})
     bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={
@@ -284,9 +284,8 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras
     if note:
         extras["opset"] = note
     graph = to_graph(float_model)
-    extras["folded_bias_add"] = ig.fold_bias_adds(graph, {t: len(s) for t, s in ctx.shapes.items() if s is not None})
-    if opts.fold_bn:
-        extras["folded_batchnorm"] = ig.fold_batchnorm(graph)
+    extras["folded"] = ig.fold_affine(graph, {t: len(s) for t, s in ctx.shapes.items() if s is not None},
+                                      scales=opts.fold_bn)
     if opts.bias_correction != "off":
         ig.ensure_bias(graph)
     float_model = to_model(graph, like=float_model)
@@ -729,13 +728,10 @@ def is_dynamic_quantized(q: onnx.ModelProto, node: onnx.NodeProto) -> bool:
 def layer_reports(model: onnx.ModelProto, out: onnx.ModelProto, opts: Int8Options, excluded: Exclusions,
                   extras: dict) -> list[LayerReport]:
     reports = []
-    folded_into = {}
-    for bn in extras.get("folded_batchnorm", []):
-        src = next((n for n in model.graph.node if n.name == bn), None)
-        prod = next((p for p in model.graph.node if src is not None and src.input[0] in p.output), None)
-        folded_into[bn] = prod.name if prod is not None else "its conv"
-    folded_into.update(extras.get("folded_bias_add", {}))
-    as_gemm = set(extras.get("folded_bias_add", {}).values())  # a 2-D MatMul with its bias Add is a Gemm now
+    folded_into = extras.get("folded", {})
+    ops = {n.name: n.op_type for n in model.graph.node}
+    # a 2-D MatMul with its bias Add is a Gemm now
+    as_gemm = {layer for name, layer in folded_into.items() if ops.get(name) == "Add" and ops.get(layer) == "MatMul"}
     matmuls = set(extras.get("gemm_as_matmul", []))
     nbits_done = {n.name for n in out.graph.node if n.op_type in ("MatMulNBits",)} | {
         n.name[: -len("_Q4")] for n in out.graph.node if n.name.endswith(("_Q4", "_Q2", "_Q8"))}

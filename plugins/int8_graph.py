@@ -34,7 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from surgeon.errors import UsageError
-from surgeon.rewrite import (clip_after, constant_value, fold_batchnorm_after, fold_bias_add, input_or_none,
+from surgeon.rewrite import (clip_after, constant_value, fold_affine_after, input_or_none,
                              replace_constant, shared_by, sole_reader)
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> tuple[onnx
     return out, f"opset upgraded from {have} to {target} (per-channel QDQ needs opset >= {target})"
 
 
-# --- BatchNormalization folding -----------------------------------------------------------------
+# --- folding a layer's affine tail (bias Add, Mul, BatchNormalization) -----------------------------------------------------------------
 
 def _bias_or_zeros(node: gs.Node, out_channels: int) -> np.ndarray | None:
     """The node's constant bias, zeros when it has none, None when it is computed at run time."""
@@ -70,23 +70,16 @@ def _bias_or_zeros(node: gs.Node, out_channels: int) -> np.ndarray | None:
     return np.zeros(out_channels, np.float32) if bias is None else constant_value(bias)
 
 
-def fold_batchnorm(graph: gs.Graph) -> list[str]:
-    """Fold every inference-mode BatchNormalization that directly follows a constant-weight Conv
-    (the graph is edited in place). Returns the names of the folded BN nodes."""
-    folded = [fold_batchnorm_after(graph, conv, TAG) for conv in list(graph.nodes) if conv.op == "Conv"]
-    return [name for name in folded if name is not None]
-
-
-def fold_bias_adds(graph: gs.Graph, ranks: dict[str, int] | None = None) -> dict[str, str]:
-    """Fold each per-channel Add after a constant-weight Conv into its bias, and each bias Add
-    after a MatMul whose input has rank 2 (`ranks`: tensor name -> rank) into a Gemm (in place).
-    Returns {Add name: layer name}."""
+def fold_affine(graph: gs.Graph, ranks: dict[str, int] | None = None, *, scales: bool = True) -> dict[str, str]:
+    """Fold into each constant-weight Conv, and each MatMul whose input has rank 2 (`ranks`:
+    tensor name -> rank), what an exporter left after it of its affine map (in place): bias Adds
+    (a 2-D MatMul then becomes a Gemm) and, with `scales`, per-channel Muls and inference-mode
+    BatchNormalizations (rewrite.fold_affine_after). Returns {folded node: layer}."""
     folded = {}
     for node in list(graph.nodes):
         if node.op in ("Conv", "MatMul"):
-            add = fold_bias_add(graph, node, TAG, (ranks or {}).get(node.inputs[0].name))
-            if add is not None:
-                folded[add] = node.name
+            rank = (ranks or {}).get(node.inputs[0].name)
+            folded.update(dict.fromkeys(fold_affine_after(graph, node, TAG, rank, scales=scales), node.name))
     return folded
 
 

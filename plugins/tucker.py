@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from surgeon import data_fit, layer_stats, lowrank, rank_choice
 from surgeon.plugin import Candidate, Context, GraphPlugin, Rewrite, Skip
-from surgeon.rewrite import (Chain, clip_after, constant_value, fold_batchnorm_after, fold_bias_add, input_or_none,
+from surgeon.rewrite import (Chain, clip_after, constant_value, fold_affine_after, input_or_none,
                              not_constant, pointwise_weight, shared_by, spatial_attrs)
 
 log = logging.getLogger(__name__)
@@ -154,16 +154,15 @@ class ConvToTucker(GraphPlugin):
         shift lands in the bias:
         * a bias in an Add: EfficientNet-Lite0 with its biases as Adds drifted 0.510 at ratio 0.5
           (guard none), 0.4835 as exported;
-        * with fit=data, an inference-mode BatchNormalization, so the fit aims at what the next
-          layer reads: the digits CNN (Conv -> BatchNormalization -> Relu) at ratios 1/8, 1/4,
+        * with fit=data, an inference-mode BatchNormalization, or the per-channel Mul + Add
+          torchvision's FrozenBatchNorm2d exports, so the fit aims at what the next layer reads: the digits CNN (Conv -> BatchNormalization -> Relu) at ratios 1/8, 1/4,
           3/8 drifted 0.2216, 0.0471, 0.0183 with its BNs apart, 0.1711, 0.0368, 0.0150 folded.
           The weight fit keeps its BNs apart: on folded weights it drifted 0.856, 0.353, 0.183
           against 1.01, 0.184, 0.0868 (a = gamma / sqrt(var) is largest on the channels that
           vary least, and the weight error weighs them the most)."""
         for cand in candidates:
             data = ctx.options_for(cand.layer, opts).fit_mode(ctx.data)[0] == "data"  # a recipe may set fit per layer
-            folds = (fold_bias_add, fold_batchnorm_after, fold_bias_add) if data else (fold_bias_add,)
-            folded = [name for fold in folds if (name := fold(graph, cand.node, "tucker")) is not None]
+            folded = fold_affine_after(graph, cand.node, "tucker", scales=data)
             if folded:
                 cand.data["weight"] = constant_value(cand.node.inputs[1])
                 cand.data["bias"] = input_or_none(cand.node, 2)

@@ -7,6 +7,7 @@ A plugin builds the replacement for a node with a `Chain` (named after that node
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,13 +67,13 @@ def add_partner(graph: gs.Graph, node: gs.Node) -> gs.Tensor | None:
     return other[0] if len(other) == 1 and not isinstance(other[0], gs.Constant) else None
 
 
-def bias_add_after(graph: gs.Graph, node: gs.Node, input_rank: int | None = None) -> tuple[gs.Node, np.ndarray] | None:
-    """The Add that alone reads a layer's output and adds a constant per output channel (a bias
-    an exporter left outside the layer), with that constant as a length-C vector; None
-    otherwise. The layer is a Conv (paddle2onnx, some TensorFlow converters), or a MatMul with a
-    constant (in, C) weight whose input has `input_rank` 2 (tf2onnx's Dense, a Linear exported
-    as MatMul + Add). The constant, right-aligned against the output ((N, C, *spatial), (N, C)),
-    may vary along C only (a scalar or size-1 axis broadcasts)."""
+def _channel_constant_after(graph: gs.Graph, node: gs.Node, op: str,
+                            input_rank: int | None) -> tuple[gs.Node, np.ndarray] | None:
+    """The `op` node (Add, Mul) that alone reads a layer's output and applies a constant per
+    output channel, with that constant as a length-C vector; None otherwise. The layer is a Conv,
+    or a MatMul with a constant (in, C) weight whose input has `input_rank` 2. The constant,
+    right-aligned against the output ((N, C, *spatial), (N, C)), may vary along C only (a scalar
+    or size-1 axis broadcasts)."""
     weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
         return None
@@ -82,24 +83,47 @@ def bias_add_after(graph: gs.Graph, node: gs.Node, input_rank: int | None = None
         channels, rank = weight.shape[1], 2
     else:
         return None
-    add = sole_reader(graph, node)
-    if add is None or add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
+    reader = sole_reader(graph, node)
+    if reader is None or reader.op != op or len(reader.inputs) != 2 or len(reader.outputs) != 1:
         return None
-    other = [t for t in add.inputs if t is not node.outputs[0]]
+    other = [t for t in reader.inputs if t is not node.outputs[0]]
     value = constant_value(other[0]) if len(other) == 1 else None
     if value is None or not np.issubdtype(value.dtype, np.floating) or value.ndim > rank:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
     if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
         return None
-    return add, np.broadcast_to(value.reshape(-1), (channels,)).astype(weight.dtype)
+    return reader, np.broadcast_to(value.reshape(-1), (channels,)).astype(weight.dtype)
+
+
+def bias_add_after(graph: gs.Graph, node: gs.Node, input_rank: int | None = None) -> tuple[gs.Node, np.ndarray] | None:
+    """The Add of a constant per output channel after a layer (a bias an exporter left outside
+    it: paddle2onnx and some TensorFlow converters for a Conv, tf2onnx's Dense and a Linear
+    exported as MatMul + Add for a 2-D MatMul), as (Add, length-C bias); None otherwise."""
+    return _channel_constant_after(graph, node, "Add", input_rank)
+
+
+def scale_mul_after(graph: gs.Graph, node: gs.Node, input_rank: int | None = None) -> tuple[gs.Node, np.ndarray] | None:
+    """The Mul by a constant per output channel after a layer (a batch norm's scale exported on
+    its own: torchvision's FrozenBatchNorm2d is x * a + c), as (Mul, length-C scale); None
+    otherwise."""
+    return _channel_constant_after(graph, node, "Mul", input_rank)
+
+
+def _take_output(node: gs.Node, absorbed: gs.Node) -> str:
+    """The layer writes the absorbed node's output tensor, so readers and names downstream stay
+    as they were; the absorbed node, now unconnected, is dropped by the export's cleanup."""
+    out = absorbed.outputs[0]
+    absorbed.inputs.clear()
+    absorbed.outputs.clear()
+    node.outputs[0] = out
+    return absorbed.name
 
 
 def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str, input_rank: int | None = None) -> str | None:
     """Fold the per-channel Add after a layer (`bias_add_after`) into it, exactly: a Conv's
     bias b becomes b + c; a 2-D MatMul becomes Gemm(x, W, c) (what onnxruntime fuses it into
-    on load). The layer then writes the Add's output tensor, so readers and names downstream
-    stay as they were. Returns the folded Add's name, or None."""
+    on load). Returns the folded Add's name, or None."""
     found = bias_add_after(graph, node, input_rank)
     if found is None:
         return None
@@ -111,11 +135,28 @@ def fold_bias_add(graph: gs.Graph, node: gs.Node, tag: str, input_rank: int | No
     if node.op == "MatMul":
         node.op = "Gemm"  # alpha = beta = 1, no transposes: x W + c
     replace_constant(graph, node, 2, tag, "bias", (old.astype(np.float64) + extra).astype(extra.dtype))
-    out = add.outputs[0]
-    add.inputs.clear()
-    add.outputs.clear()
-    node.outputs[0] = out  # the Add, now unconnected, is dropped by the export's cleanup
-    return add.name
+    return _take_output(node, add)
+
+
+def fold_scale_mul(graph: gs.Graph, node: gs.Node, tag: str, input_rank: int | None = None) -> str | None:
+    """Fold the per-channel Mul after a layer (`scale_mul_after`) into it, exactly: (W x + b) * s
+    is the layer W'[f] = s[f] W[f], b' = s b (onnxruntime fuses a Conv's Mul on load the same
+    way). Returns the folded Mul's name, or None."""
+    found = scale_mul_after(graph, node, input_rank)
+    if found is None:
+        return None
+    mul, s = found
+    bias = input_or_none(node, 2)
+    b = None if bias is None else constant_value(bias)
+    if bias is not None and b is None:
+        return None  # a bias computed at run time
+    w = constant_value(node.inputs[1]).astype(np.float64)
+    s64 = s.astype(np.float64)
+    w = w * (s64 if node.op == "MatMul" else s64.reshape(-1, *([1] * (w.ndim - 1))))
+    replace_constant(graph, node, 1, tag, "weight", w.astype(s.dtype))
+    if b is not None:
+        replace_constant(graph, node, 2, tag, "bias", (b.astype(np.float64) * s64).astype(s.dtype))
+    return _take_output(node, mul)
 
 
 def fold_batchnorm_after(graph: gs.Graph, node: gs.Node, tag: str) -> str | None:
@@ -137,11 +178,24 @@ def fold_batchnorm_after(graph: gs.Graph, node: gs.Node, tag: str) -> str | None
     a = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
     replace_constant(graph, node, 1, tag, "weight", (w * a.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
     replace_constant(graph, node, 2, tag, "bias", ((b - mean) * a + beta).astype(w.dtype))
-    out = bn.outputs[0]
-    bn.inputs.clear()
-    bn.outputs.clear()
-    node.outputs[0] = out  # the BN, now unconnected, is dropped by the export's cleanup
-    return bn.name
+    return _take_output(node, bn)
+
+
+def fold_affine_after(graph: gs.Graph, node: gs.Node, tag: str, input_rank: int | None = None, *,
+                      scales: bool = True) -> list[str]:
+    """Fold into the layer, exactly and one after another, what an exporter left after it of its
+    affine map: bias Adds, and with `scales` per-channel Muls and inference-mode
+    BatchNormalizations (Conv -> BN, Conv -> Mul -> Add as FrozenBatchNorm2d exports, Conv ->
+    Add -> BN). Returns the folded nodes' names, in order."""
+    folds = [functools.partial(fold_bias_add, input_rank=input_rank)]
+    if scales:
+        folds += [functools.partial(fold_scale_mul, input_rank=input_rank), fold_batchnorm_after]
+    folded = []
+    while True:  # the first fold that applies, again on what the layer now feeds, until none does
+        name = next((name for fold in folds if (name := fold(graph, node, tag)) is not None), None)
+        if name is None:
+            return folded
+        folded.append(name)
 
 
 def not_constant(tensor: gs.Tensor | None, what: str = "weight") -> str:

@@ -383,6 +383,36 @@ def biases_as_adds(model: onnx.ModelProto, shape=lambda c: (1, c, 1, 1)) -> onnx
     return out
 
 
+def batchnorms_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every inference-mode BatchNormalization written as x * a + (beta - mean * a),
+    a = gamma / sqrt(var + eps), as Mul and Add by per-channel (1, C, 1, ...) constants: the form
+    torchvision's FrozenBatchNorm2d (detection backbones) exports to (the same function)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "BatchNormalization":
+            nodes.append(n)
+            continue
+        gamma, beta, mean, var = (inits[i].astype(np.float64) for i in n.input[1:5])
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        a = gamma / np.sqrt(var + eps)
+        shape = (1, a.size, 1, 1)
+        out.graph.initializer.extend([init(f"{n.name}_scale", a.reshape(shape).astype(np.float32)),
+                                      init(f"{n.name}_shift", (beta - mean * a).reshape(shape).astype(np.float32))])
+        nodes += [helper.make_node("Mul", [n.input[0], f"{n.name}_scale"], [f"{n.output[0]}_scaled"], name=f"{n.name}_mul"),
+                  helper.make_node("Add", [f"{n.output[0]}_scaled", f"{n.name}_shift"], [n.output[0]],
+                                   name=f"{n.name}_add")]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
 def gemms_as_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every Gemm (alpha = beta = 1, no transA) written as MatMul(x, W) + Add(b), the
     form tf2onnx gives a Dense layer and torch a Linear on more than two axes (the same function)."""

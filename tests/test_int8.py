@@ -57,8 +57,8 @@ def rewritten(model: onnx.ModelProto, rewrite, *args):
 
 
 def test_batchnorm_folding_is_exact_and_creates_bias(cnn):
-    folded, names = rewritten(surgeon.engine.prepare(cnn), ig.fold_batchnorm)
-    assert names == ["bn1", "bn2", "bn3", "bn4", "bn5"]
+    folded, names = rewritten(surgeon.engine.prepare(cnn), ig.fold_affine)
+    assert names == {f"bn{k}": f"conv{k}" for k in range(1, 6)}
     assert "BatchNormalization" not in op_counts(checked(folded))
     assert all(len(n.input) == 3 and n.input[2] for n in folded.graph.node if n.op_type == "Conv")
     x = surgeon.load_data(CNN_TEST, cnn).take(16).inputs
@@ -196,7 +196,7 @@ def test_static_cnn_keeps_accuracy_and_quantizes_every_conv_and_gemm(cnn, cnn_st
     assert v.worst_rel_l2 < 0.05
     ex = cnn_static.extras
     assert ex["types"]["activations"] == "U8" and ex["types"]["weights"] == "S8"
-    assert ex["folded_batchnorm"] == ["bn1", "bn2", "bn3", "bn4", "bn5"]
+    assert ex["folded"] == {f"bn{k}": f"conv{k}" for k in range(1, 6)}
     assert ex["measured_on"].startswith("32 held-out")  # 128 calibration samples: a quarter held out
     for step in ("equalization", "bias_correction"):
         info = ex[step]
@@ -209,14 +209,14 @@ def test_conv_biases_exported_as_adds_quantize_as_well_as_biases_inside_the_conv
     apart, the conv's output is quantized before its bias is added and the Relu is no longer the
     conv's; folded, int8 sees the model it would have seen. (EfficientNet-Lite0 in that form:
     65.6% of the float answers kept before, 96.9% after, as for the model as exported.)"""
-    inside = rewritten(surgeon.engine.prepare(cnn), ig.fold_batchnorm)[0]  # the CNN's convs take its BN as bias
+    inside = rewritten(surgeon.engine.prepare(cnn), ig.fold_affine)[0]  # the CNN's convs take its BN as bias
     split = biases_as_adds(inside)
     adds = [n.name for n in split.graph.node if n.op_type == "Add"]
     assert len(adds) == 5
     calib = surgeon.load_data(CNN_CALIB, cnn)
     res = surgeon.apply(split, "int8", {}, data=calib)
     assert all(status(res, a).status == "rewritten" and "folded into" in status(res, a).reason for a in adds)
-    assert sorted(res.extras["folded_bias_add"]) == sorted(adds)
+    assert sorted(res.extras["folded"]) == sorted(adds)
     test = surgeon.load_data(CNN_TEST, cnn).take(200)
     drift = surgeon.validate(split, checked(res.model), test, latency=False).worst_rel_l2
     reference = surgeon.apply(inside, "int8", {}, data=calib).model
@@ -257,6 +257,26 @@ def test_an_already_quantized_model_gets_a_clear_answer(cnn, cnn_static):
     assert conv.status == "skipped" and "already quantized" in conv.reason and "float model" in conv.reason
 
 
+def test_batchnorms_exported_as_mul_plus_add_quantize_as_the_batchnorms_do(cnn):
+    """torchvision's FrozenBatchNorm2d exports as x * a + c after the conv. Left apart, the conv
+    was quantized before its scale and shift, between Q/DQ pairs of their own (the digits CNN:
+    drift 0.0068 and 1.12x against 0.0034 and 2.17x with BatchNormalization; EfficientNet-Lite0
+    with its convs as Conv -> Mul -> Add: 35.9% of the float answers kept and 0.88x, against
+    96.9% and 2.04x folded)."""
+    from tests.models import batchnorms_as_mul_add
+    split = batchnorms_as_mul_add(cnn)
+    calib, test = surgeon.load_data(CNN_CALIB, cnn), surgeon.load_data(CNN_TEST, cnn).take(200)
+    res, ref = surgeon.apply(split, "int8", {}, data=calib), surgeon.apply(cnn, "int8", {}, data=calib)
+    assert res.extras["folded"] == {f"bn{k}_{op}": f"conv{k}" for k in range(1, 6) for op in ("mul", "add")}
+    assert status(res, "bn1_mul").reason == "folded into conv1"
+    assert {"Mul", "Add"}.isdisjoint(op_counts(checked(res.model)))
+    drift = surgeon.validate(split, res.model, test, latency=False).worst_rel_l2
+    # the same function up to float rounding of the folded weights (measured 0.00346 / 0.00334)
+    assert drift < 1.15 * surgeon.validate(cnn, ref.model, test, latency=False).worst_rel_l2
+    kept = surgeon.apply(split, "int8", {"fold_bn": False}, data=calib)  # fold_bn=false keeps the scales apart
+    assert kept.extras["folded"] == {} and op_counts(kept.model)["Mul"] == 5
+
+
 def test_a_dense_layer_as_matmul_plus_add_quantizes_as_its_gemm(mlp):
     """tf2onnx's Dense: MatMul + Add(bias). Folded into a Gemm, int8 treats it as the Gemm it is:
     the logits layer's output stays float (float_outputs) and the report counts it quantized.
@@ -266,7 +286,7 @@ def test_a_dense_layer_as_matmul_plus_add_quantizes_as_its_gemm(mlp):
     calib, test = surgeon.load_data(MLP_CALIB, mlp), surgeon.load_data(MLP.with_name("digits_mlp_test.npz"), mlp)
     res, ref = surgeon.apply(split, "int8", {}, data=calib), surgeon.apply(mlp, "int8", {}, data=calib)
     assert all(status(res, f"fc{k}").status == "rewritten" for k in (1, 2, 3))
-    assert sorted(res.extras["folded_bias_add"]) == ["fc1_add", "fc2_add", "fc3_add"]
+    assert res.extras["folded"] == {f"fc{k}_add": f"fc{k}" for k in (1, 2, 3)}
     drift = surgeon.validate(split, checked(res.model), test, latency=False).worst_rel_l2
     assert drift == pytest.approx(surgeon.validate(mlp, ref.model, test, latency=False).worst_rel_l2, rel=1e-3)
 
