@@ -37,12 +37,14 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def quiet():
-    """onnxruntime.quantization logs and prints progress; keep it off the CLI's console."""
+    """onnxruntime.quantization logs and prints progress; keep it off the CLI's console. Its
+    numpy warnings too: a tensor with an infinite range (an attention mask) gets a NaN scale
+    there, which int8 finds in the ranges and keeps in float (int8_ranges.unbounded)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             yield
     finally:
         root.setLevel(level)

@@ -318,8 +318,9 @@ def explain_table(extras: dict[str, Any], top: int = 5) -> FitTable | None:
         if key in ex["drift"]:
             t.add_row(label, f"{ex['drift'][key]['rel_l2']:.4f}")
     for a in ex.get("activations", [])[:top]:
-        t.add_row(f"tensor {a['tensor']} alone (range {a['min']:.3g}..{a['max']:.3g}, tail ratio "
-                  f"{a['tail_ratio']:.2g})", f"{a['drift_alone']:.4f}")
+        tail = f"{a['tail_ratio']:.2g}" if a.get("tail_ratio") is not None else "-"
+        t.add_row(f"tensor {a['tensor']} alone (range {a['min']:.3g}..{a['max']:.3g}, tail ratio {tail})",
+                  f"{a['drift_alone']:.4f}")
     for w in ex.get("weights", [])[:top]:
         t.add_row(f"weight of {w['layer']} alone", f"{w['drift_alone']:.4f}")
     counts = ex.get("counts", {})
