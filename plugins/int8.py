@@ -90,7 +90,8 @@ class Int8Options:
         "help": "budget: relative L2 drift of the outputs; nodes are kept in float until it holds"})
     min_agreement: float | None = field(default=None, metadata={
         "help": "budget: top-1 agreement with the float model (0..1)"})
-    fold_bn: bool = field(default=True, metadata={"help": "fold BatchNormalization, or its Mul + Add export, into the preceding conv"})
+    fold_bn: bool = field(default=True, metadata={
+        "help": "fold BatchNormalization, or its Mul + Add export, into the preceding conv"})
     equalize: Literal["auto", "on", "off"] = field(default="auto", metadata={
         "help": "cross-layer equalization of Conv->Relu/ReLU6->Conv; auto keeps it only if drift drops"})
     bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={

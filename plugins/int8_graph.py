@@ -62,7 +62,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> tuple[onnx
     return out, f"opset upgraded from {have} to {target} (per-channel QDQ needs opset >= {target})"
 
 
-# --- folding a layer's affine tail (bias Add, Mul, BatchNormalization) -----------------------------------------------------------------
+# --- folding a layer's affine tail (bias Add, Mul, BatchNormalization) ----------------------------
 
 def _bias_or_zeros(node: gs.Node, out_channels: int) -> np.ndarray | None:
     """The node's constant bias, zeros when it has none, None when it is computed at run time."""

@@ -155,8 +155,9 @@ class ConvToTucker(GraphPlugin):
         * a bias in an Add: EfficientNet-Lite0 with its biases as Adds drifted 0.510 at ratio 0.5
           (guard none), 0.4835 as exported;
         * with fit=data, an inference-mode BatchNormalization, or the per-channel Mul + Add
-          torchvision's FrozenBatchNorm2d exports, so the fit aims at what the next layer reads: the digits CNN (Conv -> BatchNormalization -> Relu) at ratios 1/8, 1/4,
-          3/8 drifted 0.2216, 0.0471, 0.0183 with its BNs apart, 0.1711, 0.0368, 0.0150 folded.
+          torchvision's FrozenBatchNorm2d exports, so the fit aims at what the next layer
+          reads: the digits CNN (Conv -> BatchNormalization -> Relu) at ratios 1/8, 1/4, 3/8
+          drifted 0.2216, 0.0471, 0.0183 with its BNs apart, 0.1711, 0.0368, 0.0150 folded.
           The weight fit keeps its BNs apart: on folded weights it drifted 0.856, 0.353, 0.183
           against 1.01, 0.184, 0.0868 (a = gamma / sqrt(var) is largest on the channels that
           vary least, and the weight error weighs them the most)."""

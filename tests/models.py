@@ -352,6 +352,17 @@ def float_types(model: onnx.ModelProto) -> set[int]:
     return types
 
 
+def _with_nodes(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
+    """`model` (edited in place) with `nodes` as its graph and the initializers they read."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
 def biases_as_adds(model: onnx.ModelProto, shape=lambda c: (1, c, 1, 1)) -> onnx.ModelProto:
     """`model` with every Conv's bias moved into an Add after it, the form paddle2onnx and some
     TensorFlow converters export (the same function). A `shape` of fewer values than channels
@@ -374,13 +385,7 @@ def biases_as_adds(model: onnx.ModelProto, shape=lambda c: (1, c, 1, 1)) -> onnx
         conv.output[0] = f"{n.output[0]}_no_bias"
         nodes += [conv, helper.make_node("Add", [conv.output[0], f"{n.name}_add_bias"], [n.output[0]],
                                          name=f"{n.name}_add")]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    return out
+    return _with_nodes(out, nodes)
 
 
 def batchnorms_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -404,13 +409,7 @@ def batchnorms_as_mul_add(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes += [helper.make_node("Mul", [n.input[0], f"{n.name}_scale"], [f"{n.output[0]}_scaled"], name=f"{n.name}_mul"),
                   helper.make_node("Add", [f"{n.output[0]}_scaled", f"{n.name}_shift"], [n.output[0]],
                                    name=f"{n.name}_add")]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    return out
+    return _with_nodes(out, nodes)
 
 
 def gemms_as_matmul_add(model: onnx.ModelProto) -> onnx.ModelProto:
