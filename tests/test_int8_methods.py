@@ -446,3 +446,13 @@ def test_the_cli_prints_where_the_error_comes_from(tmp_path):
     assert "where the error comes from" in r.stdout
     assert "weights only" in r.stdout and "activations only" in r.stdout
     assert "tensor h alone" in r.stdout and "weight of c1 alone" in r.stdout
+
+
+def test_the_explain_table_shows_a_tensor_without_a_tail_ratio():
+    """A tensor whose 99.99th percentile of |x| is 0 or not a number (an attention mask of 0 and
+    -inf) has no tail ratio; the terminal table crashed on it (internal error: TypeError)."""
+    from surgeon.report import explain_table
+    extras = {"explain": {"drift": {"int8": {"rel_l2": 1.08}}, "activations": [
+        {"tensor": "mask", "min": float("-inf"), "max": 0.0, "tail_ratio": None, "drift_alone": 0.44}]}}
+    rows = [cells[0] for cells, _ in explain_table(extras).rows]
+    assert "tensor mask alone (range -inf..0, tail ratio -)" in rows
