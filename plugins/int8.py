@@ -311,7 +311,7 @@ def run_static(model, data, ctx, opts: Int8Options, excluded: Exclusions, extras
     if unbounded:  # (the ranges come from the cache now: quantizing again calibrates nothing)
         for name, (tensor, lo, hi) in unbounded.items():
             excluded.keep_float(name, f"tensor '{tensor}' ranges {lo:g}..{hi:g} on the calibration data: "
-                                      "8 bits cannot hold an infinite range")
+                                      "8 bits cannot hold an unbounded range")
         extras["unbounded"] = {name: tensor for name, (tensor, _, _) in unbounded.items()}
         base_excl = frozenset(excluded)
         q = io.quantize_static(pre, data["calib"], cfg, base_excl, ws, cache)

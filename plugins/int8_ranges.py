@@ -152,13 +152,19 @@ def load_minmax(cache: str) -> dict[str, tuple[float, float]]:
     return {t: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1]))) for t, d in td.items()}
 
 
+# A range reaching this far holds a sentinel, not a measurement: float32's lowest value is what
+# older transformers exports fill an attention mask with (no activation of a network comes near).
+SENTINEL = 1e30
+
+
 def unbounded(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[str, float, float]]:
     """{node: (tensor, lo, hi)} for each node of `model` that reads or writes a tensor whose
-    calibrated range is not finite: an attention mask filled with -inf (torch's scaled dot
-    product attention as exported) and the scores it is added to. The 8-bit grid of such a
-    range has an infinite step (onnxruntime computes a NaN scale and zero point), so every
-    value on it is lost: on all-MiniLM-L6-v2 quantizing them took the drift to 1.08."""
-    bad = {t: r for t, r in ranges.items() if not all(np.isfinite(r))}
+    calibrated range is infinite, or reaches a sentinel (|x| >= SENTINEL): an attention mask
+    filled with -inf (torch's scaled dot product attention as exported) or float32's lowest
+    value, and the scores it is added to. The 8-bit grid of such a range has an infinite (NaN)
+    or 1e36 step, so every value on it is lost: on all-MiniLM-L6-v2 quantizing them took the
+    drift to 1.08."""
+    bad = {t: r for t, r in ranges.items() if not (np.isfinite(r).all() and np.abs(r).max() < SENTINEL)}
     out = {}
     for node in model.graph.node:
         hit = next((t for t in (*node.input, *node.output) if t in bad), None)
