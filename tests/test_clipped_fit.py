@@ -76,6 +76,22 @@ def test_the_refit_lowers_the_clipped_error_and_never_raises_it(clip, rank):
     np.testing.assert_array_equal(same.a, fit.a)
 
 
+@pytest.mark.parametrize("clip", CLIPS[:2], ids=lambda c: c.describe())
+def test_the_layer_gets_the_iterate_with_the_lowest_clipped_error(clip):
+    """On 300 rows at rank 5 the lam = 1 steps raise the clipped error again after a minimum
+    (as on most of ResNet-50's layers): the layer gets that minimum, not the last iterate."""
+    x, w, bias = _layer(seed=1, n=300)
+    y = x @ w + bias
+    fit = data_factors.data_linear(w, x, damp=0.05).fit(5, bias)
+    res = refit_through(clip, x, y, 5, fit.a, fit.b, bias + fit.shift, w, damp=0.05)
+    errors = np.array(res.errors)
+    assert len(errors) == len(clipped_fit.SCHEDULE) + 1 and errors[0] == res.before
+    best = int(errors.argmin())
+    assert 0 < best < len(errors) - 1 and errors[-1] > 1.001 * errors[best]  # the case this test is about
+    assert res.kept and res.after == errors[best]
+    assert rel_l2(clip(y), clip(x @ res.a @ res.b + res.bias)) == pytest.approx(errors[best], rel=1e-4)
+
+
 @pytest.mark.parametrize("why", ["wide", "few rows"])
 def test_wide_or_thin_samples_refit_the_second_factor_only(why, monkeypatch):
     """Above WHOLE_REFIT inputs, or with fewer rows than inputs, A keeps its column space
