@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
 from surgeon.data_factors import (ERROR_ROWS, DataChannelSpectra, DataLinear, Moments, WhitenedFactors, as_f32,
                                    centred, damping, data_linear, data_tucker2, eigh_desc, input_side, moments,
                                    output_side, patches_through, pooled, relative_norm, responses, spectra_of)
-from surgeon.lowrank import gram, tucker2_full, unfold
+from surgeon.lowrank import gram, unfold
 from surgeon.parallel import one_blas_thread, run_parts
 
 
@@ -385,15 +386,35 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
     return trials
 
 
-def output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray, target: np.ndarray | None,
-                 shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0,
+def output_error(w: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
+                 target: np.ndarray | None, shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0,
                  offset: np.ndarray | None = None) -> float:
-    """||x~ W' + shift - (x W + d)|| / ||x W + b + d|| on the first ERROR_ROWS sampled rows (W, W'
-    as x @ W; d: the target's offset, see Sample.offset)."""
+    """||x~ W' + shift - (x W + d)|| / ||x W + b + d|| on the first ERROR_ROWS sampled rows (W as
+    x @ W; predict(x~) = x~ W' through the factors, which costs less than forming W'; d: the
+    target's offset, see Sample.offset)."""
     x = np.asarray(rows[:ERROR_ROWS], dtype=np.float64)
     t = x if target is None else np.asarray(target[:ERROR_ROWS], dtype=np.float64)
     y = t @ w + (0.0 if offset is None else np.asarray(offset[:ERROR_ROWS], dtype=np.float64))
-    return relative_norm(x @ approx + shift - y, y + bias)
+    return relative_norm(predict(x) + shift - y, y + bias)
+
+
+def through_pair(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> x A B."""
+    return lambda x: (x @ a) @ b
+
+
+def through_tucker2(core: np.ndarray, out_factor: np.ndarray, in_factor: np.ndarray
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> x W' for patch rows x (n, c*K, channel-major) and the Tucker-2 triple of W': the
+    patches through I at every kernel offset, then the core, then O. Forming W' (f x c*K) and
+    x W' took twice the products on ResNet-50's 512-channel 3x3 convs."""
+    r2 = core.shape[0]
+    flat_core = core.reshape(r2, -1).T  # (R1*K, R2), R1-major like the patches through I
+
+    def predict(x):
+        h = np.tensordot(x.reshape(len(x), len(in_factor), -1), in_factor, axes=(1, 0))  # (n, K, R1)
+        return (h.transpose(0, 2, 1).reshape(len(x), -1) @ flat_core) @ out_factor.T
+    return predict
 
 
 def sample_offset(sample, outputs: int) -> np.ndarray | None:
@@ -481,7 +502,9 @@ def fit_linear(w: np.ndarray, sample, rank_of, *, refuse=None, centered: bool = 
         # (With ranks by energy the first candidate's fit on every row is there already.)
         fitted = choice.fit
         aim = offset if kind == "residual" else None
-        fitted = replace(fitted, out_error=output_error(w, fitted.a @ fitted.b, rows, target, fitted.shift, bias, aim))
+        if clip is None or not centered:  # (otherwise the error is taken after the refit, below)
+            fitted = replace(fitted, out_error=output_error(w, through_pair(fitted.a, fitted.b), rows, target,
+                                                            fitted.shift, bias, aim))
         values = fitted.values
     else:
         if factors is None or kind != first:
@@ -501,8 +524,12 @@ def fit_linear(w: np.ndarray, sample, rank_of, *, refuse=None, centered: bool = 
     y = as_f32(rows if target is None else target) @ as_f32(w) + as_f32(bias) + (0 if aim is None else as_f32(aim))
     through = refine(clip, rows, y, fitted.a, fitted.b, bias + fitted.shift, w, damp=damp, chol=chol)
     shift = through.bias - bias
-    error = output_error(w, through.a @ through.b, rows, target, shift, bias, aim) if through.kept \
-        else fitted.out_error
+    if through.kept:
+        error = output_error(w, through_pair(through.a, through.b), rows, target, shift, bias, aim)
+    elif choice is not None and fitted is choice.fit:  # the winning trial's error, deferred above
+        error = output_error(w, through_pair(fitted.a, fitted.b), rows, target, fitted.shift, bias, aim)
+    else:
+        error = fitted.out_error
     return LayerFit((r,), None, (through.a, through.b), shift, error, kind, choice, values, through=through)
 
 
@@ -539,9 +566,10 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, *, refuse=None, damp: float = 1e
         kind = choice.choice if choice is not None else kind
     if choice is not None and select == "heldout" and not (spec is not None and kind == first):
         fitted = choice.fit  # the winning trial's factors, as they were scored (see fit_linear)
-        approx = tucker2_full(fitted.core, fitted.out_factor, fitted.in_factor).reshape(f, -1).T
-        fitted = replace(fitted, out_error=output_error(flat, approx, rows, target, fitted.shift, bias,
-                                                        offset if kind == "residual" else None))
+        if clip is None:  # (otherwise the error is taken after the refit, below)
+            fitted = replace(fitted, out_error=output_error(
+                flat, through_tucker2(fitted.core, fitted.out_factor, fitted.in_factor), rows, target, fitted.shift,
+                bias, offset if kind == "residual" else None))
     else:
         if spec is None or kind != first:
             spec = full(kind)
@@ -559,8 +587,12 @@ def fit_tucker(w: np.ndarray, sample, ranks_of, *, refuse=None, damp: float = 1e
                      core @ fitted.out_factor.T, damp=damp)
     core, out = through.a.T.reshape(fitted.core.shape), through.b.T
     shift = through.bias - bias
-    error = fitted.out_error
+    aim = offset if kind == "residual" else None
     if through.kept:
-        approx = tucker2_full(core, out, fitted.in_factor).reshape(f, -1).T
-        error = output_error(flat, approx, rows, target, shift, bias, offset if kind == "residual" else None)
+        error = output_error(flat, through_tucker2(core, out, fitted.in_factor), rows, target, shift, bias, aim)
+    elif choice is not None and fitted is choice.fit:  # the winning trial's error, deferred above
+        error = output_error(flat, through_tucker2(fitted.core, fitted.out_factor, fitted.in_factor), rows, target,
+                             fitted.shift, bias, aim)
+    else:
+        error = fitted.out_error
     return LayerFit((r1, r2), None, (core, out, fitted.in_factor), shift, error, kind, choice, through=through)

@@ -303,6 +303,43 @@ def test_a_layer_gets_the_factors_that_won_on_held_out_samples():
         assert np.isfinite(fit.out_error)
 
 
+@pytest.mark.parametrize("clip", [None, "relu"])
+def test_the_reported_output_error_is_that_of_the_factors_the_layer_got(clip):
+    """out_error, recomputed from the factors a layer got: ||x~ W' + b' - (x W + b)|| / ||x W + b||
+    on the first ERROR_ROWS rows, for the winning trial as it was scored and after a refit
+    through a Relu (the error is taken once, after the refit, through the factors)."""
+    from surgeon.clipped_fit import Clip
+    from surgeon.layer_stats import Sample
+    from surgeon.lowrank import tucker2_full
+
+    rng = np.random.default_rng(46)
+    relu = Clip(0.0, np.inf, "Relu") if clip else None
+    m = data_factors.ERROR_ROWS
+    w = rng.standard_normal((8, 6, 3, 3))
+    x = kernel_rows(800, 6, 9, seed=47).astype(np.float32)
+    conv = Sample(x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), x, 800, 8, np.repeat(np.arange(8), 100))
+    bias = rng.standard_normal(8)
+    fit = data_fit.fit_tucker(w, conv, lambda iv, ov: (3, 4), damp=0.05, bias=bias, spectrum=False, clip=relu)
+    assert fit.choice is not None and (fit.through is not None) == bool(clip)
+    flat = w.reshape(8, -1).T
+    approx = tucker2_full(*fit.factors).reshape(8, -1).T
+    xt, x0 = conv.rows[:m].astype(np.float64), x[:m].astype(np.float64)
+    want = np.linalg.norm(xt @ approx + fit.shift - x0 @ flat) / np.linalg.norm(x0 @ flat + bias)
+    assert fit.out_error == pytest.approx(want, rel=1e-6)
+
+    wl = rng.standard_normal((12, 9))
+    xl = anisotropic_rows(800, 12, seed=48).astype(np.float32)
+    lin = Sample(xl @ (np.eye(12) + 0.2 * rng.standard_normal((12, 12))).astype(np.float32), xl, 800, 8,
+                 np.repeat(np.arange(8), 100))
+    bias = rng.standard_normal(9)
+    fit = data_fit.fit_linear(wl, lin, lambda values: 4, damp=0.05, bias=bias, spectrum=False, clip=relu)
+    assert fit.choice is not None and (fit.through is not None) == bool(clip)
+    a, b = fit.factors
+    xt, x0 = lin.rows[:m].astype(np.float64), xl[:m].astype(np.float64)
+    want = np.linalg.norm(xt @ a @ b + fit.shift - x0 @ wl) / np.linalg.norm(x0 @ wl + bias)
+    assert fit.out_error == pytest.approx(want, rel=1e-6)
+
+
 def test_select_refit_refits_the_winner_on_every_row():
     """select=refit makes the same choice and then refits the winner on every sampled row (the
     pooled moments: the same fit as data_linear on all rows); select=heldout keeps the trial's."""
