@@ -286,6 +286,13 @@ def _check_paths(outputs: dict[str, Path | str | None], inputs: dict[str, Path |
         seen[rp] = what
 
 
+def _check_kind(what: str, path: Path | None, writes: str, wrong: tuple[str, ...], fix: str) -> None:
+    """An output whose suffix names another kind of file than the command writes (`plan -o
+    plan.onnx` wrote a TOML recipe under a model's name) is a usage error, before any work."""
+    if path is not None and path.suffix.lower() in wrong:
+        raise UsageError(f"{what} {path} ends in {path.suffix}, but this command writes {writes}; {fix}")
+
+
 def _default_target(model: Path, steps: list[_recipe.Step], recipe_path: Path | None) -> Path:
     tag = recipe_path.stem if recipe_path else "-".join(s.plugin for s in steps)
     return model.with_name(f"{model.stem}.{tag}.onnx")
@@ -430,6 +437,8 @@ def apply_cmd(
             raise UsageError("--gate needs at least one budget (--max-drift, --min-agreement, --min-accuracy, "
                              "--max-latency-ratio, --max-size-mb, a [gate] table in the recipe, or "
                              "[tool.surgeon.gate] in pyproject.toml)")
+        _check_kind("output model", output, "an ONNX model", (".toml", ".json", ".npz"),
+                    "give a .onnx path (--recipe reads a recipe, --json writes the report)")
         target = output or _default_target(model, steps, recipe)
         if output is not None and output.is_dir():
             target = output / _default_target(model, steps, recipe).name
@@ -813,6 +822,8 @@ def plan_cmd(
                                   _sweep_plugin_options(plugin, option), layers, _plan.parse_target(target),
                                   workers, backend, address, latency_local, max_verifications,
                                   compare_uniform=compare_uniform, attribution=not no_attribution)
+        _check_kind("--output", output, "the plan as a recipe (TOML)", (".onnx",),
+                    "give a .toml path, then apply the plan with surgeon apply MODEL --recipe PATH")
         dest = output or Path(f"{model.stem}.{plugin}.plan.toml")
         _check_paths({"--output": dest, "--json": json_out}, {"model": model, "--data file": data, "--calib file": calib})
         opts = _run_options(data, calib, labels, shape, calib_rows, threads, seed, batch, True, True, None)

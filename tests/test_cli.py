@@ -229,6 +229,13 @@ def test_json_report_never_overwrites_a_model(cnn_copy, tmp_path):
     assert cnn_copy.read_bytes() == before
 
 
+@pytest.mark.parametrize("name", ["small.toml", "small.json", "small.npz"])
+def test_an_output_model_named_like_another_kind_of_file_is_refused(cnn_copy, tmp_path, name):
+    out = tmp_path / name
+    r = runner.invoke(app, ["apply", str(cnn_copy), "--plugin", "tucker", "-o", str(out)])
+    assert r.exit_code == 2 and "but this command writes an ONNX model" in r.stderr and not out.exists()
+
+
 def test_unmet_plugin_budget_writes_nothing_and_exits_1(cnn_copy, monkeypatch):
     """A plugin that reports its budget unmet (int8's fallback) exits 1 and leaves no file at the
     output path; --keep-rejected keeps the closest model at a separate, clearly named path."""

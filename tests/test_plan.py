@@ -180,6 +180,15 @@ def test_plan_bad_input_exits_2(args, message, tmp_path):
     assert message in r.stderr and not (tmp_path / "p.toml").exists()
 
 
+def test_a_plan_output_named_like_a_model_is_refused(tmp_path):
+    """plan -o X.onnx wrote the recipe (TOML) under a model's name; it is refused before any work."""
+    out = tmp_path / "small.onnx"
+    r = runner.invoke(app, ["plan", str(CNN), "-p", "tucker", "--budget", "drift<=0.03", "--data", str(CNN_TEST),
+                            "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "ends in .onnx, but this command writes the plan as a recipe" in r.stderr and not out.exists()
+
+
 def _fake_verify(true_drift, budget_drift, log):
     """An end-to-end check whose drift is a known function of the plan (no model involved)."""
     def verify(states, why):
