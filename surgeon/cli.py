@@ -437,14 +437,14 @@ def apply_cmd(
             raise UsageError("--gate needs at least one budget (--max-drift, --min-agreement, --min-accuracy, "
                              "--max-latency-ratio, --max-size-mb, a [gate] table in the recipe, or "
                              "[tool.surgeon.gate] in pyproject.toml)")
-        _check_kind("output model", output, "an ONNX model", (".toml", ".json", ".npz"),
-                    "give a .onnx path (--recipe reads a recipe, --json writes the report)")
         target = output or _default_target(model, steps, recipe)
         if output is not None and output.is_dir():
             target = output / _default_target(model, steps, recipe).name
         _check_paths({"output model": target, "output weights": target.with_name(target.name + ".data")
                       if external_data else None, "--json": json_out, "--junit": junit, "--markdown": markdown},
                      {"input model": model, "--data file": data, "--calib file": calib, "recipe": recipe})
+        _check_kind("output model", output, "an ONNX model", (".toml", ".json", ".npz"),
+                    "give a .onnx path (--recipe reads a recipe, --json writes the report)")
         opts = _run_options(data, calib, labels, shape, calib_rows, threads, seed, batch, not no_validate,
                             not no_latency, repeats)
         opts.guard_refresh = guard_refresh
@@ -822,10 +822,10 @@ def plan_cmd(
                                   _sweep_plugin_options(plugin, option), layers, _plan.parse_target(target),
                                   workers, backend, address, latency_local, max_verifications,
                                   compare_uniform=compare_uniform, attribution=not no_attribution)
-        _check_kind("--output", output, "the plan as a recipe (TOML)", (".onnx",),
-                    "give a .toml path, then apply the plan with surgeon apply MODEL --recipe PATH")
         dest = output or Path(f"{model.stem}.{plugin}.plan.toml")
         _check_paths({"--output": dest, "--json": json_out}, {"model": model, "--data file": data, "--calib file": calib})
+        _check_kind("--output", output, "the plan as a recipe (TOML)", (".onnx",),
+                    "give a .toml path, then apply the plan with surgeon apply MODEL --recipe PATH")
         opts = _run_options(data, calib, labels, shape, calib_rows, threads, seed, batch, True, True, None)
         with ProgressReporter(enabled=json_out != "-") as progress:
             res = _plan.make_plan(model, popts, opts, progress=progress)
