@@ -350,12 +350,21 @@ def _summary(times: list[float]) -> Latency:
 
 
 def _same_inputs(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    """The same input names and ranks, and no fixed size after the batch axis that differs (a
+    gate run on two different networks got onnxruntime's dimension error for one of them, not
+    saying which)."""
     from surgeon.model import input_signature
-    sa = [(n, len(d)) for n, d, _ in input_signature(a)]
-    sb = [(n, len(d)) for n, d, _ in input_signature(b)]
+    ia, ib = input_signature(a), input_signature(b)
+    sa = [(n, len(d)) for n, d, _ in ia]
+    sb = [(n, len(d)) for n, d, _ in ib]
     if sa != sb:
         show = lambda s: ", ".join(f"{n} (rank {r})" for n, r in s)
         raise ModelError(f"the models take different inputs: {show(sa)} vs {show(sb)}")
+    for (name, da, _), (_, db, _) in zip(ia, ib):
+        if any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(da[1:], db[1:])):
+            show = lambda d: "x".join("?" if not isinstance(v, int) else str(v) for v in d)
+            raise ModelError(f"the models take different input shapes: '{name}' is {show(da)} in the original, "
+                             f"{show(db)} in the candidate")
 
 
 @dataclass

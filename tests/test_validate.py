@@ -306,3 +306,26 @@ def test_an_integer_label_output_is_compared_by_agreement_not_rel_l2():
     drift, agree = budgets.evaluate(budgets.Budgets(max_drift=0.1, min_agreement=0.5), only.to_json(), None)
     assert drift.status == "fail" and "every output is integer" in drift.detail
     assert agree.status == "pass"
+
+
+@pytest.mark.parametrize("shape_b, refused", [([None, 3, 8, 8], False), (["n", 3, "h", "w"], False),
+                                              ([2, 3, 8, 8], False), ([None, 3, 16, 16], True),
+                                              ([None, 1, 8, 8], True)])
+def test_models_whose_fixed_input_sizes_differ_are_refused_by_name(shape_b, refused):
+    """Two networks with differently sized inputs (a gate run on the wrong candidate): a clear
+    error naming the input and both shapes, not onnxruntime's dimension error for one of them.
+    A dynamic size, or a different batch, is no clash."""
+    from onnx import helper
+
+    from surgeon.errors import ModelError
+    from tests.models import make_model, tensor
+
+    def model(shape):
+        return make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", shape)], [tensor("y", shape)])
+    a, b = model([None, 3, 8, 8]), model(shape_b)
+    data = calibration.DataSet({"x": np.ones((2, 3, 8, 8), np.float32)}, source="ones")
+    if refused:
+        with pytest.raises(ModelError, match=r"different input shapes: 'x' is \?x3x8x8 in the original, \?x\d+x\d+x\d+ in"):
+            validate(a, b, data, latency=False)
+    else:
+        validate(a, b, data, latency=False)
