@@ -373,9 +373,7 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
         def trial(train):
             spec = stats.spectra(kind, train)
             fit = data_tucker2(spec, r1, r2, bias, refit=r1 * K <= TRIAL_REFIT, error=False)
-            core, o, b = as_f32(fit.core.reshape(r2, -1)).T, as_f32(fit.out_factor).T, fit.in_factor
-            # x W' through the factors: fewer products than forming W' (c*K x f) and x W'
-            return (lambda rows: (patches_through(rows, b) @ core) @ o), fit.shift, fit
+            return through_tucker2(fit.core, fit.out_factor, fit.in_factor), fit.shift, fit
         return trial
 
     trials = Trials({"data": tucker("data")}, shared=stats.parts)
@@ -405,16 +403,13 @@ def through_pair(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndar
 
 def through_tucker2(core: np.ndarray, out_factor: np.ndarray, in_factor: np.ndarray
                     ) -> Callable[[np.ndarray], np.ndarray]:
-    """x -> x W' for patch rows x (n, c*K, channel-major) and the Tucker-2 triple of W': the
-    patches through I at every kernel offset, then the core, then O. Forming W' (f x c*K) and
-    x W' took twice the products on ResNet-50's 512-channel 3x3 convs."""
-    r2 = core.shape[0]
-    flat_core = core.reshape(r2, -1).T  # (R1*K, R2), R1-major like the patches through I
-
-    def predict(x):
-        h = np.tensordot(x.reshape(len(x), len(in_factor), -1), in_factor, axes=(1, 0))  # (n, K, R1)
-        return (h.transpose(0, 2, 1).reshape(len(x), -1) @ flat_core) @ out_factor.T
-    return predict
+    """x -> x W' for patch rows x (n, c*K, channel-major) and the Tucker-2 triple of W', in
+    float32 like the sample: the patches through I at every kernel offset, then the core, then
+    O. Forming W' (f x c*K) and x W' took twice the products on ResNet-50's 512-channel 3x3
+    convs."""
+    flat_core = as_f32(core.reshape(core.shape[0], -1)).T  # (R1*K, R2), R1-major like the patches through I
+    o = as_f32(out_factor).T
+    return lambda x: (patches_through(x, in_factor) @ flat_core) @ o
 
 
 def sample_offset(sample, outputs: int) -> np.ndarray | None:
