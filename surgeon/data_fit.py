@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from surgeon.data_factors import (ERROR_ROWS, DataChannelSpectra, DataLinear, Moments, WhitenedFactors, as_f32,
-                                   centred, damping, data_linear, data_tucker2, eigh_desc, input_side, moments,
-                                   output_side, patches_through, pooled, relative_norm, responses, spectra_of)
+from surgeon.data_factors import (DataChannelSpectra, DataLinear, Moments, WhitenedFactors, as_f32, centred, damping,
+                                   data_linear, data_tucker2, eigh_desc, input_side, moments, output_error, output_side,
+                                   patches_through, pooled, relative_norm, responses, spectra_of, through_pair)
 from surgeon.lowrank import gram, unfold
 from surgeon.parallel import one_blas_thread, run_parts
 
@@ -382,29 +382,6 @@ def tucker_trials(w: np.ndarray, rows: np.ndarray, target: np.ndarray | None, r1
         if stats.offset is not None:
             trials.update(residual=tucker("residual"))
     return trials
-
-
-def output_error(w: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
-                 target: np.ndarray | None, shift: np.ndarray | float = 0.0, bias: np.ndarray | float = 0.0,
-                 offset: np.ndarray | None = None, responses: np.ndarray | None = None) -> float:
-    """||x~ W' + shift - (x W + d)|| / ||x W + b + d|| on the first ERROR_ROWS sampled rows (W as
-    x @ W; predict(x~) = x~ W' through the factors, which costs less than forming W'; d: the
-    target's offset, see Sample.offset). `responses`: x W on those rows when the caller has them
-    (a conv's ConvSample computed them for its fits). In float32 like the sample: it is a report
-    figure, and on ResNet-50 (tucker 0.5, 16 photos) these errors took 1.1 s of the data-aware
-    surgery's CPU in float64, 0.3 s now."""
-    m = ERROR_ROWS
-    x = as_f32(rows[:m])
-    y = as_f32(responses[:m]) if responses is not None else as_f32(x if target is None else target[:m]) @ as_f32(w)
-    if offset is not None:
-        y = y + as_f32(offset[:m])
-    return relative_norm(predict(x) + as_f32(shift) - y, y + as_f32(bias))
-
-
-def through_pair(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """x -> x A B, in float32 like the sample."""
-    a, b = as_f32(a), as_f32(b)
-    return lambda x: (x @ a) @ b
 
 
 def through_tucker2(core: np.ndarray, out_factor: np.ndarray, in_factor: np.ndarray
