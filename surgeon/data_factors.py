@@ -162,8 +162,8 @@ def output_error(w: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], row
                  offset: np.ndarray | None = None, responses: np.ndarray | None = None) -> float:
     """||x~ W' + shift - (x W + d)|| / ||x W + b + d|| on the first ERROR_ROWS sampled rows (W as
     x @ W; predict(x~) = x~ W' through the factors, which costs less than forming W'; d: the
-    target's offset, see Sample.offset). `responses`: x W on those rows when the caller has them
-    (a conv's ConvSample computed them for its fits). In float32 like the sample: it is a report
+    target's offset, see Sample.offset). `responses`: x W on the sampled rows (the first
+    ERROR_ROWS are read) when the caller has them: a conv's ConvSample computed them for its fits. In float32 like the sample: it is a report
     figure, and on ResNet-50 (tucker 0.5, 16 photos) these errors took 1.1 s of the data-aware
     surgery's CPU in float64, 0.3 s now."""
     m = ERROR_ROWS
